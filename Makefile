@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`. Each creates the virtual
+# environment (.venv) when it is missing or when pyproject.toml changed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-all lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed  ## train the digits model (once, cached) and attack it: ASK-Atk and PGD on DNN and kNN
+	$(BIN)/ask-attack $(ARGS)
+
+test: $(VENV)/.installed  ## the CI test suite (CPU; skips slow and GPU tests)
+	$(BIN)/python -m pytest $(ARGS)
+
+test-all: $(VENV)/.installed  ## also the slow tests (GPU tests still need CUDA)
+	$(BIN)/python -m pytest -m 'not gpu' $(ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check ask tests scripts
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

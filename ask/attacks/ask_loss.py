@@ -1,0 +1,165 @@
+"""The ASK loss (Wang et al., IEEE Access 2022): pure functions returning per-example losses.
+
+For an input's feature h(x') and fixed in-class references R_c (k per class, found on the clean
+input), with similarities s_j = s(h(x'), r_j) and temperature T:
+
+- instance-wise (soft kNN): p_c = sum_{j in R_c} softmax_j(s_j / T) over all references of all
+  classes; loss = -log(p_y + eps). Computed as -logaddexp(logsigmoid(lse_{R_y} - lse_{not R_y}),
+  log eps), which never forms a probability that could underflow.
+- class-wise: z_c = (1 / (T |R_c|)) sum_{j in R_c} s_j; loss = cross_entropy(z, y), computed by
+  :func:`margin_cross_entropy`.
+
+Why the own-versus-other form: at T = 0.01 a well-separated clean point has p_y = 1 - 1e-20.
+Written as lse_own - lse_all (or as F.cross_entropy), the gradient is a difference of two nearly
+equal terms and float32 rounding noise (~1e-8) swamps the true direction (~1e-20), so a sign
+step moves at random. Written through lse_own - lse_other, autograd forms
+sigmoid(-z) * (grad lse_own - grad lse_other): the same value, with the direction exact.
+
+``self_features`` (the *include-self* option) adds the clean h(x) to R_y as one more reference.
+Higher loss means h(x') has left its own class's neighbourhood; the attack ascends it and the
+ASK-Def regulariser descends it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ask.knn.similarity import rowwise_similarity
+
+__all__ = ["KINDS", "ask_loss", "margin_cross_entropy", "multi_layer_ask_loss"]
+
+KINDS = ("instance", "class")
+
+
+def margin_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-example cross-entropy, ``softplus(logsumexp_{c != y} z_c - z_y)``.
+
+    Equal to ``F.cross_entropy(logits, labels, reduction="none")`` in value, but its gradient
+    keeps an exact direction when the softmax is saturated (see the module docstring), which is
+    what an attack's sign step needs on a confident model.
+    """
+    own = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
+    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), -math.inf)
+    return F.softplus(torch.logsumexp(others, dim=1) - own)
+
+
+def ask_loss(
+    features: Tensor,
+    references: Tensor,
+    labels: Tensor,
+    *,
+    metric: str,
+    temperature: float,
+    kind: str = "instance",
+    self_features: Tensor | None = None,
+    log_eps: float = 1e-12,
+) -> Tensor:
+    """Per-example ASK loss of one layer.
+
+    Args:
+        features: h(x') of the perturbed inputs, [B, D] (anything [B, ...] is flattened).
+        references: reference features, [B, C, k, D] (per-example references, as ASK-Atk
+            finds them) or [C, k, D] (one reference set shared by the batch, as in ASK-Def);
+            ``references[..., c, :, :]`` are the references of class c.
+        labels: [B] class indices in [0, C); the class whose references count as "own".
+        metric: ``"cosine"`` or ``"l2"`` (minus the Euclidean distance).
+        temperature: T > 0.
+        kind: ``"instance"`` (soft kNN probability) or ``"class"`` (class-mean logits).
+        self_features: optional clean h(x), [B, D]; joins R_y as one more reference.
+        log_eps: the small constant inside the instance-wise log (0 for the exact log).
+
+    Returns:
+        [B] losses, differentiable with respect to ``features``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    feats = features.flatten(1)
+    batch, dim = feats.shape
+    if references.dim() == 3:
+        references = references.unsqueeze(0).expand(batch, *references.shape)
+    if references.dim() != 4 or references.shape[0] != batch or references.shape[-1] != dim:
+        raise ValueError(
+            f"references must be [B={batch}, C, k, D={dim}] or [C, k, D={dim}], got {tuple(references.shape)}"
+        )
+    num_classes, k = references.shape[1], references.shape[2]
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape [{batch}], got {tuple(labels.shape)}")
+    labels = labels.to(device=feats.device, dtype=torch.long)
+    if batch and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}) to match the references' class axis")
+
+    # [B, C*k]; reshape keeps the (shared) expand a view, so no B-fold copy of the references.
+    sims = rowwise_similarity(feats, references.reshape(batch, num_classes * k, dim), metric)
+    self_sim = None
+    if self_features is not None:
+        self_sim = rowwise_similarity(feats, self_features.flatten(1).unsqueeze(1), metric)[:, 0]
+
+    if kind == "instance":
+        logits = sims / temperature
+        ref_class = torch.arange(num_classes, device=feats.device).repeat_interleave(k)
+        own = ref_class.unsqueeze(0) == labels.unsqueeze(1)  # [B, C*k]
+        own_logits = logits.masked_fill(~own, -math.inf)
+        other_logits = logits.masked_fill(own, -math.inf)
+        if self_sim is not None:
+            own_logits = torch.cat([own_logits, (self_sim / temperature).unsqueeze(1)], dim=1)
+        margin = torch.logsumexp(own_logits, dim=1) - torch.logsumexp(other_logits, dim=1)
+        log_p_own = F.logsigmoid(margin)
+        if log_eps <= 0:
+            return -log_p_own
+        return -torch.logaddexp(log_p_own, torch.full_like(log_p_own, math.log(log_eps)))
+
+    # class-wise: mean similarity per class, the self reference counted in R_y (|R_y| = k + 1).
+    totals = sims.view(batch, num_classes, k).sum(dim=2)
+    counts = torch.full_like(totals, float(k))
+    if self_sim is not None:
+        onehot = F.one_hot(labels, num_classes).to(totals.dtype)
+        totals = totals + onehot * self_sim.unsqueeze(1)
+        counts = counts + onehot
+    class_logits = totals / (counts * temperature)
+    return margin_cross_entropy(class_logits, labels)
+
+
+def multi_layer_ask_loss(
+    features: Mapping[str, Tensor],
+    references: Mapping[str, Tensor],
+    labels: Tensor,
+    *,
+    kappa: Mapping[str, float] | None = None,
+    metric: str,
+    temperature: float,
+    kind: str = "instance",
+    self_features: Mapping[str, Tensor] | None = None,
+    log_eps: float = 1e-12,
+) -> Tensor:
+    """sum_l kappa_l * ask_loss_l over the layers of ``references``.
+
+    ``features`` may hold unflattened activations (they are flattened per example); ``kappa``
+    defaults to 1 for every layer; ``self_features`` (per layer) switches on include-self.
+    """
+    if not references:
+        raise ValueError("references is empty; give the reference features of at least one layer")
+    total: Tensor | None = None
+    for layer, refs in references.items():
+        if layer not in features:
+            raise KeyError(f"features for layer '{layer}' are missing (have: {', '.join(features)})")
+        weight = 1.0 if kappa is None else float(kappa[layer])
+        loss = ask_loss(
+            features[layer],
+            refs,
+            labels,
+            metric=metric,
+            temperature=temperature,
+            kind=kind,
+            self_features=None if self_features is None else self_features[layer],
+            log_eps=log_eps,
+        )
+        total = weight * loss if total is None else total + weight * loss
+    assert total is not None
+    return total

@@ -1,0 +1,1 @@
+"""Console scripts (``ask-train``, ``ask-attack``)."""

@@ -1,0 +1,24 @@
+"""``ask-attack``: evaluate attacks x victims on the test split and write ``metrics.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ask.cli.common import hydra_entry
+from ask.config import RunConfig
+
+
+def attack_task(run: RunConfig, output_dir: Path) -> float:
+    from ask.evaluation.job import run_attack_job  # torch-heavy imports after argument parsing
+
+    metrics = run_attack_job(run, output_dir)
+    # What a sweeper would minimise: the lowest robust accuracy found.
+    return min(row["robust_acc"] for row in metrics["results"])
+
+
+def main() -> None:
+    hydra_entry(attack_task, "attack", "ask-attack")
+
+
+if __name__ == "__main__":
+    main()

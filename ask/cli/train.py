@@ -1,0 +1,26 @@
+"""``ask-train``: train a backbone plainly or with a defence (``defense=...``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ask.cli.common import hydra_entry
+from ask.config import RunConfig
+
+
+def train_task(run: RunConfig, output_dir: Path) -> float:
+    from ask.training.trainer import train  # torch-heavy imports after argument parsing
+
+    summary: dict[str, Any] = train(run, output_dir)
+    print(f"\ntest accuracy {summary['test_acc']:.4f} (best epoch {summary['best_epoch']}); "
+          f"checkpoint {summary['checkpoint']}")
+    return float(summary["test_acc"])
+
+
+def main() -> None:
+    hydra_entry(train_task, "train", "ask-train")
+
+
+if __name__ == "__main__":
+    main()

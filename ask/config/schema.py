@@ -1,0 +1,203 @@
+"""Typed schemas for every config group.
+
+Hydra merges the YAML files of ``conf/`` into these dataclasses, so a wrong type (``knn.k=five``)
+fails at composition time. Range checks live in ``__post_init__`` and run when
+:func:`ask.config.resolve` turns the composed config into objects, before any compute starts.
+
+Perturbation sizes (``eps``, ``step_size``) accept numbers or fractions such as ``8/255``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from ask.errors import ConfigError
+
+NORMS = ("linf", "l2")
+METRICS = ("cosine", "l2")
+VICTIMS = ("dnn", "knn", "dknn", "dknn_vote")
+
+
+def parse_size(value: Any, name: str) -> float:
+    """Turn ``0.03``, ``"0.03"`` or ``"8/255"`` into a float; reject anything else."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not a number; give a value such as 8/255 or 0.03")
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(Fraction(str(value).strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(
+            f"{name}={value!r} is not a number; give a value such as 8/255 or 0.03"
+        ) from None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    _require(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    # MISSING, not None: "???" in a dataset file cannot override a schema default in a merge.
+    root: Optional[str] = MISSING
+    download: bool = False
+    image_size: Optional[int] = None  # resize side for folder datasets; None keeps the native size
+    train_per_class: Optional[int] = None  # class-balanced subset of the training split
+    test_per_class: Optional[int] = None
+    val_per_class: int = 0  # held out from train for model selection, never used for fitting
+    calib_per_class: int = 0  # held out from train for DkNN calibration
+    augment: str = "none"  # none | crop | crop_flip
+    auto_train: bool = False  # ask-attack may train a model on the fly when no checkpoint is given
+    cache: bool = True  # keep decoded tensors on disk so JPEG folders are decoded once
+
+    def __post_init__(self) -> None:
+        _check_choice(self.augment, ("none", "crop", "crop_flip"), "dataset.augment")
+        for name in ("train_per_class", "test_per_class", "image_size"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"dataset.{name}={value} must be positive or null")
+        _require(self.val_per_class >= 0, "dataset.val_per_class must be >= 0")
+        _require(self.calib_per_class >= 0, "dataset.calib_per_class must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smallcnn"
+    checkpoint: Optional[str] = None
+    width: int = 64  # base channel count (smallcnn); vgg16/resnet18 use their standard widths
+    default_layers: List[str] = field(default_factory=lambda: ["block3"])
+
+    def __post_init__(self) -> None:
+        _require(self.width > 0, f"model.width={self.width} must be positive")
+
+
+@dataclass
+class KnnConfig:
+    layers: List[str] = field(default_factory=lambda: ["block3"])
+    k: int = 5
+    metric: str = "cosine"  # cosine | l2 (similarity is minus the Euclidean distance)
+    pool_per_class: Optional[int] = None  # reference pool size per class; None = every training point
+    index: str = "flat"  # exact search; approximate indexes change robustness numbers
+    use_gpu: bool = True  # use faiss on the GPU when the build and a device are present
+    batch_size: int = 256
+    cache: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.k >= 1, f"knn.k={self.k} must be >= 1")
+        _check_choice(self.metric, METRICS, "knn.metric")
+        _check_choice(self.index, ("flat",), "knn.index")
+        _require(len(self.layers) > 0, "knn.layers is empty; name at least one layer, e.g. [block3]")
+        _require(
+            self.pool_per_class is None or self.pool_per_class > 0,
+            f"knn.pool_per_class={self.pool_per_class} must be positive or null",
+        )
+        _require(self.batch_size > 0, "knn.batch_size must be positive")
+
+
+@dataclass
+class AttackConfig:
+    """The shared threat model plus each selected attack's own hyperparameters."""
+
+    eps: Any = "8/255"
+    norm: str = "linf"
+    steps: int = 20
+    step_size: Any = "2/255"
+    random_start: bool = True
+    methods: Dict[str, Any] = field(default_factory=dict)  # option name -> its hyperparameters
+
+    def __post_init__(self) -> None:
+        self.eps = parse_size(self.eps, "attack.eps")
+        self.step_size = parse_size(self.step_size, "attack.step_size")
+        _require(self.eps >= 0, f"attack.eps={self.eps} must be >= 0")
+        _require(self.step_size > 0, f"attack.step_size={self.step_size} must be > 0")
+        _require(self.steps >= 0, f"attack.steps={self.steps} must be >= 0")
+        _check_choice(self.norm, NORMS, "attack.norm")
+        _require(
+            len(self.methods) > 0,
+            "no attack selected; choose some with attack=[ask,pgd]",
+        )
+
+
+@dataclass
+class EvalConfig:
+    victims: List[str] = field(default_factory=lambda: ["dnn", "knn"])
+    n_points: Optional[int] = None  # evaluate the first n test points (after test_per_class)
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        for victim in self.victims:
+            _check_choice(victim, VICTIMS, "eval.victims entry")
+        _require(self.n_points is None or self.n_points > 0, "eval.n_points must be positive or null")
+        _require(self.batch_size > 0, "eval.batch_size must be positive")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"  # onecycle | cosine | constant
+    label_smoothing: float = 0.0
+    amp: bool = True  # mixed precision, CUDA only
+    channels_last: bool = True  # CUDA only
+    resume: Optional[str] = None
+    eval_every: int = 1
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
+        _require(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
+        _require(self.lr > 0, f"train.lr={self.lr} must be > 0")
+        _require(0 <= self.momentum < 1, f"train.momentum={self.momentum} must be in [0, 1)")
+        _require(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _check_choice(self.optimizer, ("sgd",), "train.optimizer")
+        _check_choice(self.schedule, ("onecycle", "cosine", "constant"), "train.schedule")
+        _require(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+        _require(self.eval_every >= 1, "train.eval_every must be >= 1")
+
+
+@dataclass
+class DefenseConfig:
+    name: str = "none"
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    task: str = "train"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = False
+    progress: bool = True
+    cache_dir: str = "~/.cache/ask"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    attack: Optional[AttackConfig] = None
+    eval: Optional[EvalConfig] = None
+
+    def __post_init__(self) -> None:
+        _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+                 f"device={self.device!r} must be auto, cpu, cuda or cuda:N")
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (called before ``hydra.main`` composes)."""
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)

@@ -1,0 +1,285 @@
+"""ImageFolder trees (``<root>/<split>/<class>/<image>``) decoded into uint8 tensors, with a cache.
+
+Decoding tens of thousands of JPEGs takes a while, so the decoded splits are saved once under
+``<cache_dir>/datasets/<name>-<hash>.pt``. The hash covers the absolute root, the target size and
+a cheap fingerprint of the file list (names and sizes), so adding, removing or replacing images
+builds a new cache entry instead of silently serving stale pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ask.data.splits import ImageSplit
+from ask.errors import DataError
+from ask.utils.io import LoadError, atomic_save, safe_load
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+CACHE_VERSION = 1  # bump when the decoding (resize, crop, colour conversion) changes
+_CHUNK = 256  # images per pool task: large enough to amortise scheduling, small for a smooth bar
+
+
+@dataclass
+class SplitListing:
+    """The image files of one split folder, in a fixed order (class, then file name)."""
+
+    directory: Path
+    classes: list[str]
+    paths: list[str]
+    labels: list[int]
+    sizes: list[int]
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(f"{len(self.paths)}\n".encode())
+        for path, size in zip(self.paths, self.sizes, strict=True):
+            digest.update(f"{os.path.relpath(path, self.directory)}\t{size}\n".encode())
+        return digest.hexdigest()
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def list_split(directory: Path, layout: str) -> SplitListing:
+    """List ``directory/<class>/<image>``; classes are the sorted sub-folder names.
+
+    Raises:
+        DataError: the folder is missing, has no class folders, or a class folder has no images.
+    """
+    if not directory.is_dir():
+        raise DataError(f"'{directory}' does not exist; the dataset must be laid out as {layout}")
+    try:
+        class_entries = sorted(
+            (e for e in os.scandir(directory) if e.is_dir() and not e.name.startswith(".")),
+            key=lambda e: e.name,
+        )
+    except OSError as exc:
+        raise DataError(f"cannot read '{directory}' ({exc}); check its permissions") from exc
+    if not class_entries:
+        raise DataError(
+            f"'{directory}' has no class sub-folders; put each class's images in its own "
+            f"folder, laid out as {layout}"
+        )
+    classes, paths, labels, sizes, empty = [], [], [], [], []
+    for label, entry in enumerate(class_entries):
+        classes.append(entry.name)
+        files = sorted(
+            (f for f in os.scandir(entry.path) if _is_image(f.name) and f.is_file()),
+            key=lambda f: f.name,
+        )
+        if not files:
+            empty.append(entry.name)
+        for f in files:
+            paths.append(f.path)
+            labels.append(label)
+            sizes.append(f.stat().st_size)
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise DataError(
+            f"class folder(s) {shown} under '{directory}' hold no images "
+            f"({', '.join(IMG_EXTENSIONS)}); add images or remove the empty folders"
+        )
+    return SplitListing(directory, classes, paths, labels, sizes)
+
+
+def decode_image(path: str, size: int | None) -> torch.Tensor:
+    """Decode one file to an RGB ``3 x H x W`` uint8 tensor.
+
+    With ``size``, the shorter side is resized to ``size`` (bilinear, antialiased) and the centre
+    ``size x size`` square is kept; square images are simply resized. Images already at
+    ``size x size`` are left untouched.
+    """
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if size is not None and img.format == "JPEG":
+            # Lets libjpeg skip detail by DCT scaling; the result stays at least size x size.
+            img.draft("RGB", (size, size))
+        img = img.convert("RGB")
+        if size is not None and img.size != (size, size):
+            w, h = img.size
+            if w <= h:
+                new_w, new_h = size, int(size * h / w)
+            else:
+                new_w, new_h = int(size * w / h), size
+            img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+            left = int(round((new_w - size) / 2.0))
+            top = int(round((new_h - size) / 2.0))
+            img = img.crop((left, top, left + size, top + size))
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _decode_checked(path: str, size: int | None) -> torch.Tensor:
+    try:
+        image = decode_image(path, size)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(
+            f"cannot decode image '{path}' ({type(exc).__name__}: {exc}); replace or remove the file"
+        ) from exc
+    if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+        raise DataError(f"image '{path}' decoded to {image.dtype} {tuple(image.shape)}, not 3 x H x W")
+    return image
+
+
+def _workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    # PIL releases the GIL while decoding and resizing; a few extra threads hide file latency.
+    return max(1, min(32, 2 * cpus))
+
+
+def decode_split(paths: list[str], size: int | None, progress: bool, desc: str) -> torch.Tensor:
+    """Decode ``paths`` into one ``N x 3 x H x W`` uint8 tensor with a thread pool.
+
+    Without ``size`` every image must have the size of the first one.
+    """
+    if not paths:
+        return torch.empty((0, 3, size or 0, size or 0), dtype=torch.uint8)
+    first = _decode_checked(paths[0], size)
+    height, width = first.shape[1:]
+    out = torch.empty((len(paths), 3, height, width), dtype=torch.uint8)
+
+    def run_chunk(start: int, stop: int) -> int:
+        for i in range(start, stop):
+            image = first if i == 0 else _decode_checked(paths[i], size)
+            if image.shape[1:] != (height, width):
+                raise DataError(
+                    f"image '{paths[i]}' is {image.shape[2]}x{image.shape[1]} but "
+                    f"'{paths[0]}' is {width}x{height}; set dataset.image_size to resize all images"
+                )
+            out[i] = image
+        return stop - start
+
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
+    pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="ask-decode")
+    try:
+        pending = {
+            pool.submit(run_chunk, start, min(start + _CHUNK, len(paths)))
+            for start in range(0, len(paths), _CHUNK)
+        }
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                bar.update(future.result())  # re-raises a worker's DataError here
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return out
+
+
+def _cache_path(
+    cache_dir: Path, name: str, root: Path, size: int | None, listings: list[SplitListing]
+) -> Path:
+    digest = hashlib.sha256()
+    digest.update(f"v{CACHE_VERSION}|{name}|{root}|{size}".encode())
+    for listing in listings:
+        digest.update(f"|{listing.directory.name}:{listing.fingerprint()}".encode())
+    return cache_dir / "datasets" / f"{name}-{digest.hexdigest()[:16]}.pt"
+
+
+def _from_cache(payload: Any, listings: list[SplitListing], size: int | None) -> list[ImageSplit]:
+    """Rebuild the splits from a cache payload; ValueError when it does not match the listing."""
+    if not isinstance(payload, dict) or payload.get("version") != CACHE_VERSION:
+        raise ValueError("unexpected content")
+    splits = []
+    for listing, part in zip(listings, payload["splits"], strict=True):
+        images, labels = part["images"], part["labels"]
+        if payload["classes"] != listing.classes:
+            raise ValueError("class list differs")
+        if not torch.equal(labels, torch.tensor(listing.labels, dtype=torch.int64)):
+            raise ValueError("labels differ")
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] != len(labels):
+            raise ValueError("bad image tensor")
+        if size is not None and tuple(images.shape[-2:]) != (size, size):
+            raise ValueError("image size differs")
+        splits.append(ImageSplit(images, labels))
+    return splits
+
+
+def load_folder_splits(
+    name: str,
+    root: str | None,
+    split_names: tuple[str, str],
+    image_size: int | None,
+    cache_dir: str | Path,
+    use_cache: bool,
+    progress: bool,
+) -> tuple[list[str], ImageSplit, ImageSplit]:
+    """Return ``(classes, train, test)`` from ``root/<train>`` and ``root/<test>`` class folders."""
+    train_name, test_name = split_names
+    layout = f"<root>/{train_name}/<class>/*.jpg and <root>/{test_name}/<class>/*.jpg"
+    if root is None or str(root).strip() in ("", "???"):
+        raise DataError(
+            f"dataset.root is not set for {name}; set dataset.root=/path/to/data, a folder "
+            f"laid out as {layout}"
+        )
+    root_path = Path(root).expanduser().resolve()
+    if not root_path.is_dir():
+        raise DataError(
+            f"dataset.root '{root_path}' does not exist; point dataset.root at the folder laid "
+            f"out as {layout}"
+        )
+    listings = [list_split(root_path / split, layout) for split in split_names]
+    train_list, test_list = listings
+    if train_list.classes != test_list.classes:
+        only_train = sorted(set(train_list.classes) - set(test_list.classes))
+        only_test = sorted(set(test_list.classes) - set(train_list.classes))
+        raise DataError(
+            f"class folders differ between '{train_list.directory}' and '{test_list.directory}' "
+            f"(only in {train_name}: {', '.join(only_train) or '-'}; only in {test_name}: "
+            f"{', '.join(only_test) or '-'}); give both splits the same class folders"
+        )
+    classes = train_list.classes
+
+    cache_path = None
+    if use_cache:
+        cache_path = _cache_path(Path(cache_dir).expanduser(), name, root_path, image_size, listings)
+        if cache_path.is_file():
+            try:
+                train, test = _from_cache(safe_load(cache_path), listings, image_size)
+                log.info("loaded %s from the cache %s", name, cache_path)
+                return classes, train, test
+            except (LoadError, ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring the unreadable dataset cache %s (%s); rebuilding it", cache_path, exc)
+
+    started = time.perf_counter()
+    splits = []
+    for split, listing in zip(split_names, listings, strict=True):
+        images = decode_split(listing.paths, image_size, progress, desc=f"decode {name}/{split}")
+        splits.append(ImageSplit(images, torch.tensor(listing.labels, dtype=torch.int64)))
+    log.info(
+        "decoded %d images of %s in %.1f s", sum(len(s) for s in splits), name, time.perf_counter() - started
+    )
+
+    if cache_path is not None:
+        payload = {
+            "version": CACHE_VERSION,
+            "root": str(root_path),
+            "image_size": image_size,
+            "classes": classes,
+            "splits": [{"images": s.images, "labels": s.labels} for s in splits],
+        }
+        try:
+            atomic_save(payload, cache_path)
+            log.info("cached the decoded %s at %s", name, cache_path)
+        except OSError as exc:
+            log.warning("could not write the dataset cache %s (%s); continuing without it", cache_path, exc)
+    return classes, splits[0], splits[1]

@@ -1,0 +1,44 @@
+"""The defence interface: a training loss computed from one batch.
+
+Each defence is one small module registered under its ``conf/defense/`` option name. The trainer
+owns the loop, the optimiser and the schedule; a defence only says what to minimise.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ask.errors import ConfigError
+
+DEFENSES: dict[str, type[Defense]] = {}
+
+
+class Defense(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, model: nn.Module, *, label_smoothing: float = 0.0, **params: Any) -> None:
+        if params:
+            raise ConfigError(
+                f"defense '{self.name}' got unknown settings {sorted(params)}; see conf/defense/{self.name}.yaml"
+            )
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    @abstractmethod
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the scalar training loss and the logits used for the running train accuracy."""
+
+
+def register_defense(cls: type[Defense]) -> type[Defense]:
+    DEFENSES[cls.name] = cls
+    return cls
+
+
+def build_defense(name: str, model: nn.Module, params: dict[str, Any], **common: Any) -> Defense:
+    if name not in DEFENSES:
+        raise ConfigError(f"unknown defense '{name}'; available: {', '.join(sorted(DEFENSES))}")
+    return DEFENSES[name](model, **common, **params)

@@ -1,0 +1,1 @@
+"""Running attacks against victims and turning the outcome into metrics."""

@@ -1,0 +1,149 @@
+"""The ``ask-attack`` job: model -> reference store -> attacks x victims -> ``metrics.json``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from ask.config.schema import RunConfig
+from ask.data import DataBundle, balanced_indices, load_dataset
+from ask.errors import ConfigError
+from ask.evaluation.evaluate import evaluate, select_points
+from ask.knn import ReferenceStore, store_cache_key
+from ask.models import FeatureModel
+from ask.reporting import format_results_table
+from ask.training.checkpoint import check_compatible, load_checkpoint
+from ask.training.trainer import build_model_for, train
+from ask.utils.io import atomic_write_text
+from ask.utils.runtime import seed_everything, select_device
+
+log = logging.getLogger(__name__)
+
+
+def file_digest(path: str | Path) -> str:
+    sha = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()[:16]
+
+
+def auto_checkpoint(run: RunConfig, data: DataBundle) -> Path:
+    """Train the dataset's default model once and cache it, keyed by everything that shapes it."""
+    if not run.dataset.auto_train:
+        raise ConfigError(
+            f"no model.checkpoint given for dataset '{run.dataset.name}'; train one with "
+            f"`ask-train dataset={run.dataset.name} ...` and pass model.checkpoint=PATH/best.pt"
+        )
+    recipe = {
+        "dataset": OmegaConf.to_container(OmegaConf.structured(run.dataset)),
+        "model": OmegaConf.to_container(OmegaConf.structured(replace(run.model, checkpoint=None))),
+        "train": OmegaConf.to_container(OmegaConf.structured(replace(run.train, resume=None))),
+        "defense": OmegaConf.to_container(OmegaConf.structured(run.defense)),
+        "seed": run.seed,
+    }
+    key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    directory = Path(run.cache_dir).expanduser() / "models" / f"{run.dataset.name}-{run.model.name}-{key}"
+    best = directory / "best.pt"
+    if best.exists() and (directory / "train_summary.json").exists():
+        log.info("using the cached %s model %s", run.dataset.name, best)
+        return best
+    log.info("no model.checkpoint given: training a %s on %s once (cached in %s)",
+             run.model.name, run.dataset.name, directory)
+    train(replace(run, train=replace(run.train, resume=None)), directory, data=data)
+    return best
+
+
+def load_model(path: str | Path, run: RunConfig, data: DataBundle, device: torch.device) -> FeatureModel:
+    checkpoint = load_checkpoint(path)
+    spec = checkpoint["model"]
+    check_compatible(spec, path, model_name=run.model.name, num_classes=data.num_classes,
+                     in_channels=data.in_channels, image_size=data.image_size)
+    model = build_model_for(replace(run, model=replace(run.model, width=spec["width"])), data)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise ConfigError(
+            f"checkpoint '{path}' does not fit model={run.model.name}: {str(error).splitlines()[0]}"
+        ) from None
+    return model.to(device).eval()
+
+
+def build_store(run: RunConfig, model: FeatureModel, data: DataBundle, checkpoint: Path,
+                layers: list[str], device: torch.device) -> ReferenceStore:
+    """Reference-pool features at every layer any victim or attack needs, cached on disk."""
+    if run.knn.pool_per_class is None:
+        pool = torch.arange(len(data.train))
+    else:
+        generator = torch.Generator().manual_seed(run.seed)
+        pool = balanced_indices(data.train.labels, run.knn.pool_per_class, generator,
+                                "knn.pool_per_class", data.classes)
+    labels = data.train.labels[pool]
+    counts = torch.bincount(labels, minlength=data.num_classes)
+    smallest = int(counts.argmin())
+    needed_k = max([run.knn.k] + [int(h.get("k", 0) or 0) for h in run.attack.methods.values()])
+    if int(counts[smallest]) < needed_k:
+        raise ConfigError(
+            f"k={needed_k} but class '{data.classes[smallest]}' has only {int(counts[smallest])} reference "
+            "points; lower knn.k or raise knn.pool_per_class / dataset.train_per_class"
+        )
+    key = store_cache_key(file_digest(checkpoint), layers, run.knn.metric, pool,
+                          data.train.images.shape[1:], extra={"dataset": run.dataset.name})
+    cache_path = None
+    if run.knn.cache:
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        cache_path = Path(run.cache_dir).expanduser() / "features" / f"{run.dataset.name}-{digest}.pt"
+    return ReferenceStore.build(
+        model, data.train.images[pool], labels, layers, run.knn.metric, data.num_classes,
+        pool_indices=pool, batch_size=run.knn.batch_size, device=device, cache_path=cache_path,
+        cache_key=key, progress=run.progress, use_gpu_index=run.knn.use_gpu,
+    )
+
+
+def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Evaluate ``run.attack.methods`` x ``run.eval.victims``; write and return ``metrics.json``."""
+    assert run.attack is not None and run.eval is not None
+    output_dir = Path(output_dir)
+    device = select_device(run.device)
+    seed_everything(run.seed, run.deterministic)
+    data = load_dataset(run.dataset, run.cache_dir, seed=run.seed, progress=run.progress)
+    checkpoint = Path(run.model.checkpoint).expanduser() if run.model.checkpoint else auto_checkpoint(run, data)
+    model = load_model(checkpoint, run, data, device)
+
+    layers = list(dict.fromkeys(
+        list(run.knn.layers)
+        + [layer for hyper in run.attack.methods.values() for layer in (hyper.get("layers") or [])]
+    ))
+    model.check_layers(layers)
+    store = build_store(run, model, data, checkpoint, layers, device)
+    points = select_points(data.test, run.eval.n_points, run.seed)
+    rows = evaluate(run, model, points, store, device, calibration=data.calib)
+
+    metrics = {
+        "dataset": run.dataset.name,
+        "model": run.model.name,
+        "checkpoint": str(checkpoint),
+        "layers": list(run.knn.layers),
+        "k": run.knn.k,
+        "metric": run.knn.metric,
+        "n_points": len(points),
+        "eps": run.attack.eps,
+        "norm": run.attack.norm,
+        "steps": run.attack.steps,
+        "seed": run.seed,
+        "device": str(device),
+        "results": rows,
+    }
+    atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    print(f"\n{run.dataset.name} / {run.model.name} / layer {run.knn.layers[0]} / "
+          f"{run.attack.norm} eps={run.attack.eps:.4g} / {len(points)} points\n")
+    print(format_results_table(rows))
+    print(f"\nwrote {output_dir / 'metrics.json'}")
+    return metrics

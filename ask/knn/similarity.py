@@ -1,0 +1,92 @@
+"""Differentiable similarities between deep features.
+
+Two metrics (SPEC, notation): ``"cosine"`` and ``"l2"``, the latter being *minus* the Euclidean
+distance so that larger always means closer. Both are NaN-free by construction: hidden features
+after ReLU and pooling can be exactly zero, and an unguarded norm or square root there turns the
+ASK loss into NaN and silently disables the attack (SPEC, pitfalls).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ask.errors import ConfigError
+
+METRICS = ("cosine", "l2")
+
+# Guard on vector norms and distances. The guard acts on the *squared* quantity (clamped at
+# _EPS**2 before the square root), so the derivative of the clamp is exactly zero below the guard
+# and the square root is never evaluated at 0: values and gradients stay finite.
+_EPS = 1e-8
+
+
+def check_metric(metric: str) -> None:
+    """Raise :class:`ConfigError` unless ``metric`` is one this module computes."""
+    if metric not in METRICS:
+        raise ConfigError(
+            f"metric {metric!r} is not one of {', '.join(METRICS)}; set knn.metric to cosine or l2"
+        )
+
+
+def _work_dtype(*tensors: Tensor) -> torch.dtype:
+    # Half-precision features (autocast) are promoted: the squared-norm guard underflows in fp16.
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def safe_norm(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
+    """Euclidean norm along ``dim`` clamped below at a tiny constant, with finite gradients at 0."""
+    return x.pow(2).sum(dim=dim, keepdim=keepdim).clamp_min(_EPS**2).sqrt()
+
+
+def l2_normalize(x: Tensor, dim: int = -1) -> Tensor:
+    """``x / max(|x|, tiny)``: all-zero rows stay zero (similarity 0 to everything) instead of NaN."""
+    return x / safe_norm(x, dim=dim, keepdim=True)
+
+
+def _safe_sqrt(squared: Tensor) -> Tensor:
+    return squared.clamp_min(_EPS**2).sqrt()
+
+
+def pairwise_similarity(a: Tensor, b: Tensor, metric: str) -> Tensor:
+    """Similarity of every row of ``a`` [B, D] to every row of ``b`` [N, D]; returns [B, N].
+
+    ``"cosine"``: a·b / (max(|a|, tiny) max(|b|, tiny)). ``"l2"``: minus the Euclidean distance,
+    computed as sqrt(|a|² + |b|² - 2 a·b) (memory B×N, not B×N×D); the squared distance is clamped
+    at a tiny positive value, which also absorbs the rounding that can make it slightly negative.
+    For an exact distance between near-identical points use :func:`rowwise_similarity`.
+    """
+    check_metric(metric)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"pairwise_similarity needs [B, D] and [N, D] with the same D; got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    dtype = _work_dtype(a, b)
+    a, b = a.to(dtype), b.to(dtype)
+    if metric == "cosine":
+        return l2_normalize(a) @ l2_normalize(b).T
+    squared = a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1).unsqueeze(0) - 2.0 * (a @ b.T)
+    return -_safe_sqrt(squared)
+
+
+def rowwise_similarity(a: Tensor, b: Tensor, metric: str) -> Tensor:
+    """Similarity of each row ``a[i]`` [D] to its own references ``b[i]`` [M, D]; returns [B, M].
+
+    This is the one the ASK loss differentiates. For ``"l2"`` the distance comes from the explicit
+    differences (exact even when a perturbed point sits next to its clean reference, where the
+    |a|² + |b|² - 2 a·b expansion loses all its digits); memory is B×M×D.
+    """
+    check_metric(metric)
+    if a.dim() != 2 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
+        raise ValueError(
+            f"rowwise_similarity needs [B, D] and [B, M, D]; got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    dtype = _work_dtype(a, b)
+    a, b = a.to(dtype), b.to(dtype)
+    if metric == "cosine":
+        return torch.einsum("bd,bmd->bm", l2_normalize(a), l2_normalize(b))
+    squared = (a.unsqueeze(1) - b).pow(2).sum(-1)
+    return -_safe_sqrt(squared)

@@ -1,0 +1,93 @@
+"""Checkpoints as plain data: weights, optimiser, epoch, RNG states and the resolved config.
+
+Written atomically (temp file + ``os.replace``), read with ``weights_only=True`` only: a
+truncated or tampered file is refused with one line, never executed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ask.errors import CheckpointError
+from ask.utils.io import LoadError, atomic_save, safe_load
+
+FORMAT = "ask-checkpoint"
+VERSION = 1
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` (tensors, numbers, strings, plain containers) atomically."""
+    return atomic_save({"format": FORMAT, "version": VERSION, **payload}, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; every failure is a :class:`CheckpointError`."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint '{path}' does not exist; train one with ask-train or fix model.checkpoint"
+        )
+    try:
+        payload = safe_load(path)
+    except LoadError as error:
+        cause = error.__cause__ or error
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise CheckpointError(
+            f"checkpoint '{path}' is unreadable (truncated, corrupted or not an ask checkpoint: {reason[:160]}); "
+            "retrain it or point model.checkpoint at a good file"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"'{path}' is not an ask checkpoint (no '{FORMAT}' header); point model.checkpoint at a file "
+            "written by ask-train"
+        )
+    payload["state_dict"] = strip_prefixes(payload["state_dict"])
+    return payload
+
+
+def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` (DistributedDataParallel) and ``_orig_mod.`` (torch.compile) prefixes."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        for prefix in _PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        cleaned[key] = value
+    return cleaned
+
+
+def model_spec(model_name: str, width: int, num_classes: int, in_channels: int, image_size: int,
+               mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
+    """What it takes to rebuild the architecture, stored beside the weights."""
+    return {
+        "name": model_name,
+        "width": width,
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "image_size": image_size,
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
+def check_compatible(spec: dict[str, Any], path: str | Path, *, model_name: str, num_classes: int,
+                     in_channels: int, image_size: int) -> None:
+    """Refuse a checkpoint of another architecture, class count or input shape, naming the fix."""
+    if spec["name"] != model_name:
+        raise CheckpointError(
+            f"checkpoint '{path}' holds a {spec['name']} but model={model_name}; add model={spec['name']}"
+        )
+    if spec["num_classes"] != num_classes:
+        raise CheckpointError(
+            f"checkpoint '{path}' was trained for {spec['num_classes']} classes but the dataset has "
+            f"{num_classes}; use the dataset it was trained on"
+        )
+    if spec["in_channels"] != in_channels or spec["image_size"] != image_size:
+        raise CheckpointError(
+            f"checkpoint '{path}' expects {spec['in_channels']}x{spec['image_size']}px inputs but the dataset "
+            f"gives {in_channels}x{image_size}px; set dataset.image_size or use the matching dataset"
+        )

@@ -1,0 +1,53 @@
+"""Shared fixtures: the real config tree, composed and shrunk for tests; the shared CIFAR-10 folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from ask.config import RunConfig, config_dir, register_configs, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10_JPEG = REPO.parent / "shared" / "data" / "cifar10-jpeg"
+BIN = Path(sys.executable).parent
+
+
+def compose_run(config_name: str, overrides: list[str], cache_dir: Path) -> RunConfig:
+    """Compose the real ``conf/`` tree as the console scripts do, with test-friendly defaults."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose(config_name, overrides=[f"cache_dir={cache_dir}", "progress=false", *overrides])
+    return resolve(cfg)
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the whole session, so the digits model is trained once."""
+    return tmp_path_factory.mktemp("ask-cache")
+
+
+@pytest.fixture(scope="session")
+def cifar10_root() -> Path:
+    if not (CIFAR10_JPEG / "train").is_dir():
+        pytest.skip(f"CIFAR-10 folder not found at {CIFAR10_JPEG}")
+    return CIFAR10_JPEG
+
+
+def run_cli(program: str, args: list[str], cwd: Path, cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run an installed console script the way a user would."""
+    env = {**os.environ, "ASK_CACHE_DIR": str(cache), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [str(BIN / program), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,462 @@
+"""Attacks: the ball, the shared ascent loop, the ASK loss against direct formulas, PGD and ASK-Atk."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ask.attacks import (
+    ATTACKS,
+    ASKAttack,
+    Attack,
+    PGDAttack,
+    ThreatModel,
+    ascent_step,
+    ask_loss,
+    available_attacks,
+    build_attack,
+    multi_layer_ask_loss,
+    pgd_maximise,
+    project,
+    random_init,
+)
+from ask.errors import ConfigError, DataError
+
+# --------------------------------------------------------------------------------- fixtures
+
+
+class TinyNet(nn.Module):
+    """Bias-free ReLU net with named layers (all-zero images give all-zero features)."""
+
+    def __init__(self, num_classes: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8 * 2 * 2, num_classes, bias=False)
+        nn.init.normal_(self.head.weight, std=3.0)  # logits far from uniform, so CE reacts to eps
+        self.num_classes = num_classes
+
+    def forward_features(self, x, layers, with_logits=False):
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        out = {}
+        h1 = F.relu(self.conv1(x))
+        out["block1"] = h1
+        h2 = F.avg_pool2d(F.relu(self.bn(self.conv2(h1))), 4)
+        out["block2"] = h2
+        if with_logits:
+            layers.append("logits")
+        out["logits"] = self.head(h2.flatten(1))
+        return {name: out[name] for name in layers}
+
+    def forward(self, x):
+        return self.forward_features(x, ["logits"])["logits"]
+
+
+def direct_sim(a: torch.Tensor, b: torch.Tensor, metric: str) -> float:
+    if metric == "cosine":
+        na, nb = a.norm(), b.norm()
+        if na == 0 or nb == 0:
+            return 0.0
+        return float(a @ b / (na * nb))
+    return -float((a - b).norm())
+
+
+class BruteStore:
+    """Stand-in ReferenceStore: exact per-class search by brute force."""
+
+    def __init__(self, features: dict, labels: torch.Tensor, num_classes: int, metric: str) -> None:
+        self.features = {k: v.detach().float().cpu() for k, v in features.items()}
+        self.labels = labels.cpu().long()
+        self.num_classes = num_classes
+        self.metric = metric
+        self.calls = 0
+
+    def search_per_class(self, layer, queries, k):
+        self.calls += 1
+        pool = self.features[layer]
+        q = queries.detach().flatten(1).cpu().float()
+        b = q.shape[0]
+        sims = torch.empty(b, self.num_classes, k)
+        idx = torch.empty(b, self.num_classes, k, dtype=torch.long)
+        for i in range(b):
+            for c in range(self.num_classes):
+                rows = torch.nonzero(self.labels == c).flatten()
+                s = torch.tensor([direct_sim(q[i], pool[r], self.metric) for r in rows])
+                top = torch.topk(s, k)
+                sims[i, c], idx[i, c] = top.values, rows[top.indices]
+        return sims, idx
+
+
+def make_setup(metric: str = "cosine", num_classes: int = 3, per_class: int = 6, batch: int = 6):
+    gen = torch.Generator().manual_seed(1)
+    model = TinyNet(num_classes).eval()
+    pool_x = torch.rand(num_classes * per_class, 3, 8, 8, generator=gen)
+    pool_y = torch.arange(num_classes).repeat_interleave(per_class)
+    with torch.no_grad():
+        feats = model.forward_features(pool_x, ["block1", "block2"])
+    store = BruteStore({k: v.flatten(1) for k, v in feats.items()}, pool_y, num_classes, metric)
+    x = torch.rand(batch, 3, 8, 8, generator=gen)
+    y = torch.arange(batch) % num_classes
+    return model, store, x, y
+
+
+# -------------------------------------------------------------------------- the ASK loss
+
+
+def direct_ask_loss(feats, refs, labels, metric, temperature, kind, self_feats=None):
+    """Loop-by-loop formula of SPEC's ASK loss, float64, no tricks."""
+    batch, num_classes, k, _ = refs.shape
+    out = []
+    for b in range(batch):
+        y = int(labels[b])
+        s = [[direct_sim(feats[b], refs[b, c, j], metric) for j in range(k)] for c in range(num_classes)]
+        s_self = None if self_feats is None else direct_sim(feats[b], self_feats[b], metric)
+        if kind == "instance":
+            total = sum(math.exp(v / temperature) for row in s for v in row)
+            own = sum(math.exp(v / temperature) for v in s[y])
+            if s_self is not None:
+                total += math.exp(s_self / temperature)
+                own += math.exp(s_self / temperature)
+            out.append(-math.log(own / total + 1e-12))
+        else:
+            z = []
+            for c in range(num_classes):
+                members = list(s[c]) + ([s_self] if (s_self is not None and c == y) else [])
+                z.append(sum(members) / (len(members) * temperature))
+            lse = math.log(sum(math.exp(v) for v in z))
+            out.append(lse - z[y])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("kind", ["instance", "class"])
+@pytest.mark.parametrize("with_self", [False, True])
+def test_ask_loss_matches_direct_formula(metric, kind, with_self):
+    gen = torch.Generator().manual_seed(0)
+    B, C, k, D = 3, 4, 2, 5
+    feats = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    refs = torch.randn(B, C, k, D, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 2])
+    self_feats = torch.randn(B, D, generator=gen, dtype=torch.float64) if with_self else None
+    temperature = 0.5 if metric == "cosine" else 2.0
+    got = ask_loss(feats, refs, labels, metric=metric, temperature=temperature, kind=kind,
+                   self_features=self_feats)
+    want = direct_ask_loss(feats, refs, labels, metric, temperature, kind, self_feats)
+    assert got.shape == (B,)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_ask_loss_small_temperature_is_stable_and_shared_references_broadcast():
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(4, 6, generator=gen, requires_grad=True)
+    refs = torch.randn(3, 2, 6, generator=gen) * 10  # shared [C, k, D]
+    labels = torch.tensor([0, 1, 2, 0])
+    loss = ask_loss(feats, refs, labels, metric="l2", temperature=1e-4)
+    (grad,) = torch.autograd.grad(loss.sum(), feats)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    # -log(p + 1e-12) is capped at -log(1e-12) however far the point is from its own class.
+    assert float(loss.detach().max()) <= -math.log(1e-12) + 1e-3
+    expanded = refs.unsqueeze(0).expand(4, -1, -1, -1).contiguous()
+    for kind in ("instance", "class"):
+        torch.testing.assert_close(
+            ask_loss(feats, refs, labels, metric="cosine", temperature=0.1, kind=kind),
+            ask_loss(feats, expanded, labels, metric="cosine", temperature=0.1, kind=kind),
+        )
+
+
+def test_ask_loss_zero_features_finite_gradient():
+    feats = torch.zeros(2, 5, requires_grad=True)
+    refs = torch.rand(2, 3, 2, 5)
+    refs[0, 1] = 0.0  # zero references too
+    loss = ask_loss(feats, refs, torch.tensor([1, 2]), metric="cosine", temperature=0.01,
+                    self_features=torch.zeros(2, 5))
+    (grad,) = torch.autograd.grad(loss.sum(), feats)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    # All similarities are 0, so p_y = |R_y| / |R| exactly.
+    torch.testing.assert_close(loss, torch.full((2,), -math.log(3 / 7 + 1e-12)))
+
+
+def test_multi_layer_is_kappa_weighted_sum():
+    gen = torch.Generator().manual_seed(5)
+    feats = {"a": torch.randn(3, 2, 2, 2, generator=gen), "b": torch.randn(3, 4, generator=gen)}
+    refs = {"a": torch.randn(3, 2, 3, 8, generator=gen), "b": torch.randn(3, 2, 3, 4, generator=gen)}
+    y = torch.tensor([0, 1, 1])
+    kw = dict(metric="cosine", temperature=0.1)
+    got = multi_layer_ask_loss(feats, refs, y, kappa={"a": 0.5, "b": 2.0}, **kw)
+    want = 0.5 * ask_loss(feats["a"].flatten(1), refs["a"], y, **kw) + 2.0 * ask_loss(feats["b"], refs["b"], y, **kw)
+    torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------------------- the ball
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_project_and_random_init_stay_in_ball_and_box(norm):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 8, 8, generator=gen)
+    x[0] = 0.0
+    x[1] = 1.0
+    eps = 8 / 255 if norm == "linf" else 0.5
+    far = x + 3 * torch.randn(x.shape, generator=gen)
+    starts = random_init(x, eps, norm, torch.Generator().manual_seed(1))
+    # Same seed, same start.
+    torch.testing.assert_close(starts, random_init(x, eps, norm, torch.Generator().manual_seed(1)))
+    for x_adv in (project(far, x, eps, norm), starts):
+        delta = (x_adv - x).flatten(1)
+        size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+        assert float(size.max()) <= eps + 1e-6
+        assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    # Projection reaches the boundary for far points and leaves inside points alone.
+    proj = project(far, x, eps, norm)
+    delta = (proj - x).flatten(1)
+    if norm == "linf":
+        assert float(delta.abs().amax(1).min()) == pytest.approx(eps, abs=1e-6)
+    inside = x + 0.5 * (starts - x)
+    torch.testing.assert_close(project(inside, x, eps, norm), inside)
+    # The random start actually spreads out (not stuck at the centre).
+    assert float((starts - x).abs().mean()) > eps / 20
+
+
+def test_ascent_step_guards():
+    x = torch.full((2, 1, 2, 2), 0.5)
+    grad = torch.tensor([[[[1.0, -2.0], [0.0, float("nan")]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    step = ascent_step(x, grad, 0.1, "linf")
+    torch.testing.assert_close(step[0, 0], torch.tensor([[0.6, 0.4], [0.5, 0.5]]))
+    torch.testing.assert_close(step[1], x[1])
+    step2 = ascent_step(x, torch.nan_to_num(grad), 0.1, "l2")
+    assert float((step2[0] - x[0]).norm()) == pytest.approx(0.1, rel=1e-5)
+    torch.testing.assert_close(step2[1], x[1])
+
+
+def test_threat_model_validation():
+    with pytest.raises(ConfigError, match="norm"):
+        ThreatModel(eps=0.1, norm="l1")
+    with pytest.raises(ConfigError, match="eps"):
+        ThreatModel(eps=-0.1)
+    with pytest.raises(ConfigError, match="eps"):
+        ThreatModel(eps="8/255")
+    with pytest.raises(ConfigError, match="steps"):
+        ThreatModel(eps=0.1, steps=-1)
+    assert ThreatModel(eps=0).is_trivial and ThreatModel(eps=0.1, steps=0).is_trivial
+
+
+# --------------------------------------------------------------------------------- PGD-CE
+
+
+def _no_param_grads(model: nn.Module) -> bool:
+    return all(p.grad is None for p in model.parameters())
+
+
+def test_pgd_raises_cross_entropy_and_keeps_contract():
+    model, _, x, y = make_setup()
+    with torch.no_grad():
+        ce_clean = F.cross_entropy(model(x), y, reduction="none")
+    model.train()
+    model.bn.eval()  # a mixed-mode model must come back exactly as it was
+    threat = ThreatModel(eps=8 / 255, steps=10, step_size=2 / 255)
+    attack = PGDAttack(model, threat, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the attack must still get gradients
+        x_adv = attack(x, y)
+    assert model.training and not model.bn.training and model.conv1.training
+    assert _no_param_grads(model)
+    assert not x_adv.requires_grad
+    assert float((x_adv - x).abs().max()) <= 8 / 255 + 1e-6
+    assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+    model.eval()
+    with torch.no_grad():
+        ce_adv = F.cross_entropy(model(x_adv), y, reduction="none")
+        noise = (torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(9)) * 2 - 1) * 8 / 255
+        ce_noise = F.cross_entropy(model((x + noise).clamp(0, 1)), y, reduction="none")
+    assert bool((ce_adv > ce_clean).all())
+    gain = float((ce_adv - ce_clean).mean())
+    assert gain > 0.1 and gain > 5 * float((ce_noise - ce_clean).abs().mean())
+    trace = attack.last_result.objective
+    assert trace.shape == (10, x.shape[0]) and float(trace[-1].mean()) > float(trace[0].mean())
+
+
+def test_pgd_trivial_budgets_return_clean_images():
+    model, _, x, y = make_setup()
+    for threat in (ThreatModel(eps=0.0), ThreatModel(eps=0.1, steps=0)):
+        out = PGDAttack(model, threat)(x, y)
+        assert torch.equal(out, x) and out is not x
+    assert _no_param_grads(model)
+
+
+def test_pgd_keep_best_returns_best_iterate():
+    model, _, x, y = make_setup()
+    threat = ThreatModel(eps=16 / 255, steps=6, step_size=8 / 255)
+    attack = PGDAttack(model, threat, keep_best=True, generator=torch.Generator().manual_seed(2))
+    x_adv = attack(x, y)
+    trace = attack.last_result.objective
+    assert trace.shape == (7, x.shape[0])
+    with torch.no_grad():
+        ce = F.cross_entropy(model(x_adv), y, reduction="none")
+    torch.testing.assert_close(ce, trace.max(0).values, rtol=1e-5, atol=1e-6)
+
+
+def test_l2_pgd_stays_in_l2_ball():
+    model, _, x, y = make_setup()
+    threat = ThreatModel(eps=0.5, norm="l2", steps=5, step_size=0.2)
+    x_adv = PGDAttack(model, threat, generator=torch.Generator().manual_seed(0))(x, y)
+    assert float((x_adv - x).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-5
+
+
+def test_bad_inputs_are_rejected():
+    model, _, x, y = make_setup()
+    attack = PGDAttack(model, ThreatModel(eps=0.1, steps=1))
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        attack(x * 3, y)
+    with pytest.raises(DataError, match="float"):
+        attack((x * 255).to(torch.uint8), y)
+    with pytest.raises(ValueError, match="labels"):
+        attack(x, y[:2])
+
+
+def test_pgd_maximise_works_without_an_attack_object():
+    # The inner loop of a defence uses it directly with its own objective.
+    x = torch.full((2, 1, 2, 2), 0.5)
+    target = torch.tensor([1.0, 0.0])
+
+    def loss_fn(z, t):
+        return (z.flatten(1).mean(1) - 0.5) * (2 * t - 1)  # push up for t=1, down for t=0
+
+    res = pgd_maximise(loss_fn, x, target, ThreatModel(eps=0.1, steps=3, step_size=0.05, random_start=False))
+    torch.testing.assert_close(res.adversarial[0], torch.full((1, 2, 2), 0.6))
+    torch.testing.assert_close(res.adversarial[1], torch.full((1, 2, 2), 0.4))
+    assert not res.zero_grad.any() and not res.nonfinite.any()
+
+
+# ------------------------------------------------------------------------------ ASK-Atk
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_ask_attack_raises_ask_loss_with_fixed_references(metric):
+    model, store, x, y = make_setup(metric)
+    threat = ThreatModel(eps=16 / 255, steps=10, step_size=2 / 255)
+    temperature = 0.01 if metric == "cosine" else 1.0
+    attack = ASKAttack(model, threat, store=store, layers=["block2"], temperature=temperature, k=2,
+                       generator=torch.Generator().manual_seed(0))
+    refs, clean = attack.references(x)
+    # References: the k nearest of each class to the clean features, by brute force.
+    pool = store.features["block2"]
+    for i in range(x.shape[0]):
+        for c in range(store.num_classes):
+            rows = torch.nonzero(store.labels == c).flatten()
+            s = torch.tensor([direct_sim(clean["block2"][i], pool[r], metric) for r in rows])
+            want = pool[rows[torch.topk(s, 2).indices]]
+            torch.testing.assert_close(refs["block2"][i, c], want)
+
+    calls_before = store.calls
+    x_adv = attack(x, y)
+    assert store.calls == calls_before + 1  # references searched once, on the clean input
+    assert float((x_adv - x).abs().max()) <= 16 / 255 + 1e-6
+    assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+    assert _no_param_grads(model)
+    trace = attack.last_result.objective
+    assert trace.shape == (10, x.shape[0]) and torch.isfinite(trace).all()
+    assert float(trace[-1].mean()) > float(trace[0].mean())
+
+    def loss_on(images):
+        with torch.no_grad():
+            feats = model.forward_features(images, ["block2"])
+        return ask_loss(feats["block2"], refs["block2"], y, metric=metric, temperature=temperature)
+
+    assert float(loss_on(x_adv).mean()) > float(loss_on(x).mean())
+
+
+def test_ask_attack_targeted_lowers_target_loss_and_multi_layer_runs():
+    model, store, x, y = make_setup("cosine")
+    target = (y + 1) % store.num_classes
+    threat = ThreatModel(eps=16 / 255, steps=8, step_size=2 / 255)
+    attack = ASKAttack(model, threat, store=store, layers=["block1", "block2"], kappa=[0.5, 1.0],
+                       temperature=0.05, k=2, kind="class", include_self=True, targeted=True,
+                       generator=torch.Generator().manual_seed(0))
+    attack(x, target)
+    trace = attack.last_result.objective  # minus the loss
+    assert float(trace[-1].mean()) > float(trace[0].mean())
+    assert attack.describe()["hyper"]["layers"] == ["block1", "block2"]
+
+
+@pytest.mark.parametrize("random_start", [False, True])
+def test_ask_attack_zero_features_stay_finite(random_start):
+    model, store, x, y = make_setup("cosine")
+    zeros = torch.zeros_like(x)
+    with torch.no_grad():
+        assert float(model.forward_features(zeros, ["block1"])["block1"].abs().max()) == 0.0
+    threat = ThreatModel(eps=8 / 255, steps=3, step_size=2 / 255, random_start=random_start)
+    attack = ASKAttack(model, threat, store=store, layers="block1", k=2, include_self=True,
+                       keep_best=True, generator=torch.Generator().manual_seed(0))
+    x_adv = attack(zeros, y)
+    assert torch.isfinite(x_adv).all()
+    assert torch.isfinite(attack.last_result.objective).all()
+    assert not attack.last_result.nonfinite.any()
+    assert float(x_adv.max()) <= 8 / 255 + 1e-6 and float(x_adv.min()) >= 0
+
+
+def test_ask_attack_with_the_real_reference_store():
+    from ask.knn.store import ReferenceStore
+
+    model, brute, x, y = make_setup("cosine")
+    store = ReferenceStore(["block2"], "cosine", brute.num_classes, brute.labels,
+                           {"block2": brute.features["block2"]}, use_gpu_index=False)
+    threat = ThreatModel(eps=8 / 255, steps=2)
+    real = ASKAttack(model, threat, store=store, layers=["block2"], k=3)
+    stand_in = ASKAttack(model, threat, store=brute, layers=["block2"], k=3)
+    torch.testing.assert_close(real.references(x)[0]["block2"], stand_in.references(x)[0]["block2"])
+
+
+def test_ask_attack_configuration_errors():
+    model, store, _, _ = make_setup()
+    threat = ThreatModel(eps=0.1)
+    with pytest.raises(ConfigError, match="reference store"):
+        ASKAttack(model, threat, layers=["block2"])
+    with pytest.raises(ConfigError, match="block9"):
+        ASKAttack(model, threat, store=store, layers=["block9"])
+    with pytest.raises(ConfigError, match="kappa"):
+        ASKAttack(model, threat, store=store, layers=["block2"], kappa=[1.0, 2.0])
+    with pytest.raises(ConfigError, match="k=7"):
+        ASKAttack(model, threat, store=store, layers=["block2"], k=7)
+    with pytest.raises(ConfigError, match="temperature"):
+        ASKAttack(model, threat, store=store, layers=["block2"], temperature=0)
+
+
+# ------------------------------------------------------------------------------- registry
+
+
+def test_registry_and_build_attack():
+    assert {"ask", "pgd"} <= set(available_attacks())
+    assert ATTACKS["ask"] is ASKAttack and ATTACKS["pgd"] is PGDAttack
+    model, store, _, _ = make_setup()
+    threat = ThreatModel(eps=0.1)
+    with pytest.raises(ConfigError) as err:
+        build_attack("nope", model, threat)
+    assert "nope" in str(err.value) and "ask" in str(err.value) and "pgd" in str(err.value)
+    with pytest.raises(ConfigError, match="temprature"):
+        build_attack("ask", model, threat, store=store, layers=["block2"], temprature=0.1)
+    attack = build_attack("ask", model, threat, store=store, layers=["block2"], k=2)
+    assert isinstance(attack, ASKAttack) and isinstance(attack, Attack) and attack.metric == "cosine"
+    assert isinstance(build_attack("pgd", model, threat, keep_best=True), PGDAttack)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attacks_run_on_the_model_device_and_return_on_the_input_device():
+    from ask.knn.store import ReferenceStore
+
+    model, brute, x, y = make_setup("cosine")
+    model = model.cuda()
+    store = ReferenceStore(["block2"], "cosine", brute.num_classes, brute.labels,
+                           {"block2": brute.features["block2"]})
+    threat = ThreatModel(eps=8 / 255, steps=3)
+    for attack in (PGDAttack(model, threat), ASKAttack(model, threat, store=store, layers=["block2"], k=2)):
+        x_adv = attack(x, y)  # CPU inputs, CUDA model
+        assert x_adv.device == x.device
+        assert float((x_adv - x).abs().max()) <= 8 / 255 + 1e-6
+        x_adv_gpu = attack(x.cuda(), y.cuda())
+        assert x_adv_gpu.is_cuda

@@ -1,0 +1,98 @@
+"""The console scripts end to end, on the embedded digits data, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def demo(shared_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`make demo`: ask-attack with no checkpoint trains the digits model once, then attacks it."""
+    work = tmp_path_factory.mktemp("demo")
+    done = run_cli("ask-attack", ["progress=false", "hydra.run.dir=run"], work, shared_cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {"metrics": json.loads((work / "run" / "metrics.json").read_text()), "stdout": done.stdout,
+            "work": work}
+
+
+def _row(metrics: dict, attack: str, victim: str) -> dict:
+    (row,) = [r for r in metrics["results"] if r["attack"] == attack and r["victim"] == victim]
+    return row
+
+
+def test_demo_metrics_schema_and_accuracy(demo: dict) -> None:
+    metrics = demo["metrics"]
+    assert metrics["dataset"] == "digits" and metrics["model"] == "smallcnn"
+    assert metrics["layers"] == ["block2"] and metrics["n_points"] == 540
+    assert {(r["attack"], r["victim"]) for r in metrics["results"]} == {
+        (a, v) for a in ("ask", "pgd") for v in ("dnn", "knn")}
+    for row in metrics["results"]:
+        assert {"attack", "victim", "clean_acc", "robust_acc", "asr", "n_points", "seconds"} <= set(row)
+        assert row["n_points"] == 540 and row["max_linf"] <= metrics["eps"] + 1e-6
+    # Clean accuracy of both victims on the held-out digits.
+    assert _row(metrics, "pgd", "dnn")["clean_acc"] >= 0.95
+    assert _row(metrics, "ask", "knn")["clean_acc"] >= 0.95
+    assert "robust" in demo["stdout"] and "ASR" in demo["stdout"]
+
+
+def test_ask_beats_pgd_on_the_knn_victim(demo: dict) -> None:
+    metrics = demo["metrics"]
+    assert _row(metrics, "ask", "knn")["asr"] > _row(metrics, "pgd", "knn")["asr"]
+
+
+def test_second_demo_reuses_the_cached_model(demo: dict, shared_cache: Path) -> None:
+    done = run_cli("ask-attack", ["progress=false", "hydra.run.dir=run2", "attack=[pgd]", "eval.n_points=50"],
+                   demo["work"], shared_cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "using the cached digits model" in done.stdout + done.stderr
+    assert len(list((shared_cache / "models").iterdir())) == 1
+
+
+def _fails_cleanly(done, *needles: str) -> str:
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_dataset_root(tmp_path: Path, shared_cache: Path) -> None:
+    done = run_cli("ask-attack", ["dataset=cifar10_folder", f"dataset.root={tmp_path}/nowhere",
+                                  "model.checkpoint=x.pt"], tmp_path, shared_cache)
+    _fails_cleanly(done, "nowhere", "dataset.root")
+
+
+def test_unknown_layer(demo: dict, tmp_path: Path, shared_cache: Path) -> None:
+    done = run_cli("ask-attack", ["knn.layers=[block9]", "eval.n_points=10"], tmp_path, shared_cache)
+    _fails_cleanly(done, "block9", "block2")
+
+
+def test_negative_eps(tmp_path: Path, shared_cache: Path) -> None:
+    _fails_cleanly(run_cli("ask-attack", ["attack.eps=-0.1"], tmp_path, shared_cache), "attack.eps", ">= 0")
+
+
+def test_k_larger_than_the_pool(demo: dict, tmp_path: Path, shared_cache: Path) -> None:
+    done = run_cli("ask-attack", ["knn.pool_per_class=3", "eval.n_points=10"], tmp_path, shared_cache)
+    _fails_cleanly(done, "k=5", "has only 3 reference points")
+
+
+def test_truncated_checkpoint(demo: dict, tmp_path: Path, shared_cache: Path) -> None:
+    (good,) = (shared_cache / "models").glob("*/best.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    done = run_cli("ask-attack", [f"model.checkpoint={bad}"], tmp_path, shared_cache)
+    _fails_cleanly(done, "bad.pt", "unreadable")
+    assert good.exists()
+
+
+def test_unknown_attack_lists_the_available_ones(tmp_path: Path, shared_cache: Path) -> None:
+    done = run_cli("ask-attack", ["attack=[ask,cw]"], tmp_path, shared_cache)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "ask" in done.stderr and "pgd" in done.stderr

@@ -1,0 +1,83 @@
+"""The config tree composes for every option, and wrong values fail before any compute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from ask.config import config_dir, parse_size
+from ask.errors import ConfigError
+from tests.conftest import compose_run
+
+GROUPS = ["dataset", "model", "knn", "attack", "defense", "experiment"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(path.stem for path in (Path(config_dir()) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_option_composes(group: str, cache_dir: Path) -> None:
+    options = _options(group)
+    assert options, f"conf/{group} has no options"
+    for option in options:
+        override = f"{group}=[{option}]" if group == "attack" else f"{group}={option}"
+        run = compose_run("attack", [override, "dataset.root=/some/where"], cache_dir)
+        if group == "attack":
+            assert list(run.attack.methods) == [option]
+        elif group in ("dataset", "model"):
+            assert getattr(run, group).name == option
+
+
+def test_defaults_follow_the_authors(cache_dir: Path) -> None:
+    run = compose_run("attack", ["dataset=cifar10_folder", "dataset.root=x", "model=vgg16"], cache_dir)
+    assert run.knn.layers == ["block4"]
+    assert run.knn.metric == "cosine" and run.knn.k == 5
+    assert run.attack.eps == pytest.approx(8 / 255) and run.attack.step_size == pytest.approx(2 / 255)
+    assert run.attack.steps == 20
+    assert run.attack.methods["ask"]["temperature"] == 0.01
+    assert run.attack.methods["ask"]["layers"] == ["block4"]
+
+
+def test_fractions_parse(cache_dir: Path) -> None:
+    run = compose_run("attack", ["attack.eps=4/255", "attack.step_size=0.01"], cache_dir)
+    assert run.attack.eps == pytest.approx(4 / 255)
+    assert parse_size("8/255", "x") == pytest.approx(0.0313725, rel=1e-5)
+    with pytest.raises(ConfigError, match="not a number"):
+        parse_size("eight", "attack.eps")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("attack.eps=-0.1", "attack.eps=-0.1 must be >= 0"),
+        ("attack.step_size=0", "attack.step_size=0.0 must be > 0"),
+        ("attack.norm=l1", "attack.norm='l1' is not one of linf, l2"),
+        ("knn.k=0", "knn.k=0 must be >= 1"),
+        ("knn.metric=manhattan", "knn.metric='manhattan' is not one of cosine, l2"),
+        ("train.lr=-1", "train.lr=-1.0 must be > 0"),
+        ("eval.victims=[dnn,oracle]", "eval.victims entry='oracle'"),
+        ("attack=[]", "no attack selected"),
+    ],
+)
+def test_out_of_range_values_fail(override: str, message: str, cache_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        compose_run("attack", [override], cache_dir)
+
+
+def test_wrong_type_fails_at_composition(cache_dir: Path) -> None:
+    with pytest.raises(ConfigCompositionException):
+        compose_run("attack", ["knn.k=five"], cache_dir)
+
+
+def test_unknown_option_lists_choices(cache_dir: Path) -> None:
+    with pytest.raises(MissingConfigException) as error:
+        compose_run("attack", ["model=alexnet"], cache_dir)
+    assert "smallcnn" in str(error.value) and "vgg16" in str(error.value)
+
+
+def test_missing_root_is_named(cache_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"dataset.root is not set"):
+        compose_run("train", ["dataset=cifar10_folder"], cache_dir)

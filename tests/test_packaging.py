@@ -1,0 +1,46 @@
+"""The installed console scripts find their configs from a built wheel, not only from a checkout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def test_every_package_is_listed_for_the_wheel() -> None:
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "ask").rglob("__init__.py")}
+    conf_groups = {f"ask.conf.{p.name}" for p in (REPO / "conf").iterdir() if any(p.glob("*.yaml"))}
+    assert on_disk | conf_groups | {"ask.conf"} == listed
+
+
+def test_wheel_install_finds_configs(tmp_path: Path) -> None:
+    dist, site = tmp_path / "dist", tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(REPO)],
+        check=True, capture_output=True, text=True,
+    )
+    (wheel,) = dist.glob("*.whl")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],
+        check=True, capture_output=True, text=True,
+    )
+    # Run from an empty directory with only the wheel's copy of `ask` first on the path.
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import ask, ask.config as c; print(ask.__file__); print(c.config_dir())"],
+        cwd=tmp_path, env=env, check=True, capture_output=True, text=True,
+    ).stdout.split()
+    assert all(line.startswith(str(site)) for line in where), where
+    for program in ("ask-attack", "ask-train"):
+        shown = subprocess.run(
+            [sys.executable, str(site / "bin" / program), "--cfg", "job",
+             "dataset=cifar10_folder", "dataset.root=/data/cifar", "model=vgg16", "attack=[ask,pgd]"],
+            cwd=tmp_path, env=env, capture_output=True, text=True,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert "name: cifar10_folder" in shown.stdout and "- block4" in shown.stdout
