@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from ask.attacks import ThreatModel, build_attack
+from ask.attacks._common import adam_minimise
 from ask.attacks.advknn import AdvKNNAttack
-from ask.attacks.dknn_attack import DkNNAttack, adam_minimise
+from ask.attacks.dknn_attack import DkNNAttack
 from ask.attacks.feature import FeatureAttack
 from ask.attacks.minnorm import MinNormAttack
 from ask.errors import ConfigError
@@ -295,5 +296,23 @@ def test_build_attack_lists_every_attack_and_checks_hyperparameters():
         build_attack("feature", PixelModel(), threat, store=store, layers=["block9"])
     with pytest.raises(ConfigError, match="smoothing"):
         make("advknn", threat, store, smoothing=0)
+    with pytest.raises(ConfigError, match="kl"):
+        make("advknn", threat, store, kl="sideways")
     with pytest.raises(ConfigError, match="lr"):
         make("minnorm", threat, store, lr=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", BASELINES)
+def test_baselines_run_on_the_model_device_and_return_on_the_input_device(name):
+    store, _, _ = two_clusters()
+    x, y = boundary_points()
+    model = PixelModel().cuda()
+    attack = make(name, ThreatModel(eps=0.25, steps=30, step_size=0.03), store, model=model)
+    x_adv = attack(x, y)  # CPU inputs, CUDA model
+    assert x_adv.device == x.device
+    assert bool((knn_labels(store, x_adv) == 1).all())
+    x_adv_gpu = attack(x.cuda(), y.cuda())
+    assert x_adv_gpu.is_cuda
+    assert float((x_adv_gpu.cpu() - x).abs().max()) <= 0.25 + 1e-6

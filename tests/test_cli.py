@@ -29,14 +29,20 @@ def test_demo_metrics_schema_and_accuracy(demo: dict) -> None:
     metrics = demo["metrics"]
     assert metrics["dataset"] == "digits" and metrics["model"] == "smallcnn"
     assert metrics["layers"] == ["block2"] and metrics["n_points"] == 540
-    assert {(r["attack"], r["victim"]) for r in metrics["results"]} == {
-        (a, v) for a in ("ask", "pgd") for v in ("dnn", "knn")}
+    assert metrics["dknn_layers"] == ["block1", "block2", "block3"]
+    attacks = ("ask", "pgd", "dknn", "advknn", "feature", "minnorm")
+    victims = ("dnn", "knn", "dknn", "dknn_vote")
+    assert [(r["attack"], r["victim"]) for r in metrics["results"]] == [(a, v) for a in attacks for v in victims]
     for row in metrics["results"]:
         assert {"attack", "victim", "clean_acc", "robust_acc", "asr", "n_points", "seconds"} <= set(row)
         assert row["n_points"] == 540 and row["max_linf"] <= metrics["eps"] + 1e-6
     # Clean accuracy of both victims on the held-out digits.
     assert _row(metrics, "pgd", "dnn")["clean_acc"] >= 0.95
     assert _row(metrics, "ask", "knn")["clean_acc"] >= 0.95
+    assert _row(metrics, "ask", "dknn")["clean_acc"] >= 0.95
+    # Every attack does real work on the kNN victim at the default eps.
+    for attack in attacks:
+        assert _row(metrics, attack, "knn")["asr"] > 0.05, attack
     assert "robust" in demo["stdout"] and "ASR" in demo["stdout"]
 
 
@@ -46,7 +52,8 @@ def test_ask_beats_pgd_on_the_knn_victim(demo: dict) -> None:
 
 
 def test_second_demo_reuses_the_cached_model(demo: dict, shared_cache: Path) -> None:
-    done = run_cli("ask-attack", ["progress=false", "hydra.run.dir=run2", "attack=[pgd]", "eval.n_points=50"],
+    done = run_cli("ask-attack", ["progress=false", "hydra.run.dir=run2", "attack=[pgd]", "eval.n_points=50",
+                                  "eval.victims=[dnn]"],
                    demo["work"], shared_cache)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "using the cached digits model" in done.stdout + done.stderr
@@ -92,7 +99,14 @@ def test_truncated_checkpoint(demo: dict, tmp_path: Path, shared_cache: Path) ->
     assert good.exists()
 
 
+def test_dknn_without_calibration_says_so(demo: dict, tmp_path: Path, shared_cache: Path) -> None:
+    done = run_cli("ask-attack", ["dataset.calib_per_class=0", "eval.victims=[dknn]", "attack=[pgd]"],
+                   tmp_path, shared_cache)
+    _fails_cleanly(done, "victim 'dknn' needs a calibration split", "dataset.calib_per_class")
+
+
 def test_unknown_attack_lists_the_available_ones(tmp_path: Path, shared_cache: Path) -> None:
     done = run_cli("ask-attack", ["attack=[ask,cw]"], tmp_path, shared_cache)
-    assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert "ask" in done.stderr and "pgd" in done.stderr
+    _fails_cleanly(done, "unknown attack 'cw'", "ask", "pgd")
+    done = run_cli("ask-train", ["model=alexnet"], tmp_path, shared_cache)
+    _fails_cleanly(done, "unknown model 'alexnet'", "smallcnn, vgg16")

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ask.attacks._common import check_int, check_knn_layers, check_labels, smallest_class
 from ask.attacks.ask_loss import KINDS, multi_layer_ask_loss
 from ask.attacks.base import Attack, ThreatModel, register_attack
-from ask.errors import ConfigError, ModelError
+from ask.errors import ConfigError
 
 __all__ = ["ASKAttack"]
 
@@ -80,10 +81,7 @@ class ASKAttack(Attack):
             layers=layer_list, kappa=kappa_list, temperature=temperature, k=k, kind=kind,
             include_self=include_self, targeted=targeted, keep_best=keep_best, metric=metric,
         )
-        if not layer_list:
-            raise ConfigError("attack 'ask' needs at least one layer; set layers=[block3] (a layer of the model)")
-        if len(set(layer_list)) != len(layer_list):
-            raise ConfigError(f"attack 'ask' layers={layer_list} names a layer twice; list each layer once")
+        layer_list = check_knn_layers(self.name, model, store, layer_list)
         if len(kappa_list) != len(layer_list):
             raise ConfigError(
                 f"attack 'ask' has {len(kappa_list)} kappa weights for {len(layer_list)} layers; "
@@ -91,27 +89,13 @@ class ASKAttack(Attack):
             )
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ConfigError(f"attack 'ask' temperature={temperature!r} must be a number > 0, e.g. 0.01")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ConfigError(f"attack 'ask' k={k!r} must be an integer >= 1")
+        k = check_int(self.name, "k", k)
         if kind not in KINDS:
             raise ConfigError(f"attack 'ask' kind={kind!r} is not one of {', '.join(KINDS)}")
         resolved_metric = store.metric if metric is None else metric
         if resolved_metric not in METRICS:
             raise ConfigError(f"attack 'ask' metric={resolved_metric!r} is not one of {', '.join(METRICS)}")
-        if not hasattr(model, "forward_features"):
-            raise ModelError(
-                f"attack 'ask' needs a model with forward_features(x, layers); got {type(model).__name__}"
-            )
-        check_layers = getattr(model, "check_layers", None)
-        if callable(check_layers):
-            check_layers(layer_list)
-        missing = [layer for layer in layer_list if layer not in store.features]
-        if missing:
-            raise ConfigError(
-                f"the reference store has no features for layer(s) {', '.join(missing)} "
-                f"(it has: {', '.join(store.features)}); add them to knn.layers"
-            )
-        smallest = int(torch.bincount(torch.as_tensor(store.labels).long(), minlength=store.num_classes).min())
+        smallest = smallest_class(store)
         if smallest < k:
             raise ConfigError(
                 f"attack 'ask' k={k} but the smallest class of the reference pool has {smallest} points; "
@@ -157,12 +141,7 @@ class ASKAttack(Attack):
 
     def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
         refs, clean = self.references(images)
-        num_classes = next(iter(refs.values())).shape[1]
-        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-            raise ConfigError(
-                f"labels must lie in [0, {num_classes}) (the reference store's classes); "
-                "the model and the store come from different datasets"
-            )
+        check_labels(labels, next(iter(refs.values())).shape[1])
         self_features = clean if self.include_self else None
         sign = -1.0 if self.targeted else 1.0
 

@@ -43,6 +43,7 @@ __all__ = [
     "project",
     "random_init",
     "register_attack",
+    "warn_about",
 ]
 
 logger = logging.getLogger(__name__)
@@ -262,6 +263,27 @@ def _check_objective(obj: Tensor, batch: int) -> Tensor:
     return obj
 
 
+def warn_about(result: AscentResult, name: str) -> None:
+    """Log a warning for the points of ``result`` that never moved or whose objective went non-finite.
+
+    An input gradient that is exactly zero at every step means a saturated loss or gradient
+    masking: the point is returned unperturbed and its robustness is not measured. ``name``
+    (the attack's) starts each message. Shared by :meth:`Attack.maximise` and the attacks that
+    run their own loop.
+    """
+    batch = result.zero_grad.shape[0]
+    problems = (
+        (result.zero_grad, "the input gradient was exactly zero at every step for %d of %d points; "
+                           "they were not perturbed (saturated loss or gradient masking)"),
+        (result.nonfinite, "the attack loss was NaN/Inf for %d of %d points; "
+                           "non-finite gradient entries counted as zero"),
+    )
+    for flags, message in problems:
+        count = int(flags.sum())
+        if count:
+            logger.warning("%s: " + message, name, count, batch)
+
+
 # ------------------------------------------------------------------------------- the attack
 class Attack(ABC):
     """Base of every attack: ``attack(images, labels) -> adversarial images``.
@@ -363,20 +385,7 @@ class Attack(ABC):
             loss_fn, images, labels, self.threat, keep_best=keep_best, generator=self.generator
         )
         self.last_result = result
-        batch = images.shape[0]
-        n_zero = int(result.zero_grad.sum())
-        if n_zero:
-            logger.warning(
-                "%s: the input gradient was exactly zero at every step for %d of %d points; "
-                "they were not perturbed (saturated loss or gradient masking)",
-                self.name, n_zero, batch,
-            )
-        n_bad = int(result.nonfinite.sum())
-        if n_bad:
-            logger.warning(
-                "%s: the attack loss was NaN/Inf for %d of %d points; their steps were skipped",
-                self.name, n_bad, batch,
-            )
+        warn_about(result, self.name)
         return result.adversarial
 
     def describe(self) -> dict[str, Any]:

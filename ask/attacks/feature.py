@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ask.attacks._common import check_knn_layers, check_labels, flat_features, gather_pool
 from ask.attacks.base import Attack, ThreatModel, register_attack
-from ask.attacks.dknn_attack import check_knn_layers, flat_features, gather_pool
 from ask.errors import ConfigError
 
 __all__ = ["FeatureAttack"]
@@ -74,11 +74,7 @@ class FeatureAttack(Attack):
         sims = torch.as_tensor(sims).float()[:, :, 0]
         rows = torch.as_tensor(rows).long()[:, :, 0]
         num_classes = sims.shape[1]
-        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-            raise ConfigError(
-                f"labels must lie in [0, {num_classes}) (the reference store's classes); "
-                "the model and the store come from different datasets"
-            )
+        check_labels(labels, num_classes)
         y = labels.to(sims.device).long().view(-1, 1)
         best_class = sims.scatter(1, y, -float("inf")).argmax(dim=1, keepdim=True)
         return rows.to(sims.device).gather(1, best_class).squeeze(1).to(images.device)

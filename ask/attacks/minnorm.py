@@ -13,18 +13,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ask.attacks.base import Attack, ThreatModel, register_attack
-from ask.attacks.dknn_attack import (
+from ask.attacks._common import (
     adam_minimise,
     check_int,
     check_knn_layers,
+    check_labels,
     check_positive,
     distance_from_similarity,
     flat_features,
     gather_pool,
-    log_result,
     smallest_class,
 )
+from ask.attacks.base import Attack, ThreatModel, register_attack, warn_about
 from ask.errors import ConfigError
 from ask.knn.similarity import rowwise_similarity
 from ask.knn.victims import vote
@@ -91,10 +91,10 @@ class MinNormAttack(Attack):
         generator: torch.Generator | None = None,
         layers: str | Sequence[str] = (),
         m: int = 20,
-        c: float = 0.1,
-        lr: float = 0.1,
+        c: float = 0.01,
+        lr: float = 0.3,
         k: int = 5,
-        margin: float = 0.1,
+        margin: float = 0.5,
     ) -> None:
         layer_list = [layers] if isinstance(layers, str) else list(layers)
         super().__init__(
@@ -133,11 +133,7 @@ class MinNormAttack(Attack):
         sims = torch.as_tensor(sims).float()
         rows = torch.as_tensor(rows).long().to(sims.device)
         num_classes = sims.shape[1]
-        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-            raise ConfigError(
-                f"labels must lie in [0, {num_classes}) (the reference store's classes); "
-                "the model and the store come from different datasets"
-            )
+        check_labels(labels, num_classes)
         y = labels.to(sims.device).long()
         mean_dist = distance_from_similarity(sims, self.metric).mean(dim=2)
         target = mean_dist.scatter(1, y.view(-1, 1), math.inf).argmin(dim=1)
@@ -195,5 +191,5 @@ class MinNormAttack(Attack):
             generator=self.generator, observe=observe,
         )
         self.last_result = result
-        log_result(self.name, result)
+        warn_about(result, self.name)
         return torch.where(found.view(-1, *([1] * (x_clean.dim() - 1))), best, result.adversarial)

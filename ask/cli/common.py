@@ -58,9 +58,42 @@ def run_task(task: Callable[[RunConfig, Path], Any], cfg: DictConfig, program: s
         sys.exit(EXIT_INTERRUPTED)
 
 
+def unknown_group_options(arguments: list[str], conf: Path) -> str | None:
+    """The first ``group=option`` argument naming an option that ``conf/<group>/`` lacks, as a message.
+
+    Hydra reports such a typo with its search path but without the choices, and not at all
+    helpfully for lists (``attack=[ask,cw]``); this says what exists instead.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    candidates = [a for a in arguments if not a.startswith("-") and "=" in a]
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except Exception:  # malformed input: Hydra's own parser will explain it
+        return None
+    for override in overrides:
+        group = override.key_or_group.lstrip("+~")
+        folder = conf / group
+        if override.package or "." in group or not folder.is_dir() or override.is_delete():
+            continue
+        value = override.value()
+        values = value.list if isinstance(value, ChoiceSweep) else [value]
+        flat = [item for v in values for item in (v if isinstance(v, list) else [v])]
+        available = sorted(path.stem for path in folder.glob("*.yaml"))
+        for option in flat:
+            if isinstance(option, str) and option not in available and option != "null":
+                return f"unknown {group} '{option}'; available: {', '.join(available)}"
+    return None
+
+
 def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, program: str) -> None:
     """Run ``task`` as a Hydra application over the packaged config tree."""
     register_configs()
+    problem = unknown_group_options(sys.argv[1:], Path(config_dir()))
+    if problem:
+        print(f"{program}: error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
     def _main(cfg: DictConfig) -> Any:
         return run_task(task, cfg, program)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -50,11 +50,11 @@ def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
 class DatasetConfig:
     name: str = "digits"
     # MISSING, not None: "???" in a dataset file cannot override a schema default in a merge.
-    root: Optional[str] = MISSING
+    root: str | None = MISSING
     download: bool = False
-    image_size: Optional[int] = None  # resize side for folder datasets; None keeps the native size
-    train_per_class: Optional[int] = None  # class-balanced subset of the training split
-    test_per_class: Optional[int] = None
+    image_size: int | None = None  # resize side for folder datasets; None keeps the native size
+    train_per_class: int | None = None  # class-balanced subset of the training split
+    test_per_class: int | None = None
     val_per_class: int = 0  # held out from train for model selection, never used for fitting
     calib_per_class: int = 0  # held out from train for DkNN calibration
     augment: str = "none"  # none | crop | crop_flip
@@ -73,9 +73,9 @@ class DatasetConfig:
 @dataclass
 class ModelConfig:
     name: str = "smallcnn"
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     width: int = 64  # base channel count (smallcnn); vgg16/resnet18 use their standard widths
-    default_layers: List[str] = field(default_factory=lambda: ["block3"])
+    default_layers: list[str] = field(default_factory=lambda: ["block3"])
 
     def __post_init__(self) -> None:
         _require(self.width > 0, f"model.width={self.width} must be positive")
@@ -83,10 +83,11 @@ class ModelConfig:
 
 @dataclass
 class KnnConfig:
-    layers: List[str] = field(default_factory=lambda: ["block3"])
+    layers: list[str] = field(default_factory=lambda: ["block3"])
+    dknn_layers: list[str] = field(default_factory=lambda: ["block3"])  # DkNN victims vote on these
     k: int = 5
     metric: str = "cosine"  # cosine | l2 (similarity is minus the Euclidean distance)
-    pool_per_class: Optional[int] = None  # reference pool size per class; None = every training point
+    pool_per_class: int | None = None  # reference pool size per class; None = every training point
     index: str = "flat"  # exact search; approximate indexes change robustness numbers
     use_gpu: bool = True  # use faiss on the GPU when the build and a device are present
     batch_size: int = 256
@@ -97,6 +98,7 @@ class KnnConfig:
         _check_choice(self.metric, METRICS, "knn.metric")
         _check_choice(self.index, ("flat",), "knn.index")
         _require(len(self.layers) > 0, "knn.layers is empty; name at least one layer, e.g. [block3]")
+        _require(len(self.dknn_layers) > 0, "knn.dknn_layers is empty; name at least one layer")
         _require(
             self.pool_per_class is None or self.pool_per_class > 0,
             f"knn.pool_per_class={self.pool_per_class} must be positive or null",
@@ -113,7 +115,7 @@ class AttackConfig:
     steps: int = 20
     step_size: Any = "2/255"
     random_start: bool = True
-    methods: Dict[str, Any] = field(default_factory=dict)  # option name -> its hyperparameters
+    methods: dict[str, Any] = field(default_factory=dict)  # option name -> its hyperparameters
 
     def __post_init__(self) -> None:
         self.eps = parse_size(self.eps, "attack.eps")
@@ -130,8 +132,8 @@ class AttackConfig:
 
 @dataclass
 class EvalConfig:
-    victims: List[str] = field(default_factory=lambda: ["dnn", "knn"])
-    n_points: Optional[int] = None  # evaluate the first n test points (after test_per_class)
+    victims: list[str] = field(default_factory=lambda: ["dnn", "knn", "dknn", "dknn_vote"])
+    n_points: int | None = None  # evaluate the first n test points (after test_per_class)
     batch_size: int = 128
 
     def __post_init__(self) -> None:
@@ -154,7 +156,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     amp: bool = True  # mixed precision, CUDA only
     channels_last: bool = True  # CUDA only
-    resume: Optional[str] = None
+    resume: str | None = None
     eval_every: int = 1
     eval_batch_size: int = 512
 
@@ -173,7 +175,7 @@ class TrainConfig:
 @dataclass
 class DefenseConfig:
     name: str = "none"
-    params: Dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -189,8 +191,8 @@ class RunConfig:
     knn: KnnConfig = field(default_factory=KnnConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
-    attack: Optional[AttackConfig] = None
-    eval: Optional[EvalConfig] = None
+    attack: AttackConfig | None = None
+    eval: EvalConfig | None = None
 
     def __post_init__(self) -> None:
         _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),

@@ -31,10 +31,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Victim:
-    """A classifier under attack: a name and a batch -> predicted labels function."""
+    """A classifier under attack: a name and a batch -> (predicted labels, credibility or None)."""
 
     name: str
-    predict: Callable[[Tensor], Tensor]
+    judge: Callable[[Tensor], tuple[Tensor, Tensor | None]]
+
+
+def _labels_only(predict: Callable[[Tensor], Tensor]) -> Callable[[Tensor], tuple[Tensor, None]]:
+    return lambda x: (predict(x), None)
 
 
 def build_victims(names: list[str], model: FeatureModel, store: ReferenceStore, run: RunConfig,
@@ -43,20 +47,24 @@ def build_victims(names: list[str], model: FeatureModel, store: ReferenceStore, 
     victims = []
     for name in names:
         if name == "dnn":
-            victims.append(Victim("dnn", lambda x: model(x).argmax(1)))
+            victims.append(Victim("dnn", _labels_only(lambda x: model(x).argmax(1))))
         elif name == "knn":
             # The kNN victim votes on the first listed layer; DkNN uses them all.
-            victims.append(Victim("knn", KNNClassifier(model, store, run.knn.layers[0], run.knn.k).predict))
+            knn = KNNClassifier(model, store, run.knn.layers[0], run.knn.k)
+            victims.append(Victim("knn", _labels_only(knn.predict)))
         elif name == "dknn":
             dknn = DkNNClassifier(
-                model, store, run.knn.layers, run.knn.k,
+                model, store, run.knn.dknn_layers, run.knn.k,
                 calibration_images=None if calibration is None else calibration.images,
                 calibration_labels=None if calibration is None else calibration.labels,
                 batch_size=run.knn.batch_size,
             )
-            victims.append(Victim("dknn", dknn.predict))
+            # Its labels equal the summed vote's (p_j falls as alpha_j rises); what DkNN adds is
+            # credibility, the p-value of the prediction, which a deployment thresholds to reject.
+            victims.append(Victim("dknn", lambda x, dknn=dknn: dknn.predict_with_confidence(x)[:2]))
         elif name == "dknn_vote":
-            victims.append(Victim("dknn_vote", DkNNVoteClassifier(model, store, run.knn.layers, run.knn.k).predict))
+            vote = DkNNVoteClassifier(model, store, run.knn.dknn_layers, run.knn.k)
+            victims.append(Victim("dknn_vote", _labels_only(vote.predict)))
         else:
             raise ConfigError(f"unknown victim '{name}'; choose from dnn, knn, dknn, dknn_vote")
     return victims
@@ -68,12 +76,17 @@ class _Tally:
     clean_correct: int = 0
     robust_correct: int = 0
     successes: int = 0
+    clean_credibility: float = 0.0
+    adv_credibility: float = 0.0
 
-    def add(self, clean_ok: Tensor, adv_ok: Tensor) -> None:
+    def add(self, clean_ok: Tensor, adv_ok: Tensor, clean_cred: Tensor | None, adv_cred: Tensor | None) -> None:
         self.n += int(clean_ok.numel())
         self.clean_correct += int(clean_ok.sum())
         self.robust_correct += int(adv_ok.sum())
         self.successes += int((clean_ok & ~adv_ok).sum())
+        if clean_cred is not None and adv_cred is not None:
+            self.clean_credibility += float(clean_cred.sum())
+            self.adv_credibility += float(adv_cred.sum())
 
 
 @dataclass
@@ -98,9 +111,47 @@ def attack_seed(seed: int, attack_name: str) -> int:
     return seed * 1_000_003 + zlib.crc32(attack_name.encode())
 
 
+def sanity_warnings(rows: list[dict[str, Any]], white_box: dict[str, set[str]]) -> list[str]:
+    """AutoAttack-style checks that flag an evaluation to distrust.
+
+    ``white_box[attack]`` names the victims the attack optimises against directly (the network for
+    PGD, the kNN family for attacks on features). A transfer attack that beats every white-box
+    attack on a victim, or points whose input gradient was exactly zero throughout, usually mean
+    gradient masking or an under-tuned attack, not robustness.
+    """
+    warnings = []
+    by_victim: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_victim.setdefault(row["victim"], []).append(row)
+    for victim, victim_rows in by_victim.items():
+        direct = [r for r in victim_rows if victim in white_box[r["attack"]] and r["asr"] is not None]
+        if not direct:
+            continue
+        best = max(direct, key=lambda r: r["asr"])
+        for row in victim_rows:
+            if victim not in white_box[row["attack"]] and row["asr"] is not None and row["asr"] > best["asr"]:
+                warnings.append(
+                    f"transfer attack '{row['attack']}' (ASR {row['asr']:.1%}) beats every white-box attack on "
+                    f"victim '{victim}' (best: '{best['attack']}', {best['asr']:.1%}): suspect gradient masking "
+                    "or an under-tuned attack"
+                )
+    seen = set()
+    for row in rows:
+        if row["zero_grad_points"] and row["attack"] not in seen:
+            seen.add(row["attack"])
+            warnings.append(
+                f"attack '{row['attack']}': the input gradient was exactly zero at every step for "
+                f"{row['zero_grad_points']} of {row['n_points']} points (saturated loss or gradient masking)"
+            )
+    return warnings
+
+
+WHITE_BOX_FEATURE_VICTIMS = {"knn", "dknn", "dknn_vote"}
+
+
 def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: ReferenceStore,
-             device: torch.device, calibration: ImageSplit | None = None) -> list[dict[str, Any]]:
-    """Rows of the result table: one per (attack, victim)."""
+             device: torch.device, calibration: ImageSplit | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of the result table, one per (attack, victim), and the sanity warnings."""
     assert run.attack is not None and run.eval is not None
     threat = ThreatModel(
         eps=run.attack.eps, norm=run.attack.norm, steps=run.attack.steps,
@@ -122,7 +173,7 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
         images = to_float(points.images[start:start + batch_size].to(device))
         labels = points.labels[start:start + batch_size].to(device)
         with torch.no_grad():
-            clean_ok = {v.name: v.predict(images) == labels for v in victims}
+            clean = {v.name: v.judge(images) for v in victims}
         for name, attack in attacks.items():
             started = time.perf_counter()
             adversarial = attack(images, labels)
@@ -136,7 +187,9 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
                 stats[name].zero_grad_points += int(attack.last_result.zero_grad.sum())
             with torch.no_grad():
                 for victim in victims:
-                    tallies[(name, victim.name)].add(clean_ok[victim.name], victim.predict(adversarial) == labels)
+                    clean_pred, clean_cred = clean[victim.name]
+                    adv_pred, adv_cred = victim.judge(adversarial)
+                    tallies[(name, victim.name)].add(clean_pred == labels, adv_pred == labels, clean_cred, adv_cred)
             bar.update(1)
     bar.close()
 
@@ -146,7 +199,7 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
         seconds = stats[name].seconds
         for victim in victims:
             tally = tallies[(name, victim.name)]
-            rows.append({
+            row = {
                 "attack": name,
                 "victim": victim.name,
                 "clean_acc": tally.clean_correct / tally.n,
@@ -163,5 +216,15 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
                 "max_l2": float(l2.max()),
                 "images_per_second": tally.n / seconds if seconds > 0 else None,
                 "zero_grad_points": stats[name].zero_grad_points,
-            })
-    return rows
+            }
+            if victim.name == "dknn":
+                row["mean_credibility_clean"] = tally.clean_credibility / tally.n
+                row["mean_credibility_adv"] = tally.adv_credibility / tally.n
+            rows.append(row)
+    # Attacks on kNN features are white-box for the kNN family; the rest (PGD) for the network.
+    white_box = {name: WHITE_BOX_FEATURE_VICTIMS if attack.needs_store else {"dnn"}
+                 for name, attack in attacks.items()}
+    warnings = sanity_warnings(rows, white_box)
+    for warning in warnings:
+        log.warning(warning)
+    return rows, warnings

@@ -117,14 +117,20 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     checkpoint = Path(run.model.checkpoint).expanduser() if run.model.checkpoint else auto_checkpoint(run, data)
     model = load_model(checkpoint, run, data, device)
 
+    dknn_layers = list(run.knn.dknn_layers) if {"dknn", "dknn_vote"} & set(run.eval.victims) else []
     layers = list(dict.fromkeys(
-        list(run.knn.layers)
+        list(run.knn.layers) + dknn_layers
         + [layer for hyper in run.attack.methods.values() for layer in (hyper.get("layers") or [])]
     ))
     model.check_layers(layers)
     store = build_store(run, model, data, checkpoint, layers, device)
     points = select_points(data.test, run.eval.n_points, run.seed)
-    rows = evaluate(run, model, points, store, device, calibration=data.calib)
+    if "dknn" in run.eval.victims and data.calib is None:
+        raise ConfigError(
+            "victim 'dknn' needs a calibration split; set dataset.calib_per_class=N (e.g. 100) "
+            "or use eval.victims=[dknn_vote]"
+        )
+    rows, warnings = evaluate(run, model, points, store, device, calibration=data.calib)
 
     metrics = {
         "dataset": run.dataset.name,
@@ -139,11 +145,15 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
         "steps": run.attack.steps,
         "seed": run.seed,
         "device": str(device),
+        "dknn_layers": dknn_layers,
         "results": rows,
+        "warnings": warnings,
     }
     atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(f"\n{run.dataset.name} / {run.model.name} / layer {run.knn.layers[0]} / "
           f"{run.attack.norm} eps={run.attack.eps:.4g} / {len(points)} points\n")
     print(format_results_table(rows))
+    for warning in warnings:
+        print(f"warning: {warning}")
     print(f"\nwrote {output_dir / 'metrics.json'}")
     return metrics

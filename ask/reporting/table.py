@@ -26,7 +26,7 @@ def format_results_table(rows: Sequence[dict[str, Any]]) -> str:
     ]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(width) if i > 1 else cell.ljust(width)
-                       for i, (cell, width) in enumerate(zip(line, widths)))
+                       for i, (cell, width) in enumerate(zip(line, widths, strict=True)))
              for line in [header, *body]]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""Evaluation helpers: point selection, sanity checks and the console table."""
+
+from __future__ import annotations
+
+import torch
+
+from ask.data import ImageSplit
+from ask.evaluation.evaluate import attack_seed, sanity_warnings, select_points
+from ask.reporting import format_results_table
+
+
+def _row(attack: str, victim: str, asr: float | None, zero: int = 0) -> dict:
+    return {"attack": attack, "victim": victim, "asr": asr, "zero_grad_points": zero, "n_points": 100,
+            "clean_acc": 0.9, "robust_acc": 0.5, "mean_linf": 0.03, "images_per_second": 10.0}
+
+
+WHITE_BOX = {"ask": {"knn", "dknn"}, "pgd": {"dnn"}}
+
+
+def test_transfer_beating_white_box_is_flagged() -> None:
+    rows = [_row("ask", "knn", 0.30), _row("pgd", "knn", 0.45), _row("ask", "dnn", 0.2), _row("pgd", "dnn", 0.9)]
+    (warning,) = sanity_warnings(rows, WHITE_BOX)
+    assert "transfer attack 'pgd'" in warning and "victim 'knn'" in warning and "'ask'" in warning
+
+
+def test_no_warning_when_white_box_wins() -> None:
+    rows = [_row("ask", "knn", 0.50), _row("pgd", "knn", 0.45), _row("ask", "dnn", 0.2), _row("pgd", "dnn", 0.9)]
+    assert sanity_warnings(rows, WHITE_BOX) == []
+
+
+def test_zero_gradients_are_flagged_once_per_attack() -> None:
+    rows = [_row("ask", "knn", 0.5, zero=7), _row("ask", "dnn", 0.1, zero=7), _row("pgd", "dnn", 0.9)]
+    warnings = sanity_warnings(rows, WHITE_BOX)
+    assert warnings == ["attack 'ask': the input gradient was exactly zero at every step for 7 of 100 points "
+                        "(saturated loss or gradient masking)"]
+
+
+def test_select_points_is_a_seeded_spread_subset() -> None:
+    labels = torch.arange(10).repeat_interleave(20)  # class-sorted, as folders are
+    split = ImageSplit(torch.zeros(200, 1, 2, 2, dtype=torch.uint8), labels)
+    a, b = select_points(split, 30, seed=0), select_points(split, 30, seed=0)
+    assert torch.equal(a.labels, b.labels) and len(a) == 30
+    assert len(set(a.labels.tolist())) >= 8  # a prefix would have been two classes
+    assert not torch.equal(select_points(split, 30, seed=1).labels, a.labels)
+    assert select_points(split, None, seed=0) is split
+
+
+def test_attack_seed_depends_on_name_not_position() -> None:
+    assert attack_seed(0, "ask") != attack_seed(0, "pgd")
+    assert attack_seed(3, "ask") == attack_seed(3, "ask")
+
+
+def test_table_formats_fractions_and_missing_asr() -> None:
+    table = format_results_table([_row("ask", "knn", 0.5), _row("pgd", "knn", None)])
+    lines = table.splitlines()
+    assert lines[0].split()[:5] == ["attack", "victim", "clean", "robust", "ASR"]
+    assert "50.0%" in lines[2] and lines[3].split()[4] == "-"
