@@ -460,3 +460,40 @@ def test_attacks_run_on_the_model_device_and_return_on_the_input_device():
         assert float((x_adv - x).abs().max()) <= 8 / 255 + 1e-6
         x_adv_gpu = attack(x.cuda(), y.cuda())
         assert x_adv_gpu.is_cuda
+
+
+def test_saturated_ask_loss_keeps_the_exact_gradient_direction() -> None:
+    """A confident point (margin ~ -180 at T = 0.002) must still get the right ascent direction.
+
+    The float32 gradient of the loss itself underflows there (slope ~1e-80 < 1e-38); the
+    direction the attacks step along must match the float64 loss gradient's direction.
+    """
+    from ask.attacks.ask_loss import ask_loss, logit_margin, margin_cross_entropy, multi_layer_ask_objective
+
+    torch.manual_seed(0)
+    num_classes, k, dim = 4, 3, 16
+    refs = torch.randn(1, num_classes, k, dim)
+    labels = torch.tensor([2])
+    # A feature sitting right on its own class's references: cosine ~1 with them, ~0 with others.
+    feats = refs[0, 2].mean(0, keepdim=True) + 0.01 * torch.randn(1, dim)
+    for kind in ("instance", "class"):
+        exact = feats.double().requires_grad_(True)
+        loss64 = ask_loss(exact, refs.double(), labels, metric="cosine", temperature=0.002, kind=kind)
+        (grad64,) = torch.autograd.grad(loss64.sum(), exact)
+        x = feats.clone().requires_grad_(True)
+        loss, direction = multi_layer_ask_objective(
+            {"l": x}, {"l": refs}, labels, metric="cosine", temperature=0.002, kind=kind)
+        assert torch.allclose(loss.double(), loss64.detach(), atol=1e-11)
+        (raw,) = torch.autograd.grad(loss.sum(), x, retain_graph=True)
+        assert not raw.any()  # what a plain loss gradient gives here: nothing to step along
+        (grad,) = torch.autograd.grad(direction.sum(), x)
+        # By hand: cosine_similarity clamps norms below 1e-8, and grad64 is ~1e-15 here.
+        a, b = grad.double().flatten(), grad64.flatten()
+        cosine = (a / a.norm()) @ (b / b.norm())
+        assert cosine > 0.999, (kind, float(cosine))
+
+    logits = torch.tensor([[0.3, 60.0, -0.2, 0.1]], requires_grad=True)
+    (grad,) = torch.autograd.grad(logit_margin(logits, torch.tensor([1])).sum(), logits)
+    assert grad[0, 1] < 0 and (grad[0, [0, 2, 3]] > 0).all()
+    assert torch.allclose(margin_cross_entropy(logits, torch.tensor([1])),
+                          torch.nn.functional.cross_entropy(logits, torch.tensor([1]), reduction="none"))

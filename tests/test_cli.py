@@ -100,7 +100,7 @@ def test_truncated_checkpoint(demo: dict, tmp_path: Path, shared_cache: Path) ->
 
 
 def test_dknn_without_calibration_says_so(demo: dict, tmp_path: Path, shared_cache: Path) -> None:
-    done = run_cli("ask-attack", ["dataset.calib_per_class=0", "eval.victims=[dknn]", "attack=[pgd]"],
+    done = run_cli("ask-attack", ["dataset.calib_per_class=0", "eval.victims=[dknn]", "attack=[pgd]", "progress=false"],
                    tmp_path, shared_cache)
     _fails_cleanly(done, "victim 'dknn' needs a calibration split", "dataset.calib_per_class")
 

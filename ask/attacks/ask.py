@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ask.attacks._common import check_int, check_knn_layers, check_labels, smallest_class
-from ask.attacks.ask_loss import KINDS, multi_layer_ask_loss
+from ask.attacks.ask_loss import KINDS, multi_layer_ask_objective
 from ask.attacks.base import Attack, ThreatModel, register_attack
 from ask.errors import ConfigError
 
@@ -145,12 +145,13 @@ class ASKAttack(Attack):
         self_features = clean if self.include_self else None
         sign = -1.0 if self.targeted else 1.0
 
-        def objective(x_adv: Tensor, y: Tensor) -> Tensor:
+        def objective(x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             feats = self.model.forward_features(x_adv, self.layers)
-            loss = multi_layer_ask_loss(
+            loss, direction = multi_layer_ask_objective(
                 feats, refs, y, kappa=self.kappa, metric=self.metric, temperature=self.temperature,
                 kind=self.kind, self_features=self_features,
             )
-            return sign * loss
+            # Steps follow `direction` (same sign steps as the loss, no float32 underflow).
+            return sign * loss, sign * direction
 
         return self.maximise(objective, images, labels, keep_best=self.keep_best)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +32,26 @@ from torch import Tensor
 
 from ask.knn.similarity import rowwise_similarity
 
-__all__ = ["KINDS", "ask_loss", "margin_cross_entropy", "multi_layer_ask_loss"]
+__all__ = [
+    "KINDS",
+    "ask_loss",
+    "ask_margin",
+    "log_slope",
+    "logit_margin",
+    "loss_from_margin",
+    "margin_cross_entropy",
+    "multi_layer_ask_loss",
+    "multi_layer_ask_objective",
+]
 
 KINDS = ("instance", "class")
+
+
+def logit_margin(logits: Tensor, labels: Tensor) -> Tensor:
+    """``logsumexp_{c != y} z_c - z_y``: the cross-entropy is ``softplus`` of it."""
+    own = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
+    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), -math.inf)
+    return torch.logsumexp(others, dim=1) - own
 
 
 def margin_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -43,12 +61,10 @@ def margin_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     keeps an exact direction when the softmax is saturated (see the module docstring), which is
     what an attack's sign step needs on a confident model.
     """
-    own = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
-    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), -math.inf)
-    return F.softplus(torch.logsumexp(others, dim=1) - own)
+    return F.softplus(logit_margin(logits, labels))
 
 
-def ask_loss(
+def ask_margin(
     features: Tensor,
     references: Tensor,
     labels: Tensor,
@@ -57,9 +73,11 @@ def ask_loss(
     temperature: float,
     kind: str = "instance",
     self_features: Tensor | None = None,
-    log_eps: float = 1e-12,
 ) -> Tensor:
-    """Per-example ASK loss of one layer.
+    """Per-example margin m of one layer; the ASK loss is an increasing function of it.
+
+    instance: m = lse_{not R_y}(s/T) - lse_{R_y}(s/T), so p_y = sigmoid(-m);
+    class: m = lse_{c != y} z_c - z_y, so the cross-entropy is softplus(m).
 
     Args:
         features: h(x') of the perturbed inputs, [B, D] (anything [B, ...] is flattened).
@@ -71,10 +89,9 @@ def ask_loss(
         temperature: T > 0.
         kind: ``"instance"`` (soft kNN probability) or ``"class"`` (class-mean logits).
         self_features: optional clean h(x), [B, D]; joins R_y as one more reference.
-        log_eps: the small constant inside the instance-wise log (0 for the exact log).
 
     Returns:
-        [B] losses, differentiable with respect to ``features``.
+        [B] margins, differentiable with respect to ``features``.
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
@@ -109,11 +126,7 @@ def ask_loss(
         other_logits = logits.masked_fill(own, -math.inf)
         if self_sim is not None:
             own_logits = torch.cat([own_logits, (self_sim / temperature).unsqueeze(1)], dim=1)
-        margin = torch.logsumexp(own_logits, dim=1) - torch.logsumexp(other_logits, dim=1)
-        log_p_own = F.logsigmoid(margin)
-        if log_eps <= 0:
-            return -log_p_own
-        return -torch.logaddexp(log_p_own, torch.full_like(log_p_own, math.log(log_eps)))
+        return torch.logsumexp(other_logits, dim=1) - torch.logsumexp(own_logits, dim=1)
 
     # class-wise: mean similarity per class, the self reference counted in R_y (|R_y| = k + 1).
     totals = sims.view(batch, num_classes, k).sum(dim=2)
@@ -122,11 +135,48 @@ def ask_loss(
         onehot = F.one_hot(labels, num_classes).to(totals.dtype)
         totals = totals + onehot * self_sim.unsqueeze(1)
         counts = counts + onehot
-    class_logits = totals / (counts * temperature)
-    return margin_cross_entropy(class_logits, labels)
+    return logit_margin(totals / (counts * temperature), labels)
 
 
-def multi_layer_ask_loss(
+def loss_from_margin(margin: Tensor, kind: str, log_eps: float = 1e-12) -> Tensor:
+    """The ASK loss from its margin: -log(sigmoid(-m) + eps) (instance) or softplus(m) (class)."""
+    if kind == "class" or log_eps <= 0:
+        return F.softplus(margin)
+    log_p_own = F.logsigmoid(-margin)
+    return -torch.logaddexp(log_p_own, torch.full_like(log_p_own, math.log(log_eps)))
+
+
+def log_slope(margin: Tensor, kind: str, log_eps: float = 1e-12) -> Tensor:
+    """log of d loss / d margin (> 0), computed without forming the possibly underflowing slope."""
+    slope = F.logsigmoid(margin)
+    if kind == "class" or log_eps <= 0:
+        return slope
+    log_p_own = F.logsigmoid(-margin)
+    return slope + log_p_own - torch.logaddexp(log_p_own, torch.full_like(log_p_own, math.log(log_eps)))
+
+
+def ask_loss(
+    features: Tensor,
+    references: Tensor,
+    labels: Tensor,
+    *,
+    metric: str,
+    temperature: float,
+    kind: str = "instance",
+    self_features: Tensor | None = None,
+    log_eps: float = 1e-12,
+) -> Tensor:
+    """Per-example ASK loss of one layer (arguments as for :func:`ask_margin`).
+
+    ``log_eps`` is the small constant inside the instance-wise log (0 for the exact log).
+    Returns [B] losses, differentiable with respect to ``features``.
+    """
+    margin = ask_margin(features, references, labels, metric=metric, temperature=temperature,
+                        kind=kind, self_features=self_features)
+    return loss_from_margin(margin, kind, log_eps)
+
+
+def multi_layer_ask_objective(
     features: Mapping[str, Tensor],
     references: Mapping[str, Tensor],
     labels: Tensor,
@@ -137,29 +187,44 @@ def multi_layer_ask_loss(
     kind: str = "instance",
     self_features: Mapping[str, Tensor] | None = None,
     log_eps: float = 1e-12,
+) -> tuple[Tensor, Tensor]:
+    """``(loss, direction)``: sum_l kappa_l * ask_loss_l, and an ascent surrogate for attacks.
+
+    The gradient of ``direction`` is the loss gradient divided by a positive per-example factor:
+    sum_l kappa_l * w_l * grad m_l with w_l = slope_l / max_l' slope_l (slopes d loss_l / d m_l,
+    formed in log space). Sign and normalised steps are unchanged by that factor, while the raw
+    loss gradient of a confidently classified point (slope ~1e-44 at T = 0.01) underflows float32.
+    """
+    if not references:
+        raise ValueError("references is empty; give the reference features of at least one layer")
+    losses, margins, slopes = [], [], []
+    for layer, refs in references.items():
+        if layer not in features:
+            raise KeyError(f"features for layer '{layer}' are missing (have: {', '.join(features)})")
+        weight = 1.0 if kappa is None else float(kappa[layer])
+        margin = ask_margin(
+            features[layer], refs, labels, metric=metric, temperature=temperature, kind=kind,
+            self_features=None if self_features is None else self_features[layer],
+        )
+        losses.append(weight * loss_from_margin(margin, kind, log_eps))
+        margins.append(weight * margin)
+        slopes.append(log_slope(margin.detach(), kind, log_eps))
+    log_w = torch.stack(slopes)
+    weights = torch.exp(log_w - log_w.max(dim=0, keepdim=True).values)
+    direction = (weights * torch.stack(margins)).sum(dim=0)
+    return torch.stack(losses).sum(dim=0), direction
+
+
+def multi_layer_ask_loss(
+    features: Mapping[str, Tensor],
+    references: Mapping[str, Tensor],
+    labels: Tensor,
+    **options: Any,
 ) -> Tensor:
     """sum_l kappa_l * ask_loss_l over the layers of ``references``.
 
     ``features`` may hold unflattened activations (they are flattened per example); ``kappa``
     defaults to 1 for every layer; ``self_features`` (per layer) switches on include-self.
+    Options as for :func:`multi_layer_ask_objective`.
     """
-    if not references:
-        raise ValueError("references is empty; give the reference features of at least one layer")
-    total: Tensor | None = None
-    for layer, refs in references.items():
-        if layer not in features:
-            raise KeyError(f"features for layer '{layer}' are missing (have: {', '.join(features)})")
-        weight = 1.0 if kappa is None else float(kappa[layer])
-        loss = ask_loss(
-            features[layer],
-            refs,
-            labels,
-            metric=metric,
-            temperature=temperature,
-            kind=kind,
-            self_features=None if self_features is None else self_features[layer],
-            log_eps=log_eps,
-        )
-        total = weight * loss if total is None else total + weight * loss
-    assert total is not None
-    return total
+    return multi_layer_ask_objective(features, references, labels, **options)[0]

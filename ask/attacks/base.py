@@ -50,8 +50,11 @@ logger = logging.getLogger(__name__)
 
 NORMS = ("linf", "l2")
 
-#: A per-example objective: ``loss_fn(x_adv, labels) -> Tensor[B]``; the loop ascends it.
-LossFn = Callable[[Tensor, Tensor], Tensor]
+#: A per-example objective: ``loss_fn(x_adv, labels) -> Tensor[B]``; the loop ascends it. It may
+#: also return ``(objective, direction)``: the loop then records ``objective`` and steps along the
+#: gradient of ``direction``, a per-example surrogate whose gradient is the objective's times a
+#: positive per-example factor (same sign and normalised steps, no float32 underflow).
+LossFn = Callable[[Tensor, Tensor], "Tensor | tuple[Tensor, Tensor]"]
 
 # Per-example norms below this count as zero (avoids 0/0 in the L2 direction).
 _TINY = 1e-12
@@ -241,8 +244,8 @@ def pgd_maximise(
     for _ in range(threat.steps):
         x_adv.requires_grad_(True)
         with torch.enable_grad():
-            obj = _check_objective(loss_fn(x_adv, labels), batch)
-            (grad,) = torch.autograd.grad(obj.sum(), x_adv)
+            obj, direction = _split_objective(loss_fn(x_adv, labels), batch)
+            (grad,) = torch.autograd.grad(direction.sum(), x_adv)
         x_adv = x_adv.detach()
         record(x_adv, obj)
         zero_grad.logical_and_(grad.flatten(1).abs().amax(dim=1) == 0)
@@ -250,11 +253,20 @@ def pgd_maximise(
 
     if keep_best:
         with torch.no_grad():
-            record(x_adv, _check_objective(loss_fn(x_adv, labels), batch))
+            record(x_adv, _split_objective(loss_fn(x_adv, labels), batch)[0])
         x_adv = best_x
 
     objective = torch.stack(trace) if trace else torch.empty(0, batch, device=device)
     return AscentResult(x_adv.detach(), objective, zero_grad, nonfinite)
+
+
+def _split_objective(returned: Tensor | tuple[Tensor, Tensor], batch: int) -> tuple[Tensor, Tensor]:
+    """``(objective, direction)`` from what a loss function returned (the objective alone is both)."""
+    if isinstance(returned, tuple):
+        objective, direction = returned
+        return _check_objective(objective, batch), _check_objective(direction, batch)
+    objective = _check_objective(returned, batch)
+    return objective, objective
 
 
 def _check_objective(obj: Tensor, batch: int) -> Tensor:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ask.attacks.ask_loss import margin_cross_entropy
+from ask.attacks.ask_loss import logit_margin
 from ask.attacks.base import Attack, ThreatModel, register_attack
 
 __all__ = ["PGDAttack"]
@@ -47,8 +48,11 @@ class PGDAttack(Attack):
         self.keep_best = keep_best
 
     def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
-        def objective(x_adv: Tensor, y: Tensor) -> Tensor:
-            # Same value as F.cross_entropy, exact gradient direction on saturated logits.
-            return margin_cross_entropy(self.model(x_adv), y)
+        def objective(x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            # Record the cross-entropy; step along its margin, whose gradient is the CE gradient
+            # divided by sigmoid(margin) > 0 and does not underflow on a confident network.
+            logits = self.model(x_adv)
+            margin = logit_margin(logits, y)
+            return F.softplus(margin), margin
 
         return self.maximise(objective, images, labels, keep_best=self.keep_best)

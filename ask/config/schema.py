@@ -74,7 +74,7 @@ class DatasetConfig:
 class ModelConfig:
     name: str = "smallcnn"
     checkpoint: str | None = None
-    width: int = 64  # base channel count (smallcnn); vgg16/resnet18 use their standard widths
+    width: int = 64  # base channel count; 64 is the standard VGG16 / ResNet18, smallcnn uses 32 on CPU
     default_layers: list[str] = field(default_factory=lambda: ["block3"])
 
     def __post_init__(self) -> None:
@@ -159,6 +159,10 @@ class TrainConfig:
     resume: str | None = None
     eval_every: int = 1
     eval_batch_size: int = 512
+    # best.pt follows this metric on the val split: clean accuracy, or robust accuracy of the DNN
+    # under PGD-CE / of the kNN victim under ASK-Atk (the run's attack settings).
+    select_metric: str = "val_acc"  # val_acc | val_robust_dnn | val_robust_knn
+    val_points: int | None = 500  # robust val metrics on at most this many points; null = all, 0 = none
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
@@ -170,6 +174,12 @@ class TrainConfig:
         _check_choice(self.schedule, ("onecycle", "cosine", "constant"), "train.schedule")
         _require(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
         _require(self.eval_every >= 1, "train.eval_every must be >= 1")
+        _check_choice(self.select_metric, ("val_acc", "val_robust_dnn", "val_robust_knn"),
+                      "train.select_metric")
+        _require(self.val_points is None or self.val_points >= 0,
+                 f"train.val_points={self.val_points} must be >= 0 or null")
+        _require(self.val_points != 0 or self.select_metric == "val_acc",
+                 f"train.select_metric={self.select_metric} needs robust val metrics; set train.val_points > 0 or null")
 
 
 @dataclass

@@ -114,6 +114,11 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     device = select_device(run.device)
     seed_everything(run.seed, run.deterministic)
     data = load_dataset(run.dataset, run.cache_dir, seed=run.seed, progress=run.progress)
+    if "dknn" in run.eval.victims and data.calib is None:
+        raise ConfigError(
+            "victim 'dknn' needs a calibration split; set dataset.calib_per_class=N (e.g. 100) "
+            "or use eval.victims=[dknn_vote]"
+        )
     checkpoint = Path(run.model.checkpoint).expanduser() if run.model.checkpoint else auto_checkpoint(run, data)
     model = load_model(checkpoint, run, data, device)
 
@@ -125,11 +130,6 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     model.check_layers(layers)
     store = build_store(run, model, data, checkpoint, layers, device)
     points = select_points(data.test, run.eval.n_points, run.seed)
-    if "dknn" in run.eval.victims and data.calib is None:
-        raise ConfigError(
-            "victim 'dknn' needs a calibration split; set dataset.calib_per_class=N (e.g. 100) "
-            "or use eval.victims=[dknn_vote]"
-        )
     rows, warnings = evaluate(run, model, points, store, device, calibration=data.calib)
 
     metrics = {

@@ -2,13 +2,17 @@
 
 One epoch = one pass over the (class-balanced) training split in a seeded random order, with
 batched on-device augmentation. After every epoch ``last.pt`` is written atomically; ``best.pt``
-follows the selection metric on the validation split (or the last epoch when there is none).
+follows the selection metric on the validation split (or the last epoch when there is none):
+``train.select_metric`` is the clean accuracy (``val_acc``), or the robust accuracy under the run's
+attack settings of the network against PGD-CE (``val_robust_dnn``) or of the kNN victim against
+ASK-Atk (``val_robust_knn``, SPEC's model selection), on at most ``train.val_points`` val points.
 A rerun in the same directory, or ``train.resume=PATH``, continues from the last complete epoch
 with the optimiser, schedule and every RNG state restored.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -21,10 +25,13 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from ask.attacks import ThreatModel, build_attack
 from ask.config.schema import RunConfig
-from ask.data import DataBundle, ImageSplit, augment_batch, load_dataset, to_float
-from ask.defenses import build_defense
-from ask.errors import NonFiniteLossError
+from ask.data import DataBundle, ImageSplit, augment_batch, balanced_indices, load_dataset, to_float
+from ask.defenses import DEFENSES, build_defense
+from ask.errors import ConfigError, NonFiniteLossError
+from ask.evaluation.evaluate import attack_seed, select_points
+from ask.knn import KNNClassifier, ReferenceStore
 from ask.models import FeatureModel, build_model
 from ask.training.checkpoint import load_checkpoint, model_spec, save_checkpoint
 from ask.utils.runtime import capture_rng_state, restore_rng_state, seed_everything, select_device
@@ -58,6 +65,86 @@ def accuracy(model: FeatureModel, split: ImageSplit, device: torch.device, batch
         correct += (model(images).argmax(1) == labels).sum().item()
     model.train(was_training)
     return correct / max(len(split), 1)
+
+
+def robust_validation(run: RunConfig, model: FeatureModel, data: DataBundle, device: torch.device) -> dict[str, Any]:
+    """Robust accuracy on the val split with the current weights, for model selection.
+
+    On the first ``train.val_points`` points of a seeded shuffle of the val split: the network
+    against PGD-CE and the kNN victim (``knn.layers[0]``, ``knn.k``) against ASK-Atk, both with
+    ``run.attack``'s ball and budget and the hyperparameters of ``run.attack.methods`` where they
+    are given. The kNN's reference store is rebuilt from the training pool with the current
+    weights (no cache: the weights change every epoch). The attacks draw from their own seeded
+    generators, the same every epoch, so epochs are compared on the same random starts and the
+    training's random stream is left alone.
+
+    Returns ``val_robust_dnn``, ``val_robust_knn``, ``val_knn_acc`` (clean kNN accuracy),
+    ``val_points`` and ``val_seconds``.
+    """
+    assert data.val is not None and run.attack is not None
+    started = time.perf_counter()
+    settings = run.attack
+    threat = ThreatModel(eps=settings.eps, norm=settings.norm, steps=settings.steps,
+                         step_size=settings.step_size, random_start=settings.random_start)
+    ask_hyper = dict(settings.methods.get("ask") or {})
+    ask_hyper.setdefault("layers", list(run.knn.layers))
+    ask_hyper.setdefault("k", run.knn.k)
+    pgd_hyper = dict(settings.methods.get("pgd") or {})
+    knn_layer = run.knn.layers[0]
+    ask_layers = [ask_hyper["layers"]] if isinstance(ask_hyper["layers"], str) else list(ask_hyper["layers"])
+    layers = list(dict.fromkeys([knn_layer, *ask_layers]))
+
+    if run.knn.pool_per_class is None:
+        pool = torch.arange(len(data.train))
+    else:
+        pool = balanced_indices(data.train.labels, run.knn.pool_per_class, torch.Generator().manual_seed(run.seed),
+                                "knn.pool_per_class", data.classes)
+    was_training = model.training
+    model.eval()
+    try:
+        store = ReferenceStore.build(
+            model, data.train.images[pool], data.train.labels[pool], layers, run.knn.metric, data.num_classes,
+            pool_indices=pool, batch_size=run.knn.batch_size, device=device, progress=False,
+            use_gpu_index=run.knn.use_gpu,
+        )
+        knn = KNNClassifier(model, store, knn_layer, run.knn.k)
+        attacks = {
+            name: build_attack(name, model, threat, store=store if name == "ask" else None,
+                               generator=torch.Generator(device=device).manual_seed(attack_seed(run.seed, name)),
+                               **hyper)
+            for name, hyper in (("pgd", pgd_hyper), ("ask", ask_hyper))
+        }
+        points = select_points(data.val, run.train.val_points, run.seed)
+        robust_dnn = robust_knn = clean_knn = 0
+        batch_size = run.train.eval_batch_size
+        for start in range(0, len(points), batch_size):
+            images = to_float(points.images[start:start + batch_size].to(device))
+            labels = points.labels[start:start + batch_size].to(device)
+            x_pgd = attacks["pgd"](images, labels)
+            x_ask = attacks["ask"](images, labels)
+            with torch.no_grad():
+                robust_dnn += int((model(x_pgd).argmax(1) == labels).sum())
+                robust_knn += int((knn.predict(x_ask) == labels).sum())
+                clean_knn += int((knn.predict(images) == labels).sum())
+    finally:
+        model.train(was_training)
+    n = max(len(points), 1)
+    return {
+        "val_robust_dnn": robust_dnn / n,
+        "val_robust_knn": robust_knn / n,
+        "val_knn_acc": clean_knn / n,
+        "val_points": len(points),
+        "val_seconds": time.perf_counter() - started,
+    }
+
+
+def _defense_context(name: str, available: dict[str, Any]) -> dict[str, Any]:
+    """The trainer-side inputs a defence's constructor names (e.g. ``train_split``); none for the others."""
+    cls = DEFENSES.get(name)
+    if cls is None:
+        return {}
+    accepted = inspect.signature(cls.__init__).parameters
+    return {key: value for key, value in available.items() if key in accepted}
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig, steps_per_epoch: int):
@@ -98,8 +185,9 @@ def train(run: RunConfig, output_dir: str | Path, data: DataBundle | None = None
     if use_cuda_tricks and run.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
+    context = _defense_context(run.defense.name, {"train_split": data.train, "knn_layers": list(run.knn.layers)})
     defense = build_defense(run.defense.name, model, dict(run.defense.params),
-                            label_smoothing=run.train.label_smoothing)
+                            label_smoothing=run.train.label_smoothing, **context)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=run.train.lr, momentum=run.train.momentum,
         nesterov=run.train.nesterov and run.train.momentum > 0, weight_decay=run.train.weight_decay,
@@ -131,6 +219,14 @@ def train(run: RunConfig, output_dir: str | Path, data: DataBundle | None = None
         _truncate_metrics(metrics_path, start_epoch)
 
     has_val = data.val is not None and len(data.val) > 0
+    select_metric = run.train.select_metric
+    robust_val = has_val and run.train.val_points != 0 and run.attack is not None
+    if select_metric != "val_acc":
+        if not has_val:
+            log.warning("train.select_metric=%s but there is no val split: best.pt is the last epoch; "
+                        "set dataset.val_per_class", select_metric)
+        elif run.attack is None:
+            raise ConfigError(f"train.select_metric={select_metric} needs the attack settings; add attack=[ask,pgd]")
     amp = use_cuda_tricks and run.train.amp
     for epoch in range(start_epoch + 1, run.train.epochs + 1):
         model.train()
@@ -175,8 +271,10 @@ def train(run: RunConfig, output_dir: str | Path, data: DataBundle | None = None
         is_best = not has_val
         if has_val and (epoch % run.train.eval_every == 0 or epoch == run.train.epochs):
             record["val_acc"] = accuracy(model, data.val, device, run.train.eval_batch_size)
-            is_best = record["val_acc"] > best_metric
-            best_metric = max(best_metric, record["val_acc"])
+            if robust_val:
+                record.update(robust_validation(run, model, data, device))
+            is_best = record[select_metric] > best_metric
+            best_metric = max(best_metric, record[select_metric])
         log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
         with metrics_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -219,7 +317,10 @@ def train(run: RunConfig, output_dir: str | Path, data: DataBundle | None = None
         "config": _plain_config(run),
     }
     if has_val:
-        summary["best_val_acc"] = best_metric
+        summary["select_metric"] = select_metric
+        summary[f"best_{select_metric}"] = best_metric
+        summary["best_val_metrics"] = {key: value for key, value in best["metrics"].items()
+                                       if key.startswith("val_")}
     (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("test accuracy of %s: %.4f", best_path, summary["test_acc"])
     return summary

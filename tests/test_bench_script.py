@@ -1,0 +1,73 @@
+"""scripts/bench.py in its --quick mode: it runs end to end and bench.json holds what it promises."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    # One thread: the test must not depend on how busy the machine's other cores are.
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--threads", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ASK-Atk / PGD-CE per step" in proc.stdout
+    return json.loads((out / "bench.json").read_text())
+
+
+def test_bench_json_has_environment_settings_and_targets(report: dict) -> None:
+    env = report["environment"]
+    for key in ("device", "device_name", "torch", "faiss", "cpu_count", "python", "load_average_start"):
+        assert key in env
+    assert env["device"] in ("cpu", "cuda")
+    s = report["settings"]
+    assert (s["batch"], s["pool"], s["steps"], s["repeats"], s["threads"]) == (8, 2000, [1, 2], 2, 1)
+    assert report["errors"] == {}
+    targeted = {r["measurement"]: r for r in report["summary"] if r["target"] is not None}
+    assert set(targeted) == {
+        "ASK-Atk / PGD-CE per step", "store cached / fresh", "faiss search / forward", "torch brute force / forward",
+    }
+    for row in targeted.values():
+        assert row["passed"] == (row["value"] <= row["target"])
+
+
+def test_attack_ratio_comes_from_the_raw_timings(report: dict) -> None:
+    a = report["results"]["attack"]
+    wall = a["raw"]["wall_s"]
+    assert a["store_from_cache"] is True  # the attack reused the pool cache the store worker wrote
+    for name in ("ask", "pgd"):
+        t1, t2 = wall[f"{name}_steps1"], wall[f"{name}_steps2"]
+        assert len(t1) == len(t2) == 2
+        per_step = [b - c for c, b in zip(t1, t2, strict=True)]  # S2 - S1 = 1 step
+        assert a[f"{name}_step_s"] == pytest.approx(statistics.median(per_step))
+    assert a["ask_over_pgd_step"] == pytest.approx(a["ask_step_s"] / a["pgd_step_s"])
+    assert a["ask_references_s"] > 0 and a["search_per_class_s"] > 0
+    assert a["torch_threads"] == 1
+    for label in ("ask_steps2", "pgd_steps2", "ask_references"):
+        assert a["peak_memory"][label]["host_delta_mb"] >= 0
+
+
+def test_store_and_search_results(report: dict) -> None:
+    b = report["results"]["store"]
+    assert len(b["raw"]["wall_s"]["fresh_build"]) == len(b["raw"]["wall_s"]["cached_build"]) == 1
+    assert b["cached_over_fresh_build"] == pytest.approx(b["cached_build_s"] / b["fresh_build_s"])
+    # smallcnn width 8 taps block3: 32 channels of 8x8.
+    assert b["feature_dim"] == 32 * 8 * 8
+    c = report["results"]["search"]
+    assert c["pool_points"] == 2000 and c["feature_dim"] == 32 * 8 * 8
+    assert c["faiss_over_forward"] == pytest.approx(c["faiss_search_s"] / c["forward_s"])
+    # Both searches are exact, so they find the same neighbours.
+    assert c["faiss_torch_neighbour_agreement"] == pytest.approx(1.0)
+    assert {"forward", "faiss_search", "torch_brute_force", "faiss_index_build"} <= set(c["peak_memory"])
+    assert c["process_max_rss_mb"] > 0
