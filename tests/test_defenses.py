@@ -103,6 +103,7 @@ def test_inner_maximisation_leaves_batch_norm_alone(digits, name: str) -> None:
     else:
         defense.adversarial(images, labels)
     assert model.training and all(m.training for m in model.modules())
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
     for a, b in zip(before, _bn_state(model), strict=True):
         assert torch.equal(a, b)
     # The outer loss does update them (the check above is not vacuous).

@@ -37,6 +37,9 @@ def test_wheel_install_finds_configs(tmp_path: Path) -> None:
         cwd=tmp_path, env=env, check=True, capture_output=True, text=True,
     ).stdout.split()
     assert all(line.startswith(str(site)) for line in where), where
+    report = subprocess.run([sys.executable, str(site / "bin" / "ask-report"), "--help"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert report.returncode == 0 and "PATH" in report.stdout, report.stderr
     for program in ("ask-attack", "ask-train"):
         shown = subprocess.run(
             [sys.executable, str(site / "bin" / program), "--cfg", "job",

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ask.attacks.ask_loss import KINDS, logit_margin, loss_from_margin
 from ask.attacks.base import pgd_maximise
 from ask.data import ImageSplit, to_float
-from ask.defenses.at import check_number, eval_mode, make_threat, pgd_ce
+from ask.defenses.at import check_number, inner_mode, make_threat, pgd_ce
 from ask.defenses.base import Defense, register_defense
 from ask.errors import ConfigError, DataError
 from ask.knn.similarity import METRICS, pairwise_similarity
@@ -254,11 +254,11 @@ class ASKDefense(Defense):
                                        temperature=self.temperature, kind=self.kind)
 
     def inner(self, images: Tensor, labels: Tensor) -> InnerPoints:
-        """Both inner maximisations and the reference set, in eval mode (model flags restored)."""
+        """Both inner maximisations and the reference set (eval mode, frozen weights; both restored)."""
         device = images.device
         ref_clean, ref_y = self.sampler.sample(device)
         batch = images.shape[0]
-        with eval_mode(self.model):
+        with inner_mode(self.model):
             # One PGD call for the batch and the references: the same attack, batched.
             adversarial = pgd_ce(self.model, torch.cat([images, ref_clean.to(images.dtype)]),
                                  torch.cat([labels, ref_y]), self.pgd_threat)

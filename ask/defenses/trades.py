@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ask.attacks.base import ascent_step, project
-from ask.defenses.at import check_number, eval_mode, make_threat
+from ask.defenses.at import check_number, inner_mode, make_threat
 from ask.defenses.base import Defense, register_defense
 
 __all__ = ["TRADES", "kl_divergence"]
@@ -77,11 +77,11 @@ class TRADES(Defense):
         x_clean = images.detach()
         if threat.is_trivial:
             return x_clean
-        with eval_mode(self.model), torch.no_grad():
+        with inner_mode(self.model), torch.no_grad():
             target = self.model(x_clean).detach()
             noise = torch.randn(x_clean.shape, device=x_clean.device, dtype=x_clean.dtype)
             x_adv = project(x_clean + self.init_std * noise, x_clean, threat.eps, threat.norm)
-        with eval_mode(self.model):
+        with inner_mode(self.model):
             for _ in range(threat.steps):
                 x_adv.requires_grad_(True)
                 with torch.enable_grad():

@@ -1,0 +1,51 @@
+"""A Hydra callback that turns a finished ``-m`` sweep into ``report.md`` in its sweep directory.
+
+Registered for every console script in ``conf/train.yaml`` (``hydra.callbacks.report``). After an
+``ask-attack`` sweep it writes the report beside the job directories; after an ``ask-train`` sweep
+there is nothing to report and it returns quietly. It never raises: a sweep whose jobs all
+finished must not end in an error because its summary could not be written.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class ReportCallback(Callback):
+    """Run :func:`ask.reporting.report.write_report` on ``hydra.sweep.dir`` when a multirun ends.
+
+    ``enabled=false`` (``hydra.callbacks.report.enabled=false``) switches it off.
+    """
+
+    def __init__(self, enabled: bool = True, plots: bool = True) -> None:
+        self.enabled = enabled
+        self.plots = plots
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        try:
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+        except Exception as error:  # an odd config must not fail the sweep
+            log.warning("no sweep report: cannot read hydra.sweep.dir (%s)", error)
+            return
+        try:
+            from ask.reporting.report import find_runs, write_report
+
+            if not sweep_dir.is_dir() or find_runs([sweep_dir]).empty:
+                log.info("no ask-attack results under %s; no sweep report written", sweep_dir)
+                return
+            report = write_report([sweep_dir], sweep_dir, plots=self.plots)
+        except Exception as error:  # the sweep's results stay valid without their summary
+            log.warning("could not write the sweep report in %s: %s: %s", sweep_dir, type(error).__name__, error)
+            return
+        log.info("sweep report: %s (%d runs, %d failed jobs; also report.csv%s)", report.markdown,
+                 len(report.collection.runs), len(report.collection.failures),
+                 "".join(f", {p.name}" for p in report.plots))
