@@ -13,7 +13,7 @@ from torch import nn
 from ask.attacks.ask_loss import ask_margin
 from ask.data import ImageSplit, load_dataset, to_float
 from ask.defenses import DEFENSES, build_defense
-from ask.defenses.ask_def import ReferenceSampler, group_by_class, mix_references, shared_reference_margin
+from ask.defenses.ask_def import ReferenceSampler, group_by_class, mix_references
 from ask.defenses.trades import kl_divergence
 from ask.errors import ConfigError, DataError
 from ask.models import build_model
@@ -173,14 +173,15 @@ def test_ask_def_inner_points_stay_in_their_balls(digits) -> None:
 
 @pytest.mark.parametrize("kind", ["instance", "class"])
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
-def test_shared_reference_margin_matches_the_ask_loss(kind: str, metric: str) -> None:
+def test_shared_references_match_per_example_references(kind: str, metric: str) -> None:
     generator = torch.Generator().manual_seed(0)
     feats = torch.randn(6, 12, generator=generator).relu()
     feats[0] = 0  # an all-zero feature must stay finite
     refs = torch.randn(4, 3, 12, generator=generator).relu()
     labels = torch.tensor([0, 1, 2, 3, 1, 2])
-    fast = shared_reference_margin(feats, refs, labels, metric=metric, temperature=0.1, kind=kind)
-    slow = ask_margin(feats, refs, labels, metric=metric, temperature=0.1, kind=kind)
+    fast = ask_margin(feats, refs, labels, metric=metric, temperature=0.1, kind=kind)  # one product
+    slow = ask_margin(feats, refs.expand(len(labels), *refs.shape), labels, metric=metric,
+                      temperature=0.1, kind=kind)  # per-example similarities
     assert torch.isfinite(fast).all()
     assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4)
 

@@ -30,20 +30,19 @@ Choices the paper leaves open (SPEC, Defences), made here:
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ask.attacks.ask_loss import KINDS, logit_margin, loss_from_margin
+from ask.attacks.ask_loss import KINDS, ask_margin, loss_from_margin
 from ask.attacks.base import pgd_maximise
 from ask.data import ImageSplit, to_float
 from ask.defenses.at import check_number, inner_mode, make_threat, pgd_ce
 from ask.defenses.base import Defense, register_defense
 from ask.errors import ConfigError, DataError
-from ask.knn.similarity import METRICS, pairwise_similarity
+from ask.knn.similarity import METRICS
 
 __all__ = [
     "ASKDefense",
@@ -51,7 +50,6 @@ __all__ = [
     "ReferenceSampler",
     "group_by_class",
     "mix_references",
-    "shared_reference_margin",
 ]
 
 
@@ -122,37 +120,6 @@ def group_by_class(features: Tensor, labels: Tensor, num_classes: int) -> Tensor
         raise ValueError(f"every class needs the same positive number of references; got counts {counts.tolist()}")
     order = torch.argsort(labels, stable=True)
     return features.flatten(1)[order].view(num_classes, int(counts[0]), -1)
-
-
-def shared_reference_margin(
-    features: Tensor,
-    references: Tensor,
-    labels: Tensor,
-    *,
-    metric: str,
-    temperature: float,
-    kind: str = "instance",
-) -> Tensor:
-    """The ASK margin of :func:`ask.attacks.ask_loss.ask_margin` for one reference set shared by the batch.
-
-    Same value as ``ask_margin(features, references, labels, ...)`` with 3-D ``references``
-    [C, m, D], computed with one [B, D] x [D, C*m] product instead of a per-example copy of the
-    references (B * C * m * D values: 420 MB for a CIFAR-10 batch at smallcnn's block3). For
-    ``l2`` the distances come from the |a|^2 + |b|^2 - 2 a.b expansion (clamped, finite), which
-    is coarse only for near-identical points. ``loss_from_margin(margin, kind)`` gives the loss.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
-    feats = features.flatten(1)
-    num_classes, m, dim = references.shape
-    sims = pairwise_similarity(feats, references.reshape(num_classes * m, dim), metric)  # [B, C*m]
-    if kind == "class":
-        return logit_margin(sims.view(-1, num_classes, m).mean(dim=2) / temperature, labels)
-    logits = sims / temperature
-    ref_class = torch.arange(num_classes, device=feats.device).repeat_interleave(m)
-    own = ref_class.unsqueeze(0) == labels.unsqueeze(1)
-    return (torch.logsumexp(logits.masked_fill(own, -math.inf), dim=1)
-            - torch.logsumexp(logits.masked_fill(~own, -math.inf), dim=1))
 
 
 class InnerPoints(NamedTuple):
@@ -250,8 +217,8 @@ class ASKDefense(Defense):
 
     def margin(self, features: Tensor, labels: Tensor, references: Tensor) -> Tensor:
         """Per-example ASK margin of ``features`` against the shared ``references`` [C, m, D]."""
-        return shared_reference_margin(features, references, labels, metric=self.metric,
-                                       temperature=self.temperature, kind=self.kind)
+        return ask_margin(features, references, labels, metric=self.metric,
+                          temperature=self.temperature, kind=self.kind)
 
     def inner(self, images: Tensor, labels: Tensor) -> InnerPoints:
         """Both inner maximisations and the reference set (eval mode, frozen weights; both restored)."""
