@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ask.attacks.ask_loss import ask_margin
+from ask.config.schema import parse_size
 from ask.data import ImageSplit, load_dataset, to_float
 from ask.defenses import DEFENSES, build_defense
 from ask.defenses.ask_def import ReferenceSampler, group_by_class, mix_references
@@ -160,9 +161,13 @@ def test_mix_references_repeats_the_labels_as_a_block() -> None:
 
 def test_ask_def_inner_points_stay_in_their_balls(digits) -> None:
     defense, model, images, labels = _setup(digits, "ask_def")
+    # The PGD term uses the shared defense.eps; the ASK term the threat model's attack.eps (0.1 on digits).
+    assert defense.pgd_threat.eps == pytest.approx(4 / 255)
+    assert defense.ask_threat.eps == pytest.approx(0.1)
     points = defense.inner(images, labels)
     assert float((points.x_pgd - images).abs().amax()) <= 4 / 255 + 1e-6
-    assert float((points.x_ask - images).abs().amax()) <= 8 / 255 + 1e-6
+    assert float((points.x_ask - images).abs().amax()) <= 0.1 + 1e-6
+    assert float((points.x_ask - images).abs().amax()) > 4 / 255  # it does use the larger ball
     assert points.references.shape == (10, 10, model.feature_shapes()[defense.layer][0] * 4 * 4)
     model.eval()
     with torch.no_grad():
@@ -207,9 +212,11 @@ def test_trades_kl_is_zero_at_the_clean_point(digits) -> None:
     model.train()
     kl, _ = defense.robust_term(images, images)
     assert abs(float(kl.detach())) < 1e-6
+    eps = defense.threat.eps
+    assert eps == pytest.approx(0.1)  # TRADES trains at the threat model's radius (digits: attack.eps=0.1)
     x_adv = defense.adversarial(images)
-    assert 0 < float((x_adv - images).abs().amax()) <= 8 / 255 + 1e-6
-    noise = images + (torch.rand(images.shape) * 2 - 1) * 8 / 255
+    assert 0 < float((x_adv - images).abs().amax()) <= eps + 1e-6
+    noise = images + (torch.rand(images.shape) * 2 - 1) * eps
     model.eval()
     with torch.no_grad():
         kl_adv, _ = defense.robust_term(images, x_adv)
@@ -274,3 +281,23 @@ def test_resume_reproduces_adversarial_training(tmp_path: Path, cache_dir: Path)
 def test_robust_selection_without_attack_points_is_refused(cache_dir: Path) -> None:
     with pytest.raises(ConfigError, match="val_points"):
         compose_run("train", ["train.select_metric=val_robust_dnn", "train.val_points=0"], cache_dir)
+
+
+def test_one_experiment_sets_the_inner_budget_of_every_defence(cache_dir: Path) -> None:
+    runs = {name: compose_run("train", ["experiment=defenses_digits", f"defense={name}"], cache_dir)
+            for name in ("at", "ask_def", "trades")}
+    assert runs["at"].defense.params["steps"] == runs["ask_def"].defense.params["steps"] == 5
+    assert runs["trades"].defense.params["steps"] == 5
+    assert parse_size(runs["at"].defense.params["eps"], "eps") == pytest.approx(0.05)
+    assert parse_size(runs["ask_def"].defense.params["eps_pgd"], "eps") == pytest.approx(0.05)
+    assert parse_size(runs["ask_def"].defense.params["eps_ask"], "eps") == pytest.approx(0.1)
+    assert parse_size(runs["trades"].defense.params["eps"], "eps") == pytest.approx(0.1)
+    # defense=none takes the same experiment without complaint: the budget is not its params.
+    assert compose_run("train", ["experiment=defenses_digits", "defense=none"], cache_dir).defense.params == {}
+
+
+def test_defence_budget_out_of_range_is_refused(cache_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="defense.steps"):
+        compose_run("train", ["defense=at", "defense.steps=-1"], cache_dir)
+    with pytest.raises(ConfigError, match="defense.eps"):
+        compose_run("train", ["defense=at", "defense.eps=-0.1"], cache_dir)

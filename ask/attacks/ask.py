@@ -16,6 +16,7 @@ from ask.attacks._common import check_int, check_knn_layers, check_labels, small
 from ask.attacks.ask_loss import KINDS, multi_layer_ask_objective
 from ask.attacks.base import Attack, ThreatModel, register_attack
 from ask.errors import ConfigError
+from ask.knn.similarity import l2_normalize
 
 __all__ = ["ASKAttack"]
 
@@ -143,13 +144,17 @@ class ASKAttack(Attack):
         refs, clean = self.references(images)
         check_labels(labels, next(iter(refs.values())).shape[1])
         self_features = clean if self.include_self else None
+        # The references stay fixed for the whole ascent: normalise them once, not at every step.
+        unit = self.metric == "cosine"
+        if unit:
+            refs = {layer: l2_normalize(r) for layer, r in refs.items()}
         sign = -1.0 if self.targeted else 1.0
 
         def objective(x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             feats = self.model.forward_features(x_adv, self.layers)
             loss, direction = multi_layer_ask_objective(
                 feats, refs, y, kappa=self.kappa, metric=self.metric, temperature=self.temperature,
-                kind=self.kind, self_features=self_features,
+                kind=self.kind, self_features=self_features, references_normalized=unit,
             )
             # Steps follow `direction` (same sign steps as the loss, no float32 underflow).
             return sign * loss, sign * direction

@@ -73,6 +73,7 @@ def ask_margin(
     temperature: float,
     kind: str = "instance",
     self_features: Tensor | None = None,
+    references_normalized: bool = False,
 ) -> Tensor:
     """Per-example margin m of one layer; the ASK loss is an increasing function of it.
 
@@ -89,6 +90,8 @@ def ask_margin(
         temperature: T > 0.
         kind: ``"instance"`` (soft kNN probability) or ``"class"`` (class-mean logits).
         self_features: optional clean h(x), [B, D]; joins R_y as one more reference.
+        references_normalized: the per-example ``references`` are already unit vectors (cosine
+            only; see :func:`ask.knn.similarity.rowwise_similarity`).
 
     Returns:
         [B] margins, differentiable with respect to ``features``.
@@ -116,7 +119,8 @@ def ask_margin(
         # (420 MB for a CIFAR-10 batch at smallcnn's block3).
         sims = pairwise_similarity(feats, references.reshape(num_classes * k, dim), metric)
     else:
-        sims = rowwise_similarity(feats, references.reshape(batch, num_classes * k, dim), metric)
+        sims = rowwise_similarity(feats, references.reshape(batch, num_classes * k, dim), metric,
+                                  b_normalized=references_normalized and metric == "cosine")
     self_sim = None
     if self_features is not None:
         self_sim = rowwise_similarity(feats, self_features.flatten(1).unsqueeze(1), metric)[:, 0]
@@ -190,6 +194,7 @@ def multi_layer_ask_objective(
     kind: str = "instance",
     self_features: Mapping[str, Tensor] | None = None,
     log_eps: float = 1e-12,
+    references_normalized: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(loss, direction)``: sum_l kappa_l * ask_loss_l, and an ascent surrogate for attacks.
 
@@ -208,6 +213,7 @@ def multi_layer_ask_objective(
         margin = ask_margin(
             features[layer], refs, labels, metric=metric, temperature=temperature, kind=kind,
             self_features=None if self_features is None else self_features[layer],
+            references_normalized=references_normalized,
         )
         losses.append(weight * loss_from_margin(margin, kind, log_eps))
         margins.append(weight * margin)

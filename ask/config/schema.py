@@ -184,8 +184,26 @@ class TrainConfig:
 
 @dataclass
 class DefenseConfig:
+    """The training loss (``name``) and its settings.
+
+    ``eps``, ``steps`` and ``step_size`` are the inner-maximisation budget that every adversarial
+    defence shares (``conf/defense/*.yaml`` refer to them), so one experiment sets the budget of
+    at, ask_def and trades alike; ``eps`` is the PGD-CE radius of AT and of ASK-Def's CE term. The
+    radius of ASK-Def's ASK term and of TRADES is the threat model's ``attack.eps``.
+    """
+
     name: str = "none"
+    eps: Any = "4/255"
+    steps: int = 10
+    step_size: Any = "2/255"
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.eps = parse_size(self.eps, "defense.eps")
+        self.step_size = parse_size(self.step_size, "defense.step_size")
+        _require(self.eps >= 0, f"defense.eps={self.eps} must be >= 0")
+        _require(self.step_size > 0, f"defense.step_size={self.step_size} must be > 0")
+        _require(self.steps >= 0, f"defense.steps={self.steps} must be >= 0")
 
 
 @dataclass

@@ -72,12 +72,16 @@ def pairwise_similarity(a: Tensor, b: Tensor, metric: str) -> Tensor:
     return -_safe_sqrt(squared)
 
 
-def rowwise_similarity(a: Tensor, b: Tensor, metric: str) -> Tensor:
+def rowwise_similarity(a: Tensor, b: Tensor, metric: str, *, b_normalized: bool = False) -> Tensor:
     """Similarity of each row ``a[i]`` [D] to its own references ``b[i]`` [M, D]; returns [B, M].
 
     This is the one the ASK loss differentiates. For ``"l2"`` the distance comes from the explicit
     differences (exact even when a perturbed point sits next to its clean reference, where the
     |a|² + |b|² - 2 a·b expansion loses all its digits); memory is B×M×D.
+
+    ``b_normalized`` (cosine only) says ``b`` is already ``l2_normalize``-d: an attack whose
+    references stay fixed normalises them once instead of at every step, which would otherwise
+    cost several passes over B×M×D per step, more than the similarity itself.
     """
     check_metric(metric)
     if a.dim() != 2 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
@@ -87,6 +91,6 @@ def rowwise_similarity(a: Tensor, b: Tensor, metric: str) -> Tensor:
     dtype = _work_dtype(a, b)
     a, b = a.to(dtype), b.to(dtype)
     if metric == "cosine":
-        return torch.einsum("bd,bmd->bm", l2_normalize(a), l2_normalize(b))
+        return torch.einsum("bd,bmd->bm", l2_normalize(a), b if b_normalized else l2_normalize(b))
     squared = (a.unsqueeze(1) - b).pow(2).sum(-1)
     return -_safe_sqrt(squared)
