@@ -2,8 +2,9 @@
 
 A problem with the user's input (:class:`ask.errors.AskError`) is printed as one line on stderr
 and the process exits with status 2, without a traceback; files already written stay as they
-were. In a multirun sweep the failing job writes ``failure.json`` into its directory and the
-sweep goes on with the other jobs.
+were. In a multirun sweep any failing job (a user error or a crash) writes ``failure.json`` into
+its directory and the sweep goes on with the other jobs, whatever the launcher (basic, joblib,
+submitit): the sweep's report names the failures.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,15 +49,28 @@ def run_task(task: Callable[[RunConfig, Path], Any], cfg: DictConfig, program: s
         message = f"{program}: error: {error}"
         if _is_multirun():
             log.error(message)
-            (output_dir / "failure.json").write_text(
-                json.dumps({"error": str(error), "type": type(error).__name__}) + "\n"
-            )
+            _record_failure(output_dir, error)
             return None
         print(message, file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print(f"{program}: interrupted; completed epochs and written files are kept", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except Exception as error:
+        if not _is_multirun():
+            raise
+        # One crashed job must not take the rest of a week-long sweep with it.
+        log.exception("%s: job failed with %s", program, type(error).__name__)
+        _record_failure(output_dir, error, traceback.format_exc())
+        return None
+
+
+def _record_failure(output_dir: Path, error: BaseException, trace: str | None = None) -> None:
+    """Write the job's ``failure.json``, which ``ask-report`` lists beside the results."""
+    record = {"error": str(error), "type": type(error).__name__}
+    if trace:
+        record["traceback"] = trace
+    (output_dir / "failure.json").write_text(json.dumps(record) + "\n")
 
 
 def unknown_group_options(arguments: list[str], conf: Path) -> str | None:
@@ -75,7 +90,9 @@ def unknown_group_options(arguments: list[str], conf: Path) -> str | None:
     for override in overrides:
         group = override.key_or_group.lstrip("+~")
         folder = conf / group
-        if override.package or "." in group or not folder.is_dir() or override.is_delete():
+        # hydra/* groups also take the plugins' options (hydra/launcher=joblib), which live outside conf/.
+        if (override.package or "." in group or group.startswith("hydra/") or not folder.is_dir()
+                or override.is_delete()):
             continue
         value = override.value()
         values = value.list if isinstance(value, ChoiceSweep) else [value]

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# ASK-Def vs AT vs TRADES (and an undefended model), trained under one schedule and budget, then
+# every attack on every victim on the test set at eps 2/255, 4/255 and 8/255, then ask-report.
+#
+#   scripts/reproduce_defenses.sh cpu        # CIFAR-10 subset, smallcnn width 16, ~1.5 h on 2 CPU cores
+#   scripts/reproduce_defenses.sh paper      # the authors' VGG16 settings, 200 epochs, a GPU
+#   scripts/reproduce_defenses.sh paper-1h   # the same with a schedule meant for ~1 h per defence on an H100
+#
+# CIFAR10_ROOT: the CIFAR-10 ImageFolder tree (<root>/train/<class>/*.jpg, <root>/test/...).
+# OUT: where everything goes (default outputs/reproduce/defenses-<scale>); rerunning resumes
+# the training runs from their last complete epoch. Extra arguments go to both ask-train and ask-attack.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scale="${1:-cpu}"; shift || true
+case "$scale" in
+  cpu)      experiment=defenses_cifar10_smallcnn; points=1000 ;;
+  paper)    experiment=defenses_cifar10_vgg16;    points=5000 ;;
+  paper-1h) experiment=defenses_cifar10_vgg16_1h; points=5000 ;;
+  *) echo "usage: $0 cpu|paper|paper-1h [overrides...]" >&2; exit 2 ;;
+esac
+root="${CIFAR10_ROOT:-../shared/data/cifar10-jpeg}"
+[ -d "$root/train" ] || { echo "$0: no CIFAR-10 tree at '$root'; set CIFAR10_ROOT=/path/to/cifar10-jpeg" >&2; exit 2; }
+out="${OUT:-outputs/reproduce/defenses-$scale}"
+bin="${ASK_BIN:-.venv/bin}"
+defenses=(none at ask_def trades)
+common=(experiment="$experiment" dataset.root="$root" progress=false)
+
+"$bin/ask-train" -m "${common[@]}" "defense=$(IFS=,; echo "${defenses[*]}")" \
+  hydra.sweep.dir="$out/train" hydra.callbacks.report.enabled=false "$@"
+
+checkpoints=()
+for job in "${!defenses[@]}"; do checkpoints+=("$out/train/$job/best.pt"); done
+"$bin/ask-attack" -m "${common[@]}" "model.checkpoint=$(IFS=,; echo "${checkpoints[*]}")" \
+  attack.eps=2/255,4/255,8/255 eval.n_points="$points" 'eval.victims=[dnn,knn,dknn]' \
+  hydra.sweep.dir="$out/attack" hydra.callbacks.report.enabled=false "$@"
+
+"$bin/ask-report" "$out/attack" --out "$out"
+echo "report: $out/report.md"
