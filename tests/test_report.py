@@ -274,3 +274,21 @@ def test_attack_sweep_writes_its_report(tmp_path: Path) -> None:
             row = _find(rows, result["attack"], result["victim"], eps)
             assert float(row["robust_acc_mean"]) == pytest.approx(result["robust_acc"])
     assert (sweep / "robust_vs_eps.png").stat().st_size > 0 and (sweep / "asr_bars.png").stat().st_size > 0
+
+
+def test_the_sweep_report_can_be_switched_off_from_the_command_line(sweep: Path) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    from ask.config import config_dir, register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("attack", overrides=["hydra.callbacks.report.enabled=false"], return_hydra_config=True)
+    callback = instantiate(cfg.hydra.callbacks.report)
+    callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert callback.enabled is False and not (sweep / "report.md").exists()
+    ReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert (sweep / "report.md").exists()  # the fixture is a reportable sweep: the switch did it
