@@ -106,6 +106,15 @@ class KnnConfig:
         _require(self.batch_size > 0, "knn.batch_size must be positive")
 
 
+def _check_budget(config: Any, group: str) -> None:
+    """Parse ``eps`` and ``step_size`` (``8/255`` allowed) and range-check them with ``steps``."""
+    config.eps = parse_size(config.eps, f"{group}.eps")
+    config.step_size = parse_size(config.step_size, f"{group}.step_size")
+    _require(config.eps >= 0, f"{group}.eps={config.eps} must be >= 0")
+    _require(config.step_size > 0, f"{group}.step_size={config.step_size} must be > 0")
+    _require(config.steps >= 0, f"{group}.steps={config.steps} must be >= 0")
+
+
 @dataclass
 class AttackConfig:
     """The shared threat model plus each selected attack's own hyperparameters."""
@@ -118,11 +127,7 @@ class AttackConfig:
     methods: dict[str, Any] = field(default_factory=dict)  # option name -> its hyperparameters
 
     def __post_init__(self) -> None:
-        self.eps = parse_size(self.eps, "attack.eps")
-        self.step_size = parse_size(self.step_size, "attack.step_size")
-        _require(self.eps >= 0, f"attack.eps={self.eps} must be >= 0")
-        _require(self.step_size > 0, f"attack.step_size={self.step_size} must be > 0")
-        _require(self.steps >= 0, f"attack.steps={self.steps} must be >= 0")
+        _check_budget(self, "attack")
         _check_choice(self.norm, NORMS, "attack.norm")
         _require(
             len(self.methods) > 0,
@@ -199,11 +204,7 @@ class DefenseConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.eps = parse_size(self.eps, "defense.eps")
-        self.step_size = parse_size(self.step_size, "defense.step_size")
-        _require(self.eps >= 0, f"defense.eps={self.eps} must be >= 0")
-        _require(self.step_size > 0, f"defense.step_size={self.step_size} must be > 0")
-        _require(self.steps >= 0, f"defense.steps={self.steps} must be >= 0")
+        _check_budget(self, "defense")
 
 
 @dataclass
