@@ -191,6 +191,10 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
                     adv_pred, adv_cred = victim.judge(adversarial)
                     tallies[(name, victim.name)].add(clean_pred == labels, adv_pred == labels, clean_cred, adv_cred)
             bar.update(1)
+        if not run.progress:  # a sweep's log still shows how far each job has got
+            done = min(start + batch_size, len(points))
+            log.info("attacked %d/%d points (%s)", done, len(points),
+                     ", ".join(f"{name} {stats[name].seconds:.0f} s" for name in attacks))
     bar.close()
 
     rows = []
