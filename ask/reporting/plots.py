@@ -178,10 +178,12 @@ def plot_asr_bars(rows: Sequence[dict[str, Any]]) -> bytes | None:
 
     width = 0.8 / len(series)
     legend_rows = _legend_shape([_series_label(a, labels[f]) for f, a in series])[1]
-    figure = Figure(figsize=(max(4.5, 1.2 + 0.45 * len(series) * len(victims)) * len(panels) + 0.6,
-                             4.2 + 0.22 * legend_rows),
+    # Panels are stacked, one eps per row: side by side, three or four of them made a strip too
+    # wide to read on a page.
+    figure = Figure(figsize=(max(4.5, 1.2 + 0.45 * len(series) * len(victims)) + 0.6,
+                             3.6 * len(panels) + 0.6 + 0.22 * legend_rows),
                     layout="constrained")
-    axes = list(figure.subplots(1, len(panels), squeeze=False).flat)
+    axes = list(figure.subplots(len(panels), 1, squeeze=False).flat)
     annotate = len(series) * len(victims) <= 30
     # One decimal, as in report.md, where the bars are wide enough for it.
     label_format = "{:.1f}" if len(series) * len(victims) <= 12 else "{:.0f}"
