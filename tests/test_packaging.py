@@ -15,7 +15,10 @@ from tests.conftest import REPO
 def test_every_package_is_listed_for_the_wheel() -> None:
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "ask").rglob("__init__.py")}
-    conf_groups = {f"ask.conf.{p.name}" for p in (REPO / "conf").iterdir() if any(p.glob("*.yaml"))}
+    conf = REPO / "conf"
+    # Every folder on the way to a config file, nested groups (hydra/launcher) included.
+    conf_groups = {".".join(("ask", "conf", *folder.parts))
+                   for path in conf.rglob("*.yaml") for folder in path.relative_to(conf).parents[:-1]}
     assert on_disk | conf_groups | {"ask.conf"} == listed
 
 
@@ -48,3 +51,15 @@ def test_wheel_install_finds_configs(tmp_path: Path) -> None:
         )
         assert shown.returncode == 0, shown.stderr
         assert "name: cifar10_folder" in shown.stdout and "- block4" in shown.stdout
+    # The nested packaged group: the SLURM launcher config ships in the wheel.
+    compose_slurm = (
+        "from hydra import compose, initialize_config_dir\n"
+        "from ask.config import config_dir, register_configs\n"
+        "register_configs()\n"
+        "with initialize_config_dir(config_dir(), version_base='1.3'):\n"
+        "    cfg = compose('attack', overrides=['hydra/launcher=slurm'], return_hydra_config=True)\n"
+        "print(config_dir(), cfg.hydra.launcher._target_)\n"
+    )
+    shown = subprocess.run([sys.executable, "-c", compose_slurm], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shown.stdout.startswith(str(site)) and "SlurmLauncher" in shown.stdout
