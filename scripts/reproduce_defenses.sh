@@ -4,7 +4,7 @@
 # 4/255 (digits: 0.1, then 0.025 and 0.05), then ask-report.
 #
 #   scripts/reproduce_defenses.sh digits     # the embedded digits, no download, minutes on a CPU
-#   scripts/reproduce_defenses.sh cpu        # CIFAR-10 subset, smallcnn width 16, ~1.5 h on 2 CPU cores
+#   scripts/reproduce_defenses.sh cpu        # CIFAR-10 subset, smallcnn width 16, ~2 h on 2 CPU cores
 #   scripts/reproduce_defenses.sh paper      # the authors' VGG16 settings, 200 epochs, a GPU
 #   scripts/reproduce_defenses.sh paper-1h   # the same with a schedule meant for ~1 h per defence on an H100
 #
