@@ -497,3 +497,23 @@ def test_saturated_ask_loss_keeps_the_exact_gradient_direction() -> None:
     assert grad[0, 1] < 0 and (grad[0, [0, 2, 3]] > 0).all()
     assert torch.allclose(margin_cross_entropy(logits, torch.tensor([1])),
                           torch.nn.functional.cross_entropy(logits, torch.tensor([1]), reduction="none"))
+
+
+@pytest.mark.parametrize("kind", ["instance", "class"])
+def test_references_normalised_once_give_the_same_margin_and_gradient(kind: str) -> None:
+    from ask.attacks.ask_loss import ask_margin
+    from ask.knn.similarity import l2_normalize
+
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.rand(4, 12, generator=gen).requires_grad_(True)
+    refs = torch.rand(4, 3, 2, 12, generator=gen) * 5  # far from unit length, so the flag matters
+    labels = torch.tensor([0, 2, 1, 2])
+    options = dict(metric="cosine", temperature=0.05, kind=kind)
+    plain = ask_margin(feats, refs, labels, **options)
+    (grad_plain,) = torch.autograd.grad(plain.sum(), feats)
+    once = ask_margin(feats, l2_normalize(refs), labels, references_normalized=True, **options)
+    (grad_once,) = torch.autograd.grad(once.sum(), feats)
+    torch.testing.assert_close(once, plain)
+    torch.testing.assert_close(grad_once, grad_plain)
+    # The flag trusts the caller: un-normalised references with it on give another (wrong) margin.
+    assert not torch.allclose(ask_margin(feats, refs, labels, references_normalized=True, **options), plain)

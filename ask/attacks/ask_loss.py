@@ -120,7 +120,7 @@ def ask_margin(
         sims = pairwise_similarity(feats, references.reshape(num_classes * k, dim), metric)
     else:
         sims = rowwise_similarity(feats, references.reshape(batch, num_classes * k, dim), metric,
-                                  b_normalized=references_normalized and metric == "cosine")
+                                  b_normalized=references_normalized)
     self_sim = None
     if self_features is not None:
         self_sim = rowwise_similarity(feats, self_features.flatten(1).unsqueeze(1), metric)[:, 0]
