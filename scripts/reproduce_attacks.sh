@@ -10,24 +10,18 @@
 # CIFAR10_ROOT, OUT and extra arguments as in scripts/reproduce_defenses.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/_reproduce_common.sh
 scale="${1:-cpu}"; shift || true
 case "$scale" in
   cpu)   train=(experiment=cifar10_smallcnn); layers='[block2],[block3]'; points=1000 ;;
   paper) train=(experiment=defenses_cifar10_vgg16 defense=none); layers='[block4]'; points=5000 ;;
   *) echo "usage: $0 cpu|paper [overrides...]" >&2; exit 2 ;;
 esac
-root="${CIFAR10_ROOT:-../shared/data/cifar10-jpeg}"
-[ -d "$root/train" ] || { echo "$0: no CIFAR-10 tree at '$root'; set CIFAR10_ROOT=/path/to/cifar10-jpeg" >&2; exit 2; }
+root="$(cifar10_root)"
 out="${OUT:-outputs/reproduce/attacks-$scale}"
 bin="${ASK_BIN:-.venv/bin}"
 common=("${train[@]}" dataset.root="$root" progress=false)
 
 "$bin/ask-train" "${common[@]}" hydra.run.dir="$out/train" "$@"
-attack=("${common[@]}" model.checkpoint="$out/train/best.pt" "knn.layers=$layers" eval.n_points="$points"
-        'eval.victims=[dnn,knn,dknn]' hydra.callbacks.report.enabled=false)
-# Every attack at the paper's radius, then the eps curve of ASK-Atk and PGD-CE below it.
-"$bin/ask-attack" -m "${attack[@]}" attack.eps=8/255 hydra.sweep.dir="$out/attack/all" "$@"
-"$bin/ask-attack" -m "${attack[@]}" attack.eps=2/255,4/255 'attack=[ask,pgd]' hydra.sweep.dir="$out/attack/eps" "$@"
-
-"$bin/ask-report" "$out/attack" --out "$out"
-echo "report: $out/report.md"
+evaluate_and_report "$bin" "$out" 8/255 2/255,4/255 -- \
+  "${common[@]}" model.checkpoint="$out/train/best.pt" "knn.layers=$layers" eval.n_points="$points" "$@"

@@ -13,6 +13,7 @@
 # the training runs from their last complete epoch. Extra arguments go to both ask-train and ask-attack.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/_reproduce_common.sh
 scale="${1:-cpu}"; shift || true
 case "$scale" in
   digits)   experiment=defenses_digits;           points=540;  eps=0.1;   curve=0.025,0.05 ;;
@@ -23,8 +24,7 @@ case "$scale" in
 esac
 common=(experiment="$experiment" progress=false)
 if [ "$scale" != digits ]; then
-  root="${CIFAR10_ROOT:-../shared/data/cifar10-jpeg}"
-  [ -d "$root/train" ] || { echo "$0: no CIFAR-10 tree at '$root'; set CIFAR10_ROOT=/path/to/cifar10-jpeg" >&2; exit 2; }
+  root="$(cifar10_root)"
   common+=(dataset.root="$root")
 fi
 out="${OUT:-outputs/reproduce/defenses-$scale}"
@@ -36,11 +36,5 @@ defenses=(none at ask_def trades)
 
 checkpoints=()
 for job in "${!defenses[@]}"; do checkpoints+=("$out/train/$job/best.pt"); done
-attack=("${common[@]}" "model.checkpoint=$(IFS=,; echo "${checkpoints[*]}")" eval.n_points="$points"
-        'eval.victims=[dnn,knn,dknn]' hydra.callbacks.report.enabled=false)
-# Every attack at the paper's radius, then the eps curve of ASK-Atk and PGD-CE below it.
-"$bin/ask-attack" -m "${attack[@]}" attack.eps="$eps" hydra.sweep.dir="$out/attack/all" "$@"
-"$bin/ask-attack" -m "${attack[@]}" attack.eps="$curve" 'attack=[ask,pgd]' hydra.sweep.dir="$out/attack/eps" "$@"
-
-"$bin/ask-report" "$out/attack" --out "$out"
-echo "report: $out/report.md"
+evaluate_and_report "$bin" "$out" "$eps" "$curve" -- \
+  "${common[@]}" "model.checkpoint=$(IFS=,; echo "${checkpoints[*]}")" eval.n_points="$points" "$@"
