@@ -12,6 +12,7 @@ with the optimiser, schedule and every RNG state restored.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -23,6 +24,8 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ask.attacks import ThreatModel, build_attack
@@ -33,7 +36,11 @@ from ask.errors import ConfigError, NonFiniteLossError
 from ask.evaluation.evaluate import attack_seed, select_points
 from ask.knn import KNNClassifier, ReferenceStore
 from ask.models import FeatureModel, build_model
-from ask.training.checkpoint import load_checkpoint, model_spec, save_checkpoint
+from ask.training import distributed
+from ask.training.checkpoint import check_compatible, load_checkpoint, model_spec, save_checkpoint
+from ask.training.preemption import StopRequest, TrainingStopped
+from ask.training.rundir import run_lock
+from ask.utils.io import atomic_write_text
 from ask.utils.runtime import capture_rng_state, restore_rng_state, seed_everything, select_device
 
 log = logging.getLogger(__name__)
@@ -165,21 +172,74 @@ def _plain_config(run: RunConfig) -> dict[str, Any]:
 
 def _truncate_metrics(path: Path, completed_epochs: int) -> None:
     """On resume, forget epochs logged after the checkpoint we restart from."""
+    records = [record for record in _read_metrics(path) if record["epoch"] <= completed_epochs]
+    if path.exists():
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["epoch"] <= completed_epochs]
-    path.write_text("".join(line + "\n" for line in kept))
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # written before writes were atomic: a torn last line
+            log.warning("ignoring a malformed line of %s", path)
+    return records
+
+
+def _append_metrics(path: Path, record: dict[str, Any]) -> None:
+    """Rewrite the (small) log atomically, so a kill mid-write never leaves half a line."""
+    records = [*_read_metrics(path), record]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+class _DefenseStep(nn.Module):
+    """A defence's whole training loss as one module, so DistributedDataParallel wraps the step.
+
+    Its inner maximisation runs inside this forward with the parameters frozen, so only the outer
+    loss reaches the parameters and DDP averages exactly the gradients of the training loss.
+    """
+
+    def __init__(self, defense: Any) -> None:
+        super().__init__()
+        self.model = defense.model
+        self.defense = defense
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.defense.loss(images, labels)
+
+
+def _steps_per_epoch(n_train: int, batch_size: int, world_size: int) -> int:
+    # A final batch with fewer than two images per rank would break batch norm; it is dropped.
+    return n_train // batch_size + (1 if n_train % batch_size >= 2 * world_size else 0)
 
 
 def train(run: RunConfig, output_dir: str | Path, data: DataBundle | None = None) -> dict[str, Any]:
-    """Train ``run.model`` with ``run.defense`` and return the summary (also written to ``train_summary.json``)."""
+    """Train ``run.model`` with ``run.defense`` and return the summary (also written to ``train_summary.json``).
+
+    Under ``torchrun`` every rank calls this with the same ``output_dir``; rank 0 alone writes.
+    """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    device = select_device(run.device)
-    seed_everything(run.seed, run.deterministic)
+    group = distributed.current()
+    if group.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(output_dir) if group.is_main else contextlib.nullcontext():
+        return _train(run, output_dir, data, group)
+
+
+def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: distributed.Distributed) -> dict[str, Any]:
+    device = group.device(select_device(run.device))
+    # Each rank draws its own random starts and augmentations; the model is broadcast from rank 0.
+    seed_everything(run.seed + group.rank, run.deterministic)
     if data is None:
-        data = load_dataset(run.dataset, run.cache_dir, seed=run.seed, progress=run.progress)
+        # Rank 0 decodes and caches the dataset first; the others then read its cache.
+        if not group.is_main:
+            group.barrier()
+        data = load_dataset(run.dataset, run.cache_dir, seed=run.seed, progress=run.progress and group.is_main)
+        if group.is_main:
+            group.barrier()
     model = build_model_for(run, data).to(device)
     use_cuda_tricks = device.type == "cuda"
     if use_cuda_tricks and run.train.channels_last:
@@ -188,35 +248,66 @@ def train(run: RunConfig, output_dir: str | Path, data: DataBundle | None = None
     context = _defense_context(run.defense.name, {"train_split": data.train, "knn_layers": list(run.knn.layers)})
     defense = build_defense(run.defense.name, model, dict(run.defense.params),
                             label_smoothing=run.train.label_smoothing, **context)
+    step_module: Any = defense.loss
+    if group.enabled:
+        step_module = DistributedDataParallel(_DefenseStep(defense),
+                                              device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=run.train.lr, momentum=run.train.momentum,
         nesterov=run.train.nesterov and run.train.momentum > 0, weight_decay=run.train.weight_decay,
     )
     n_train = len(data.train)
     batch_size = min(run.train.batch_size, n_train)
-    # A final batch of one image would break batch norm; it is dropped.
-    steps_per_epoch = n_train // batch_size + (1 if n_train % batch_size >= 2 else 0)
+    if batch_size < 2 * group.world_size:
+        raise ConfigError(f"train.batch_size={batch_size} gives fewer than 2 images to each of "
+                          f"{group.world_size} processes; raise train.batch_size")
+    steps_per_epoch = _steps_per_epoch(n_train, batch_size, group.world_size)
     scheduler = _make_scheduler(optimizer, run, steps_per_epoch)
     order_rng = torch.Generator().manual_seed(run.seed)
-    augment_rng = torch.Generator(device=device).manual_seed(run.seed + 1)
+    augment_rng = torch.Generator(device=device).manual_seed(run.seed + 1 + 1000 * group.rank)
 
     last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
     metrics_path = output_dir / METRICS_FILE
     spec = model_spec(run.model.name, run.model.width, data.num_classes, data.in_channels,
                       data.image_size, data.mean, data.std)
     start_epoch, best_metric = 0, -math.inf
+    partial: dict[str, Any] | None = None
+    previous_record: dict[str, Any] = {}
     resume_from = Path(run.train.resume).expanduser() if run.train.resume else last_path
     if run.train.resume or last_path.exists():
         state = load_checkpoint(resume_from)
+        check_compatible(state["model"], resume_from, model_name=run.model.name, num_classes=data.num_classes,
+                         in_channels=data.in_channels, image_size=data.image_size)
+        saved_train = state["config"]["train"]
+        if run.train.schedule != "constant" and (saved_train["epochs"], saved_train["schedule"]) != (
+                run.train.epochs, run.train.schedule):
+            # The schedule's length is in its state; stretching it would silently change the run.
+            raise ConfigError(
+                f"{resume_from} follows a {saved_train['schedule']} schedule over {saved_train['epochs']} epochs, "
+                f"not {run.train.schedule} over {run.train.epochs}; keep train.epochs={saved_train['epochs']} "
+                "to resume it, or train in a new directory"
+            )
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         order_rng.set_state(state["order_rng"])
-        augment_rng.set_state(state["augment_rng"].to(augment_rng.get_state().device))
-        restore_rng_state(state["rng"])
+        rank_state = _rank_state(state, group)
+        augment_rng.set_state(rank_state["augment_rng"].to(augment_rng.get_state().device))
+        restore_rng_state(rank_state["rng"])
         start_epoch, best_metric = state["epoch"], state["best_metric"]
-        log.info("resuming from %s after epoch %d", resume_from, start_epoch)
-        _truncate_metrics(metrics_path, start_epoch)
+        partial = state.get("partial")
+        saved_world = len(state.get("rank_states") or [None])
+        if partial is not None and saved_world != group.world_size:
+            raise ConfigError(
+                f"{resume_from} was saved mid-epoch by {saved_world} process(es); resume it with "
+                f"torchrun --nproc_per_node={saved_world} (each process holds part of the epoch)"
+            )
+        partial_sums = rank_state.get("sums") or (partial or {}).get("sums")
+        previous_record = state["metrics"]
+        where = f"epoch {start_epoch}" + (f" and step {partial['step']} of epoch {partial['epoch']}" if partial else "")
+        log.info("resuming from %s after %s", resume_from, where)
+        if group.is_main:
+            _truncate_metrics(metrics_path, start_epoch)
 
     has_val = data.val is not None and len(data.val) > 0
     select_metric = run.train.select_metric
@@ -228,76 +319,121 @@ def train(run: RunConfig, output_dir: str | Path, data: DataBundle | None = None
         elif run.attack is None:
             raise ConfigError(f"train.select_metric={select_metric} needs the attack settings; add attack=[ask,pgd]")
     amp = use_cuda_tricks and run.train.amp
-    for epoch in range(start_epoch + 1, run.train.epochs + 1):
-        model.train()
-        started = time.perf_counter()
-        order = torch.randperm(n_train, generator=order_rng)
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{run.train.epochs}",
-                   disable=not run.progress, leave=False)
-        for step in bar:
-            index = order[step * batch_size:(step + 1) * batch_size]
-            images = to_float(data.train.images[index].to(device, non_blocking=True))
-            labels = data.train.labels[index].to(device, non_blocking=True)
-            images = augment_batch(images, run.dataset.augment, augment_rng)
-            if use_cuda_tricks and run.train.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, logits = defense.loss(images, labels)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"training loss became {loss.item()} at epoch {epoch}, step {step + 1}; "
-                    f"the last good checkpoint is {last_path if last_path.exists() else 'not written yet'}; "
-                    "lower train.lr or check the data"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            used_lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            loss_sum += loss.item() * len(index)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(index)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        seconds = time.perf_counter() - started
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "lr": used_lr,  # the rate of the epoch's last step, not the scheduler's next one
-            "train_loss": loss_sum / seen,
-            "train_acc": correct / seen,
-            "seconds": seconds,
-            "images_per_second": seen / seconds,
-        }
-        is_best = not has_val
-        if has_val and (epoch % run.train.eval_every == 0 or epoch == run.train.epochs):
-            record["val_acc"] = accuracy(model, data.val, device, run.train.eval_batch_size)
-            if robust_val:
-                record.update(robust_validation(run, model, data, device))
-            is_best = record[select_metric] > best_metric
-            best_metric = max(best_metric, record[select_metric])
-        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-        with metrics_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        save_checkpoint(last_path, {
-            "model": spec,
-            "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "best_metric": best_metric,
-            "metrics": record,
-            "order_rng": order_rng.get_state(),
-            "augment_rng": augment_rng.get_state().cpu(),
-            "rng": capture_rng_state(),
-            "classes": list(data.classes),
-            "dataset": run.dataset.name,
-            "config": _plain_config(run),
-        })
-        if is_best:
-            # Copy, not re-save: best.pt is byte-for-byte the epoch it names.
-            tmp = best_path.with_suffix(".pt.tmp")
-            shutil.copyfile(last_path, tmp)
-            tmp.replace(best_path)
+
+    def checkpoint(epoch: int, record: dict[str, Any], order_state: torch.Tensor,
+                   partial_state: dict[str, Any] | None = None, sums: tuple[float, int, int] | None = None) -> None:
+        """Write ``last.pt`` (rank 0); every rank's random state (and, mid-epoch, its running sums)
+        goes in, so every rank can resume."""
+        ranks = group.gather({"rng": capture_rng_state(), "augment_rng": augment_rng.get_state().cpu(),
+                              "sums": sums})
+        if group.is_main:
+            save_checkpoint(last_path, {
+                "model": spec,
+                "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "best_metric": best_metric,
+                "metrics": record,
+                "order_rng": order_state,
+                "augment_rng": ranks[0]["augment_rng"],
+                "rng": ranks[0]["rng"],
+                "rank_states": ranks if group.enabled else None,
+                "partial": None if partial_state is None else {**partial_state, "sums": ranks[0]["sums"]},
+                "classes": list(data.classes),
+                "dataset": run.dataset.name,
+                "config": _plain_config(run),
+            })
+        group.barrier()
+
+    with StopRequest() as stop:
+        for epoch in range(start_epoch + 1, run.train.epochs + 1):
+            model.train()
+            epoch_order_state = order_rng.get_state()
+            order = torch.randperm(n_train, generator=order_rng)
+            loss_sum, correct, seen, seconds_before, first_step = 0.0, 0, 0, 0.0, 0
+            if partial is not None and partial["epoch"] == epoch:
+                first_step, seconds_before = partial["step"], partial["seconds"]
+                loss_sum, correct, seen = partial_sums
+            partial = None
+            started = time.perf_counter()
+            bar = tqdm(range(first_step, steps_per_epoch), desc=f"epoch {epoch}/{run.train.epochs}",
+                       disable=not (run.progress and group.is_main), leave=False)
+            for step in bar:
+                index = order[step * batch_size:(step + 1) * batch_size][group.rank::group.world_size]
+                images = to_float(data.train.images[index].to(device, non_blocking=True))
+                labels = data.train.labels[index].to(device, non_blocking=True)
+                images = augment_batch(images, run.dataset.augment, augment_rng)
+                if use_cuda_tricks and run.train.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss, logits = step_module(images, labels)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"training loss became {loss.item()} at epoch {epoch}, step {step + 1}; "
+                        f"the last good checkpoint is {last_path if last_path.exists() else 'not written yet'}; "
+                        "lower train.lr or check the data"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                used_lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                loss_sum += loss.item() * len(index)
+                correct += (logits.argmax(1) == labels).sum().item()
+                seen += len(index)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+                if group.any(stop.requested) and step + 1 < steps_per_epoch:
+                    # Mid-epoch: the epoch's starting order state regenerates the same order on resume.
+                    checkpoint(epoch - 1, previous_record, epoch_order_state, {
+                        "epoch": epoch, "step": step + 1, "seconds": seconds_before + time.perf_counter() - started,
+                    }, sums=(loss_sum, correct, seen))
+                    raise TrainingStopped(
+                        f"stopped by {stop.signal_name or 'a signal to another rank'} at epoch {epoch}, "
+                        f"step {step + 1}/{steps_per_epoch}; {last_path} holds that step; "
+                        "run the same command to resume"
+                    )
+            seconds = seconds_before + time.perf_counter() - started
+            if group.enabled:
+                loss_sum, correct_sum, seen_sum = group.sum([loss_sum, correct, seen])
+                correct, seen = int(correct_sum), int(seen_sum)
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "lr": used_lr,  # the rate of the epoch's last step, not the scheduler's next one
+                "train_loss": loss_sum / seen,
+                "train_acc": correct / seen,
+                "seconds": seconds,
+                "images_per_second": seen / seconds,
+            }
+            is_best = not has_val
+            if group.is_main and has_val and (epoch % run.train.eval_every == 0 or epoch == run.train.epochs):
+                record["val_acc"] = accuracy(model, data.val, device, run.train.eval_batch_size)
+                if robust_val:
+                    record.update(robust_validation(run, model, data, device))
+                is_best = record[select_metric] > best_metric
+                best_metric = max(best_metric, record[select_metric])
+            if group.is_main:
+                log.info("epoch %d: %s", epoch,
+                         ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+                _append_metrics(metrics_path, record)
+            checkpoint(epoch, record, order_rng.get_state())
+            previous_record = record
+            if is_best and group.is_main:
+                # Copy, not re-save: best.pt is byte-for-byte the epoch it names.
+                tmp = best_path.with_suffix(".pt.tmp")
+                shutil.copyfile(last_path, tmp)
+                tmp.replace(best_path)
+            if group.any(stop.requested) and epoch < run.train.epochs:
+                raise TrainingStopped(f"stopped by {stop.signal_name or 'a signal to another rank'} after epoch "
+                                      f"{epoch}; {last_path} holds it; run the same command to resume")
+
+    if group.enabled:
+        fingerprints = group.gather(distributed.parameter_fingerprint(model))
+        if any(f != fingerprints[0] for f in fingerprints[1:]):
+            raise RuntimeError("the ranks' weights diverged; DistributedDataParallel did not keep them in step")
+        log.info("all %d ranks hold identical weights", group.world_size)
+    if not group.is_main:
+        return {"rank": group.rank}
 
     if not best_path.exists() and last_path.exists():
         shutil.copyfile(last_path, best_path)
@@ -311,6 +447,7 @@ def train(run: RunConfig, output_dir: str | Path, data: DataBundle | None = None
         "best_epoch": best["epoch"],
         "n_train": n_train,
         "n_test": len(data.test),
+        "world_size": group.world_size,
         # Reported, never used for selection: the test split only measures the kept checkpoint.
         "test_acc": accuracy(model, data.test, device, run.train.eval_batch_size),
         "checkpoint": str(best_path),
@@ -321,6 +458,18 @@ def train(run: RunConfig, output_dir: str | Path, data: DataBundle | None = None
         summary[f"best_{select_metric}"] = best_metric
         summary["best_val_metrics"] = {key: value for key, value in best["metrics"].items()
                                        if key.startswith("val_")}
-    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(output_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
     log.info("test accuracy of %s: %.4f", best_path, summary["test_acc"])
     return summary
+
+
+def _rank_state(state: dict[str, Any], group: distributed.Distributed) -> dict[str, Any]:
+    """This rank's saved random state; a checkpoint from another world size only has rank 0's."""
+    ranks = state.get("rank_states")
+    if ranks and len(ranks) == group.world_size:
+        return ranks[group.rank]
+    if group.enabled:
+        log.warning("the checkpoint was written by %d process(es), this run has %d: the random streams restart",
+                    len(ranks) if ranks else 1, group.world_size)
+    partial = state.get("partial") or {}
+    return {"rng": state["rng"], "augment_rng": state["augment_rng"], "sums": partial.get("sums")}

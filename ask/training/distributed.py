@@ -1,0 +1,123 @@
+"""Several processes, one run: ``torchrun`` and :class:`~torch.nn.parallel.DistributedDataParallel`.
+
+``torchrun --nproc_per_node=N --no-python ask-train ...`` starts N copies of ``ask-train``;
+:func:`init_from_env` joins them into one process group (NCCL for CUDA tensors, gloo for CPU
+tensors) before Hydra composes, so every rank writes into rank 0's output directory. The trainer
+asks :func:`current` who it is: rank 0 writes checkpoints and metrics, every rank trains on its
+share of each global batch, and gradients are averaged by DDP. Without ``torchrun`` everything
+here is a no-op with ``world_size == 1``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ask.errors import ConfigError
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a ``torchrun`` worker of a group of more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the group (rank 0 of 1 outside ``torchrun``)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """Each rank's own GPU (``LOCAL_RANK``) when the run is on CUDA; the CPU is shared."""
+        if device.type != "cuda" or not self.enabled:
+            return device
+        if self.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"rank {self.rank} wants GPU {self.local_rank} but only {torch.cuda.device_count()} are visible; "
+                "start torchrun with --nproc_per_node at most the GPU count"
+            )
+        torch.cuda.set_device(self.local_rank)
+        return torch.device("cuda", self.local_rank)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (float64, on the CPU through gloo)."""
+        if not self.enabled:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when any rank says True, so all ranks stop at the same step."""
+        if not self.enabled:
+            return flag
+        return self.sum([float(flag)])[0] > 0
+
+    def gather(self, value: Any) -> list[Any]:
+        """``value`` from every rank, in rank order, on every rank."""
+        if not self.enabled:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def current() -> Distributed:
+    """The process group this process belongs to, or a group of one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Distributed()
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_from_env() -> Distributed:
+    """Join ``torchrun``'s group (idempotent); a group of one outside ``torchrun``.
+
+    The backend string routes CPU tensors through gloo and CUDA tensors through NCCL, so one
+    group serves both the DDP gradients and the small CPU bookkeeping collectives.
+    """
+    if not launched_by_torchrun():
+        return Distributed()
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return current()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parameter_fingerprint(model: torch.nn.Module) -> list[float]:
+    """Per-tensor float64 sums of the weights: equal on all ranks iff DDP kept them in step.
+
+    Buffers are left out: batch norm's running statistics follow each rank's own last batch
+    (DDP re-broadcasts rank 0's before every forward), and rank 0's are the ones saved.
+    """
+    return [float(p.detach().double().sum()) for p in model.parameters()]

@@ -1,0 +1,47 @@
+"""Stop cleanly when the scheduler asks: SIGTERM (SLURM's pre-emption and ``scancel`` signal) and
+SIGUSR1 (``sbatch --signal=USR1@120``) set a flag; the trainer checks it after every step, saves a
+mid-epoch checkpoint and exits, and the same command later resumes at the next step.
+
+The handler only sets a flag because a signal can land inside ``torch.save``; writing the
+checkpoint from the training loop keeps every write atomic and complete.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType, TracebackType
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Context manager: while active, the stop signals set :attr:`signal_name` instead of killing."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequest:
+        # Signal handlers can only be installed from the main thread (not in a launcher's worker thread).
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+
+class TrainingStopped(Exception):
+    """Training stopped on a signal after writing a resumable checkpoint; the message says where."""
