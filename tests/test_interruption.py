@@ -15,7 +15,7 @@ import torch
 
 from ask.errors import ConfigError
 from ask.training.checkpoint import load_checkpoint
-from ask.training.rundir import ADOPTED_MARKER, run_lock
+from ask.utils.rundir import ADOPTED_MARKER, run_lock
 from ask.training.trainer import train
 from tests.conftest import BIN, compose_run
 

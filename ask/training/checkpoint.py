@@ -24,29 +24,52 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return atomic_save({"format": FORMAT, "version": VERSION, **payload}, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`; every failure is a :class:`CheckpointError`."""
+def load_checkpoint(path: str | Path, setting: str = "model.checkpoint") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; every failure is a :class:`CheckpointError`.
+
+    ``setting`` is the config key that named the file (``model.checkpoint`` or ``train.resume``),
+    so the message says what to change.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(
-            f"checkpoint '{path}' does not exist; train one with ask-train or fix model.checkpoint"
+            f"checkpoint '{path}' does not exist; train one with ask-train or fix {setting}"
         )
     try:
         payload = safe_load(path)
     except LoadError as error:
-        cause = error.__cause__ or error
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise CheckpointError(
-            f"checkpoint '{path}' is unreadable (truncated, corrupted or not an ask checkpoint: {reason[:160]}); "
-            "retrain it or point model.checkpoint at a good file"
-        ) from None
+        raise CheckpointError(_unreadable(path, error, setting)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
-            f"'{path}' is not an ask checkpoint (no '{FORMAT}' header); point model.checkpoint at a file "
+            f"'{path}' is not an ask checkpoint (no '{FORMAT}' header); point {setting} at a file "
             "written by ask-train"
+        )
+    if not isinstance(payload.get("state_dict"), dict) or not isinstance(payload.get("model"), dict):
+        raise CheckpointError(
+            f"checkpoint '{path}' lacks its weights or model description; {setting} must name a best.pt or "
+            "last.pt written by ask-train"
         )
     payload["state_dict"] = strip_prefixes(payload["state_dict"])
     return payload
+
+
+def _unreadable(path: Path, error: LoadError, setting: str) -> str:
+    """One line for a checkpoint that ``safe_load`` refused, by what went wrong (never torch's internals)."""
+    fix = f"retrain it or point {setting} at a good file"
+    if error.kind == "unsafe":
+        # Refused by weights_only before anything in it ran: say so, it is what a worried user asks.
+        what = f" ({error.detail})" if error.detail else ""
+        return (f"checkpoint '{path}' holds objects other than tensors and plain data{what}; safe loading "
+                f"refused it, so nothing in it ran; point {setting} at a file written by ask-train")
+    if error.kind == "truncated":
+        return f"checkpoint '{path}' is unreadable: the file is truncated (its zip archive is incomplete); {fix}"
+    if error.kind == "empty":
+        return f"checkpoint '{path}' is unreadable: the file is empty; {fix}"
+    if error.kind == "not_torch":
+        return f"'{path}' is not a PyTorch file; point {setting} at a best.pt or last.pt written by ask-train"
+    if error.kind == "unreadable":
+        return f"checkpoint '{path}' is unreadable ({error.detail}); check its permissions or fix {setting}"
+    return f"checkpoint '{path}' is unreadable: the file is corrupted (it cannot be unpickled); {fix}"
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

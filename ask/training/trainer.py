@@ -39,7 +39,7 @@ from ask.models import FeatureModel, build_model
 from ask.training import distributed
 from ask.training.checkpoint import check_compatible, load_checkpoint, model_spec, save_checkpoint
 from ask.training.preemption import StopRequest, TrainingStopped
-from ask.training.rundir import run_lock
+from ask.utils.rundir import run_lock
 from ask.utils.io import atomic_write_text
 from ask.utils.runtime import capture_rng_state, restore_rng_state, seed_everything, select_device
 

@@ -71,15 +71,16 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def find_unfinished_run(output_dir: Path, config: dict[str, Any]) -> Path | None:
-    """The most recent sibling run (``<root>/<date>/<time>``) with this config, a ``last.pt``, no
-    ``train_summary.json``, not running and not already continued elsewhere."""
+def find_unfinished_run(output_dir: Path, config: dict[str, Any], progress_file: str = "last.pt",
+                        done_file: str = "train_summary.json") -> Path | None:
+    """The most recent sibling run (``<root>/<date>/<time>``) with this config, a ``progress_file``,
+    no ``done_file``, not running and not already continued elsewhere."""
     wanted = comparable_config(config)
     root = output_dir.resolve().parents[1]
     candidates = []
-    for last in root.glob("*/*/last.pt"):
-        directory = last.parent
-        if (directory == output_dir.resolve() or (directory / "train_summary.json").exists()
+    for progress in root.glob(f"*/*/{progress_file}"):
+        directory = progress.parent
+        if (directory == output_dir.resolve() or (directory / done_file).exists()
                 or (directory / ADOPTED_MARKER).exists() or not (directory / "config.yaml").exists()):
             continue
         try:
@@ -88,15 +89,31 @@ def find_unfinished_run(output_dir: Path, config: dict[str, Any]) -> Path | None
             continue
         if comparable_config(saved) != wanted or _is_locked(directory):  # type: ignore[arg-type]
             continue
-        candidates.append((last.stat().st_mtime, directory))
+        candidates.append((progress.stat().st_mtime, directory))
     return max(candidates)[1] if candidates else None
 
 
-def adopt_run(source: Path, target: Path) -> None:
-    """Copy an unfinished run's checkpoints and metrics into ``target`` and mark ``source`` as continued."""
-    for name in ("last.pt", "best.pt", "metrics.jsonl"):
+def adopt_run(source: Path, target: Path, files: tuple[str, ...] = ("last.pt", "best.pt", "metrics.jsonl")) -> None:
+    """Copy an unfinished run's progress files into ``target`` and mark ``source`` as continued."""
+    for name in files:
         if (source / name).exists():
             tmp = target / f".{name}.adopt"
             shutil.copyfile(source / name, tmp)
             tmp.replace(target / name)
     (source / ADOPTED_MARKER).write_text(f"{target.resolve()}\n")
+
+
+def continue_unfinished_run(output_dir: Path, progress_file: str, done_file: str, files: tuple[str, ...]) -> Path | None:
+    """In a fresh directory, take over the unfinished run of the same command, if there is one.
+
+    Returns the directory continued from. A directory that already has ``progress_file`` resumes
+    by itself and is left alone.
+    """
+    if (output_dir / progress_file).exists() or not (output_dir / "config.yaml").exists():
+        return None
+    config = OmegaConf.to_container(OmegaConf.load(output_dir / "config.yaml"), resolve=True)
+    source = find_unfinished_run(output_dir, config, progress_file, done_file)  # type: ignore[arg-type]
+    if source is not None:
+        log.info("continuing the unfinished run %s (same config) in %s", source, output_dir)
+        adopt_run(source, output_dir, files)
+    return source
