@@ -15,8 +15,8 @@ import torch
 
 from ask.errors import ConfigError
 from ask.training.checkpoint import load_checkpoint
-from ask.utils.rundir import ADOPTED_MARKER, run_lock
 from ask.training.trainer import train
+from ask.utils.rundir import ADOPTED_MARKER, run_lock
 from tests.conftest import BIN, compose_run
 
 # Adversarial training on the full digits split: about a second per epoch on one core, long
@@ -145,3 +145,20 @@ def test_same_seed_gives_identical_metrics_and_weights(tmp_path: Path, cache_dir
     assert records("a") != records("other_seed")
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_a_stop_signal_only_sets_a_flag_then_reaches_the_previous_handler() -> None:
+
+    from ask.training.preemption import StopRequest
+
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+    try:
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.05)
+            assert stop.requested and stop.signal_name == "SIGUSR2" and seen == []
+            stop.forward()  # after the checkpoint: the scheduler's own handler (submitit requeues)
+            assert seen == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

@@ -1,6 +1,8 @@
-"""Stop cleanly when the scheduler asks: SIGTERM (SLURM's pre-emption and ``scancel`` signal) and
-SIGUSR1 (``sbatch --signal=USR1@120``) set a flag; the trainer checks it after every step, saves a
-mid-epoch checkpoint and exits, and the same command later resumes at the next step.
+"""Stop cleanly when the scheduler asks: SIGTERM (SLURM's pre-emption and ``scancel`` signal),
+SIGUSR1 (``sbatch --signal=USR1@120``) and SIGUSR2 (what submitit asks SLURM to send ahead of the
+time limit) set a flag; the trainer checks it after every step, saves a mid-epoch checkpoint and
+exits, and the same command later resumes at the next step. A handler that was installed before
+(submitit's, which requeues the job) is then called with the signal, so requeueing still works.
 
 The handler only sets a flag because a signal can land inside ``torch.save``; writing the
 checkpoint from the training loop keeps every write atomic and complete.
@@ -12,7 +14,7 @@ import signal
 import threading
 from types import FrameType, TracebackType
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopRequest:
@@ -28,6 +30,14 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
+        self._signum, self._frame = signum, frame
+
+    def forward(self) -> None:
+        """Call the handler the caught signal had before (e.g. submitit's requeue), once the
+        checkpoint is safe; default and ignore dispositions are not replayed."""
+        previous = self._previous.get(getattr(self, "_signum", -1))
+        if callable(previous):
+            previous(self._signum, self._frame)
 
     def __enter__(self) -> StopRequest:
         # Signal handlers can only be installed from the main thread (not in a launcher's worker thread).

@@ -39,8 +39,8 @@ from ask.models import FeatureModel, build_model
 from ask.training import distributed
 from ask.training.checkpoint import check_compatible, load_checkpoint, model_spec, save_checkpoint
 from ask.training.preemption import StopRequest, TrainingStopped
-from ask.utils.rundir import run_lock
 from ask.utils.io import atomic_write_text
+from ask.utils.rundir import run_lock
 from ask.utils.runtime import capture_rng_state, restore_rng_state, seed_everything, select_device
 
 log = logging.getLogger(__name__)
@@ -388,6 +388,7 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
                     checkpoint(epoch - 1, previous_record, epoch_order_state, {
                         "epoch": epoch, "step": step + 1, "seconds": seconds_before + time.perf_counter() - started,
                     }, sums=(loss_sum, correct, seen))
+                    stop.forward()
                     raise TrainingStopped(
                         f"stopped by {stop.signal_name or 'a signal to another rank'} at epoch {epoch}, "
                         f"step {step + 1}/{steps_per_epoch}; {last_path} holds that step; "
@@ -424,6 +425,7 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
                 shutil.copyfile(last_path, tmp)
                 tmp.replace(best_path)
             if group.any(stop.requested) and epoch < run.train.epochs:
+                stop.forward()
                 raise TrainingStopped(f"stopped by {stop.signal_name or 'a signal to another rank'} after epoch "
                                       f"{epoch}; {last_path} holds it; run the same command to resume")
 
