@@ -40,9 +40,9 @@ POOL_SEED = 0
 
 # ------------------------------------------------------------------------- shared checks
 def check_int(attack: str, name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an int >= ``minimum``, else :class:`ConfigError` naming ``attack.name``."""
+    """``value`` as an int >= ``minimum``, else :class:`ConfigError` naming the setting to change."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"attack '{attack}' {name}={value!r} must be an integer >= {minimum}")
+        raise ConfigError(f"attack.methods.{attack}.{name}={value!r} must be an integer >= {minimum}")
     return int(value)
 
 
@@ -51,7 +51,7 @@ def check_positive(attack: str, name: str, value: Any, allow_zero: bool = False)
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"attack '{attack}' {name}={value!r} must be a finite number {bound}")
+        raise ConfigError(f"attack.methods.{attack}.{name}={value!r} must be a finite number {bound}")
     return float(value)
 
 

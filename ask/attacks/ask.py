@@ -6,6 +6,7 @@ Defense*, IEEE Access 10 (2022), arXiv:2106.14300.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,8 +89,11 @@ class ASKAttack(Attack):
                 f"attack 'ask' has {len(kappa_list)} kappa weights for {len(layer_list)} layers; "
                 "give one weight per layer or leave kappa unset"
             )
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ConfigError(f"attack 'ask' temperature={temperature!r} must be a number > 0, e.g. 0.01")
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                or not 0 < temperature < math.inf):
+            raise ConfigError(
+                f"attack.methods.ask.temperature={temperature!r} must be a finite number > 0, e.g. 0.01"
+            )
         k = check_int(self.name, "k", k)
         if kind not in KINDS:
             raise ConfigError(f"attack 'ask' kind={kind!r} is not one of {', '.join(KINDS)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -24,11 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ask.config import RunConfig, config_dir, register_configs, resolve
 from ask.errors import AskError
+from ask.training.preemption import TrainingStopped
+from ask.utils.io import atomic_write_text
 
 log = logging.getLogger("ask")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_STOPPED = 143  # 128 + SIGTERM, what a scheduler expects from a job that stopped on its signal
 
 
 def _is_multirun() -> bool:
@@ -40,11 +44,19 @@ def _is_multirun() -> bool:
 
 def run_task(task: Callable[[RunConfig, Path], Any], cfg: DictConfig, program: str) -> Any:
     """Resolve ``cfg``, run ``task`` in the Hydra output directory, and turn user errors into one line."""
+    from ask.training import distributed  # imports torch: after the arguments were checked
+
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    group = distributed.current()
     try:
         run = resolve(cfg)
-        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+        if group.is_main:
+            atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         return task(run, output_dir)
+    except TrainingStopped as stopped:
+        # Pre-emption is not a failure: the checkpoint is written and the same command resumes.
+        print(f"{program}: {stopped}", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
     except AskError as error:
         message = f"{program}: error: {error}"
         if _is_multirun():
@@ -104,15 +116,132 @@ def unknown_group_options(arguments: list[str], conf: Path) -> str | None:
     return None
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def bad_settings(arguments: list[str], conf: Path) -> str | None:
+    """The first ``key=value`` argument naming a setting the schema lacks, or a value of the wrong type.
+
+    Hydra refuses both too, but after several lines of OmegaConf detail and with exit status 1;
+    this says it in one line, listing the settings that exist. Open sections (``attack.methods``,
+    ``defense.params``) and values that Hydra resolves later (``${...}``) are left to the code.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    candidates = [a for a in arguments if not a.startswith("-") and "=" in a]
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except Exception:  # malformed input: Hydra's own parser will explain it
+        return None
+    for argument, override in zip(candidates, overrides, strict=True):
+        key = override.key_or_group
+        if (override.package or override.is_delete() or override.is_add() or override.is_force_add()
+                or key.startswith("hydra") or "/" in key or ("." not in key and (conf / key).is_dir())):
+            continue
+        value = override.value()
+        if override.is_sweep_override() and not isinstance(value, ChoiceSweep):
+            continue  # range() and interval() sweeps: Hydra checks their bounds
+        values = value.list if isinstance(value, ChoiceSweep) else [value]
+        problem = _check_setting(key, values, argument.split("=", 1)[1])
+        if problem:
+            return problem
+    return None
+
+
+def _check_setting(key: str, values: list[Any], text: str) -> str | None:
+    """Walk ``key`` down the :class:`RunConfig` dataclasses and try ``values`` on the field it names."""
+    import dataclasses
+    import types
+    import typing
+
+    from omegaconf import MISSING
+    from omegaconf.errors import OmegaConfBaseException
+
+    node: Any = RunConfig
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            return None  # a free-form section such as attack.methods: the attack or defence checks it
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            section = ".".join(parts[:depth])
+            where = f"{section} has" if section else "the settings are"
+            return f"unknown setting '{key}'; {where}: {', '.join(sorted(hints))}"
+        annotation, default = hints[part], _default(node, part)
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        node = options[0] if len(options) == 1 and dataclasses.is_dataclass(options[0]) else annotation
+    if dataclasses.is_dataclass(node) or node is Any:
+        return None
+    probe = OmegaConf.structured(
+        dataclasses.make_dataclass("Probe", [("v", annotation, dataclasses.field(default=MISSING))])
+    )
+    expected = annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None: say what X is
+        expected = next(a for a in typing.get_args(annotation) if a is not type(None))
+    for item in values:
+        if isinstance(item, str) and "${" in item:
+            continue  # an interpolation: resolved, and type-checked, at composition
+        try:
+            probe.v = item
+        except OmegaConfBaseException:
+            shown = text if len(values) == 1 else f"{text} ({item!r})"
+            if typing.get_origin(expected) is list:
+                return f"{key}={shown} is not a list; write it as {key}=[{item}]"
+            if item is None:
+                return f"{key}=null is not allowed; give {_TYPE_NAMES.get(expected, 'a value')}"
+            example = "" if default is None else f"; e.g. {key}={default}"
+            return f"{key}={shown} is not {_TYPE_NAMES.get(expected, 'a valid value')}{example}"
+    return None
+
+
+def _default(cls: Any, name: str) -> Any:
+    """The schema's default for field ``name`` of dataclass ``cls``, or None when it has none."""
+    import dataclasses
+
+    from omegaconf import MISSING
+
+    for f in dataclasses.fields(cls):
+        if f.name == name and f.default is not dataclasses.MISSING and f.default != MISSING:
+            return str(f.default).lower() if isinstance(f.default, bool) else f.default
+    return None
+
+
 def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, program: str) -> None:
     """Run ``task`` as a Hydra application over the packaged config tree."""
     register_configs()
-    problem = unknown_group_options(sys.argv[1:], Path(config_dir()))
+    conf = Path(config_dir())
+    problem = unknown_group_options(sys.argv[1:], conf) or bad_settings(sys.argv[1:], conf)
     if problem:
         print(f"{program}: error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker
+        from ask.training import distributed
+
+        sys.argv.extend(_rank_overrides(distributed.init_from_env(), sys.argv[1:], program))
 
     def _main(cfg: DictConfig) -> Any:
         return run_task(task, cfg, program)
 
     hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(_main)()
+
+
+def _rank_overrides(group: Any, arguments: list[str], program: str) -> list[str]:
+    """Hydra overrides that put every ``torchrun`` rank in rank 0's output directory.
+
+    Hydra names the directory by the clock, which can tick between ranks, so rank 0 picks it and
+    broadcasts it. The other ranks neither save Hydra's config copy nor open its log file there.
+    """
+    if any(a.startswith("-m") or a == "--multirun" for a in arguments):
+        print(f"{program}: error: torchrun runs one job; drop -m or launch the sweep without torchrun",
+              file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    extra = []
+    if not any(a.startswith("hydra.run.dir=") for a in arguments):
+        from datetime import datetime
+
+        stamp = group.broadcast(datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+        extra.append(f"hydra.run.dir=outputs/train/{stamp}")
+    if not group.is_main:
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    return extra

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -88,7 +89,10 @@ class KnnConfig:
     k: int = 5
     metric: str = "cosine"  # cosine | l2 (similarity is minus the Euclidean distance)
     pool_per_class: int | None = None  # reference pool size per class; None = every training point
-    index: str = "flat"  # exact search; approximate indexes change robustness numbers
+    index: str = "flat"  # flat: exact search | ivf: approximate (changes robustness numbers; recall is reported)
+    nlist: int | None = None  # ivf cells; None = about 4 sqrt(N)
+    nprobe: int = 32  # ivf cells scanned per query
+    feature_dtype: str = "float32"  # float16 halves the feature cache on disk and in memory
     use_gpu: bool = True  # use faiss on the GPU when the build and a device are present
     batch_size: int = 256
     cache: bool = True
@@ -96,7 +100,11 @@ class KnnConfig:
     def __post_init__(self) -> None:
         _require(self.k >= 1, f"knn.k={self.k} must be >= 1")
         _check_choice(self.metric, METRICS, "knn.metric")
-        _check_choice(self.index, ("flat",), "knn.index")
+        _check_choice(self.index, ("flat", "ivf"), "knn.index")
+        _check_choice(self.feature_dtype, ("float32", "float16"), "knn.feature_dtype")
+        _require(self.nlist is None or self.nlist >= 1,
+                 f"knn.nlist={self.nlist} must be >= 1 or null (null: about 4 sqrt(N) cells)")
+        _require(self.nprobe >= 1, f"knn.nprobe={self.nprobe} must be >= 1, e.g. 32")
         _require(len(self.layers) > 0, "knn.layers is empty; name at least one layer, e.g. [block3]")
         _require(len(self.dknn_layers) > 0, "knn.dknn_layers is empty; name at least one layer")
         _require(
@@ -144,8 +152,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         for victim in self.victims:
             _check_choice(victim, VICTIMS, "eval.victims entry")
-        _require(self.n_points is None or self.n_points > 0, "eval.n_points must be positive or null")
-        _require(self.batch_size > 0, "eval.batch_size must be positive")
+        _require(self.n_points is None or self.n_points > 0,
+                 f"eval.n_points={self.n_points} must be positive, or null for the whole test split")
+        _require(self.batch_size > 0, f"eval.batch_size={self.batch_size} must be positive")
 
 
 @dataclass
@@ -185,6 +194,10 @@ class TrainConfig:
                  f"train.val_points={self.val_points} must be >= 0 or null")
         _require(self.val_points != 0 or self.select_metric == "val_acc",
                  f"train.select_metric={self.select_metric} needs robust val metrics; set train.val_points > 0 or null")
+        # Checked here, before any data is loaded: a mistyped resume path should not cost a dataset decode.
+        _require(not self.resume or Path(self.resume).expanduser().is_file(),
+                 f"train.resume='{self.resume}' does not exist; point it at a last.pt written by ask-train, "
+                 "or drop train.resume to start afresh")
 
 
 @dataclass

@@ -237,6 +237,13 @@ def load_folder_splits(
             f"dataset.root '{root_path}' does not exist; point dataset.root at the folder laid "
             f"out as {layout}"
         )
+    try:
+        visible = [e.name for e in os.scandir(root_path) if not e.name.startswith(".")]
+    except OSError as exc:
+        raise DataError(f"cannot read dataset.root '{root_path}' ({exc.strerror}); check its permissions") from exc
+    if not visible:
+        # Said apart from a missing split folder: an empty root usually means a wrong path or an unfinished copy.
+        raise DataError(f"dataset.root '{root_path}' is empty; put the images there, laid out as {layout}")
     listings = [list_split(root_path / split, layout) for split in split_names]
     train_list, test_list = listings
     if train_list.classes != test_list.classes:

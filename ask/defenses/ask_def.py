@@ -66,7 +66,7 @@ class ReferenceSampler:
         if short:
             c = min(short, key=lambda k: int(counts[k]))
             raise DataError(
-                f"defense 'ask_def' n_ref={per_class} but class {c} has only {int(counts[c])} training images; "
+                f"defense.params.n_ref={per_class} but class {c} has only {int(counts[c])} training images; "
                 f"lower defense.params.n_ref to at most {int(counts[c])}"
             )
         self.split = split

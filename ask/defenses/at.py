@@ -69,7 +69,8 @@ def check_number(defense: str, name: str, value: Any, *, minimum: float = 0.0, s
         bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
         kind = "an integer" if integer else "a number"
         raise ConfigError(
-            f"defense '{defense}' {name}={value!r} must be {kind} {bound}; see conf/defense/{defense}.yaml"
+            f"defense.params.{name}={value!r} must be {kind} {bound} for defense={defense}; "
+            f"see conf/defense/{defense}.yaml"
         )
     return number
 

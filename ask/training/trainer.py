@@ -157,8 +157,10 @@ def _defense_context(name: str, available: dict[str, Any]) -> dict[str, Any]:
 def _make_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig, steps_per_epoch: int):
     total = run.train.epochs * steps_per_epoch
     if run.train.schedule == "onecycle":
+        # torch divides by (pct_start * total - 1): a warm-up of exactly one step would divide by zero.
+        pct_start = 0.25 if abs(0.25 * total - 1) > 1e-9 else 0.3
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=run.train.lr, total_steps=total, pct_start=0.25,
+            optimizer, max_lr=run.train.lr, total_steps=total, pct_start=pct_start,
             anneal_strategy="linear", div_factor=10.0, final_div_factor=100.0,
         )
     if run.train.schedule == "cosine":
@@ -275,17 +277,21 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
     previous_record: dict[str, Any] = {}
     resume_from = Path(run.train.resume).expanduser() if run.train.resume else last_path
     if run.train.resume or last_path.exists():
-        state = load_checkpoint(resume_from)
+        state = load_checkpoint(resume_from, setting="train.resume")
         check_compatible(state["model"], resume_from, model_name=run.model.name, num_classes=data.num_classes,
                          in_channels=data.in_channels, image_size=data.image_size)
         saved_train = state["config"]["train"]
         if run.train.schedule != "constant" and (saved_train["epochs"], saved_train["schedule"]) != (
                 run.train.epochs, run.train.schedule):
             # The schedule's length is in its state; stretching it would silently change the run.
+            def epochs(n: int) -> str:
+                return f"{n} epoch{'' if n == 1 else 's'}"
+
+            fresh = "drop train.resume" if run.train.resume else "choose a new hydra.run.dir"
             raise ConfigError(
-                f"{resume_from} follows a {saved_train['schedule']} schedule over {saved_train['epochs']} epochs, "
-                f"not {run.train.schedule} over {run.train.epochs}; keep train.epochs={saved_train['epochs']} "
-                "to resume it, or train in a new directory"
+                f"{resume_from} follows a {saved_train['schedule']} schedule of {epochs(saved_train['epochs'])}, "
+                f"not {run.train.schedule} of {epochs(run.train.epochs)}; set train.epochs={saved_train['epochs']} "
+                f"train.schedule={saved_train['schedule']} to resume it, or {fresh} to start afresh"
             )
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])

@@ -9,15 +9,27 @@ failure into :class:`LoadError` for the caller to translate into a user-facing m
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 class LoadError(Exception):
-    """A file could not be read or unpickled (missing, truncated, corrupt or unsafe content)."""
+    """A file could not be read or unpickled (missing, truncated, corrupt or unsafe content).
+
+    ``kind`` says which, so callers can name the problem without quoting torch's internals:
+    ``missing``, ``unreadable`` (an OS error), ``empty``, ``truncated`` (a damaged torch zip
+    archive), ``unsafe`` (objects that ``weights_only`` refuses: what a tampered file holds),
+    ``not_torch`` (some other kind of file) or ``corrupt``. ``detail`` is a short hint such as the
+    refused global (``posix.system``), or empty.
+    """
+
+    def __init__(self, message: str, kind: str = "corrupt", detail: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.detail = detail
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -32,6 +44,8 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
+            import torch  # here, not at the top: the console scripts check their arguments first
+
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -68,10 +82,48 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
     """
     path = Path(path).expanduser()
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():
+            # A foreign pickle makes torch warn about its protocol before refusing it; the refusal is
+            # the message that matters, and a warning would break the one-line error.
+            warnings.simplefilter("ignore", UserWarning)
+            import torch
+
+            return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # torch raises many types here (pickle, zip, OSError, RuntimeError)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoadError(f"cannot load '{path}': {reason}") from exc
+        kind, detail = _classify(path, exc)
+        raise LoadError(f"cannot load '{path}': {reason}", kind, detail) from exc
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format
+_PICKLE_MAGIC = b"\x80"  # a pickle (torch's legacy format, or a bare pickle.dump)
+
+
+def _classify(path: Path, exc: Exception) -> tuple[str, str]:
+    """Why ``torch.load`` failed, as ``(kind, detail)`` for :class:`LoadError`."""
+    if isinstance(exc, FileNotFoundError) or not path.exists():
+        return "missing", ""
+    if isinstance(exc, OSError):
+        return "unreadable", exc.strerror or type(exc).__name__
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as read_error:
+        return "unreadable", read_error.strerror or type(read_error).__name__
+    if not head:
+        return "empty", ""
+    if head != _ZIP_MAGIC and not head.startswith(_PICKLE_MAGIC):
+        return "not_torch", ""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        # The refused global, e.g. "posix.system", is what a tampered file tries to run.
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        return "unsafe", found.group(1) if found else ""
+    if head == _ZIP_MAGIC:
+        if "locating file" in text:  # a zip archive without torch's data.pkl inside
+            return "not_torch", ""
+        return ("truncated" if "central directory" in text or "reading zip archive" in text else "corrupt"), ""
+    return "corrupt", ""
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

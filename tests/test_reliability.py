@@ -1,0 +1,376 @@
+"""The bad-input table of docs/RELIABILITY.md, row by row, through the installed console scripts.
+
+The rows are read from the document, so the table and the tests cannot drift apart. Setup that
+rows share (a trained checkpoint, fake ImageFolder trees, damaged checkpoints, a run that is about
+to hit a NaN loss, a stale feature cache) is built once per module, and only for the placeholders
+that the selected rows use. The rows then run two at a time (``ASK_TEST_WORKERS``): each is a
+separate process that spends most of its time importing torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import BIN, REPO
+
+DOC = REPO / "docs" / "RELIABILITY.md"
+SECTION = "## Bad input"
+# What a failing run may leave in its directory: Hydra's own records, written before the task runs.
+ALLOWED_AFTER_FAILURE = (".hydra", "config.yaml", ".lock")
+WORKERS = int(os.environ.get("ASK_TEST_WORKERS", "2"))
+TINY_TRAIN = ["dataset.train_per_class=20", "train.epochs=1", "train.batch_size=32", "model.width=8"]
+# The NaN row's command without train.epochs and hydra.run.dir: the setup runs its first epoch.
+NAN_TRAIN = ["dataset.train_per_class=20", "train.batch_size=256", "train.lr=1e30", "train.schedule=constant",
+             "model.width=8"]
+
+
+@dataclass(frozen=True)
+class Row:
+    what: str
+    command: str
+    message: str
+    exit: int
+
+    @property
+    def id(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.what.lower()).strip("-")
+
+    @property
+    def placeholders(self) -> set[str]:
+        return set(re.findall(r"\{(\w+)\}", self.command + self.message))
+
+
+def _cell(text: str) -> str:
+    text = text.strip()
+    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == "`" else text
+
+
+def read_rows(path: Path = DOC) -> list[Row]:
+    """The rows of the four-column table under ``## Bad input``."""
+    text = path.read_text()
+    body = text[text.index(SECTION) + len(SECTION):]
+    body = body.split("\n## ", 1)[0]
+    rows = []
+    for line in body.splitlines():
+        cells = line.strip().strip("|").split("|") if line.startswith("|") else []
+        if len(cells) != 4 or set(cells[0].strip()) <= set("-: ") or cells[0].strip() == "what is wrong":
+            continue
+        what, command, message, code = (_cell(c) for c in cells)
+        rows.append(Row(what, command, message, int(code)))
+    return rows
+
+
+ROWS = read_rows()
+
+
+def test_the_table_is_well_formed() -> None:
+    assert len(ROWS) >= 40
+    ids = [row.id for row in ROWS]
+    assert len(ids) == len(set(ids)), "two rows share a description"
+    for row in ROWS:
+        assert row.command.split()[0] in ("ask-train", "ask-attack", "ask-report"), row.command
+        assert row.exit == 0 or row.message.startswith(f"{row.command.split()[0]}: error: "), row.what
+        for name in row.placeholders - {"tmp", "run"}:
+            assert hasattr(Setup, f"make_{name}"), f"{row.what}: no setup for {{{name}}}"
+
+
+# ----------------------------------------------------------------------------------- the setup
+def _cli(args: list[str], cwd: Path, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ASK_CACHE_DIR": str(cache), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(BIN / args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _png_tree(root: Path, splits: dict[str, list[str]], per_class: int = 4, size: int = 8) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, classes in splits.items():
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for name in classes:
+            (root / split / name).mkdir()
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+class _RunsCode:
+    """Unpickling this runs ``touch marker``: what a tampered checkpoint would do if loaded unsafely."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+class Setup:
+    """Builds each placeholder's file or folder on first use; ``marker`` must never appear."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cache = root / "cache"
+        self.marker = root / "CODE_RAN"
+        self.values: dict[str, Path] = {}
+        self.snapshots: dict[str, dict[str, str]] = {}
+
+    def get(self, name: str) -> Path:
+        if name not in self.values:
+            self.values[name] = getattr(self, f"make_{name}")()
+        return self.values[name]
+
+    # Checkpoints ---------------------------------------------------------------------------
+    def make_ckpt(self) -> Path:
+        work = self.root / "trained"
+        _ok(_cli(["ask-train", *TINY_TRAIN, "progress=false", f"hydra.run.dir={work}"], self.root, self.cache))
+        return work / "best.pt"
+
+    def make_ckpt_b(self) -> Path:
+        import torch
+
+        payload = torch.load(self.get("ckpt"), weights_only=True)
+        generator = torch.Generator().manual_seed(1)
+        for key, value in payload["state_dict"].items():
+            if value.is_floating_point() and "running" not in key:
+                value.add_(0.05 * value.std() * torch.randn(value.shape, generator=generator))
+        path = self.root / "other" / "best.pt"
+        path.parent.mkdir()
+        torch.save(payload, path)
+        return path
+
+    def make_truncated(self) -> Path:
+        data = self.get("ckpt").read_bytes()
+        path = self.root / "truncated.pt"
+        path.write_bytes(data[: len(data) // 2])
+        return path
+
+    def make_tampered(self) -> Path:
+        import torch
+
+        path = self.root / "tampered.pt"
+        torch.save({"format": "ask-checkpoint", "version": 1, "state_dict": {}, "hook": _RunsCode(self.marker)}, path)
+        return path
+
+    def make_pickle(self) -> Path:
+        path = self.root / "pickled.pt"
+        path.write_bytes(pickle.dumps({"format": "ask-checkpoint", "hook": _RunsCode(self.marker)}, protocol=2))
+        return path
+
+    def make_weights_only(self) -> Path:
+        import torch
+
+        path = self.root / "weights.pt"
+        torch.save(torch.load(self.get("ckpt"), weights_only=True)["state_dict"], path)
+        return path
+
+    def make_text_pt(self) -> Path:
+        path = self.root / "notes.pt"
+        path.write_text("not a checkpoint\n")
+        return path
+
+    def make_empty_pt(self) -> Path:
+        path = self.root / "empty.pt"
+        path.write_bytes(b"")
+        return path
+
+    # Dataset folders -----------------------------------------------------------------------
+    def make_folder3(self) -> Path:
+        return _png_tree(self.root / "folder3", {"train": ["a", "b", "c"], "test": ["a", "b", "c"]})
+
+    def make_folder10(self) -> Path:
+        classes = [str(c) for c in range(10)]
+        return _png_tree(self.root / "folder10", {"train": classes, "test": classes}, per_class=2)
+
+    def make_folder_mismatch(self) -> Path:
+        return _png_tree(self.root / "mismatch", {"train": ["cat", "dog", "frog"], "test": ["cat", "dog", "horse"]})
+
+    def make_folder_empty(self) -> Path:
+        path = self.root / "empty"
+        path.mkdir()
+        return path
+
+    def make_folder_no_classes(self) -> Path:
+        return _png_tree(self.root / "no_classes", {"train": [], "test": []})
+
+    def make_folder_empty_class(self) -> Path:
+        root = _png_tree(self.root / "empty_class", {"train": ["a", "b"], "test": ["a", "b"]})
+        for image in (root / "train" / "b").iterdir():
+            image.unlink()
+        return root
+
+    # Runs ----------------------------------------------------------------------------------
+    def make_nan_run(self) -> Path:
+        """One epoch at an absurd learning rate: its single step still had a finite loss."""
+        work = self.root / "nan_run"
+        _ok(_cli(["ask-train", *NAN_TRAIN, "train.epochs=1", "progress=false", f"hydra.run.dir={work}"],
+                 self.root, self.cache))
+        return work
+
+    def make_stale_cache(self) -> Path:
+        """A cache whose entry for ``ckpt_b``'s features holds ``ckpt``'s (as after a copy or a clash)."""
+        cache = self.root / "stale_cache"
+        features = cache / "features"
+        args = ["ask-attack", "attack=[pgd]", "eval.victims=[knn]", "eval.n_points=20", "progress=false",
+                f"cache_dir={cache}"]
+        _ok(_cli([*args, f"model.checkpoint={self.get('ckpt')}", f"hydra.run.dir={self.root / 'stale_a'}"],
+                 self.root, cache))
+        (entry_a,) = features.iterdir()
+        _ok(_cli([*args, f"model.checkpoint={self.get('ckpt_b')}", f"hydra.run.dir={self.root / 'stale_b'}"],
+                 self.root, cache))
+        (entry_b,) = set(features.iterdir()) - {entry_a}
+        # Whatever the cache's layout (one file or a folder per entry), b's now holds a's features.
+        if entry_b.is_dir():
+            shutil.rmtree(entry_b)
+            shutil.copytree(entry_a, entry_b)
+        else:
+            shutil.copyfile(entry_a, entry_b)
+        self.values["stale_entry"] = entry_b
+        self.stale = {"a": entry_a, "b": entry_b, "metrics_b": self.root / "stale_b" / "metrics.json"}
+        return cache
+
+    def make_stale_entry(self) -> Path:
+        self.get("stale_cache")
+        return self.values["stale_entry"]
+
+
+def _digest_tree(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path`` (or of ``path``), skipping what Hydra rewrites on each run."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    skip = (".hydra", "config.yaml", ".lock")
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+            if not any(part in skip for part in p.parts) and not p.name.endswith(".log")}
+
+
+# ------------------------------------------------------------------------------------ running
+@dataclass
+class Outcome:
+    row: Row
+    done: subprocess.CompletedProcess
+    run_dir: Path
+    values: dict[str, str]
+    before: dict[str, dict[str, str]]
+    after: dict[str, dict[str, str]]
+
+
+def _run_row(row: Row, setup: Setup, index: int) -> Outcome:
+    tmp = setup.root / "rows" / f"{index:02d}"
+    tmp.mkdir(parents=True)
+    values = {"tmp": str(tmp), "run": str(tmp / "run")}
+    for name in row.placeholders - {"tmp", "run"}:
+        values[name] = str(setup.get(name))
+    args = shlex.split(row.command.format(**values))
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        args.append(f"hydra.run.dir={values['run']}")
+    run_dir = Path(next(a for a in args if a.startswith("hydra.run.dir=")).split("=", 1)[1])
+    args.append("progress=false")
+    # The stale cache is meant to change; everything else a placeholder names must not.
+    watched = {n: Path(values[n]) for n in row.placeholders - {"tmp", "run", "stale_cache", "stale_entry"}}
+    before = {n: _digest_tree(p) for n, p in watched.items()}
+    done = _cli(args, tmp, setup.cache)
+    after = {n: _digest_tree(p) for n, p in watched.items()}
+    return Outcome(row, done, run_dir, values, before, after)
+
+
+@dataclass
+class Results:
+    setup: Setup
+    by_id: dict[str, Outcome]
+
+
+@pytest.fixture(scope="module")
+def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Results:
+    """Every selected row's outcome: the setup first, one by one, then the rows two at a time."""
+    selected = {item.callspec.params["row"].id for item in request.session.items
+                if getattr(item, "callspec", None) and isinstance(item.callspec.params.get("row"), Row)}
+    rows = [row for row in ROWS if row.id in selected]
+    setup = Setup(tmp_path_factory.mktemp("reliability"))
+    for row in rows:  # setup runs alone: it trains, and later rows read what it wrote
+        for name in sorted(row.placeholders - {"tmp", "run"}):
+            setup.get(name)
+    with ThreadPoolExecutor(max_workers=max(1, WORKERS)) as pool:
+        outcomes = list(pool.map(lambda pair: _run_row(pair[1], setup, pair[0]), enumerate(rows)))
+    return Results(setup, {outcome.row.id: outcome for outcome in outcomes})
+
+
+def _expected(message: str, values: dict[str, str]) -> str:
+    """The documented message with its placeholders filled in."""
+    return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], message)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
+def test_bad_input(row: Row, results: Results) -> None:
+    if "device=cuda" in row.command.split():
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is visible here")
+    outcome = results.by_id[row.id]
+    done = outcome.done
+    assert done.returncode == row.exit, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    expected = _expected(row.message, outcome.values)
+    if row.exit == 0:
+        lines = (done.stdout + done.stderr).splitlines()
+        assert any(expected in line for line in lines), f"{expected!r} not logged:\n{done.stdout[-3000:]}"
+        assert (outcome.run_dir / "metrics.json").is_file()
+    else:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert lines, f"nothing on stderr; stdout:\n{done.stdout[-2000:]}"
+        assert lines[-1] == expected, f"\nexpected: {expected}\nactual:   {lines[-1]}"
+        if outcome.run_dir == Path(outcome.values["run"]) and outcome.run_dir.is_dir():
+            left = sorted(p.name for p in outcome.run_dir.iterdir()
+                          if p.name not in ALLOWED_AFTER_FAILURE and not p.name.endswith(".log"))
+            assert left == [], f"the failing run wrote {left}"
+    for name, files in outcome.before.items():
+        assert outcome.after[name] == files, f"{{{name}}} changed"
+    assert not results.setup.marker.exists(), "the pickled code of a checkpoint ran"
+    check = EXTRA_CHECKS.get(row.id)
+    if check is not None:
+        check(outcome, results.setup)
+
+
+# ------------------------------------------------------------- what some rows check besides
+def _nan_run_keeps_its_last_good_epoch(outcome: Outcome, setup: Setup) -> None:
+    from ask.utils.io import safe_load
+
+    run = Path(outcome.values["nan_run"])
+    assert safe_load(run / "last.pt")["epoch"] == 1
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def _stale_cache_is_rebuilt_not_used(outcome: Outcome, setup: Setup) -> None:
+    stale = setup.stale
+    # The file now holds ckpt_b's own features, and the numbers are those of ckpt_b's first run.
+    contents = [sorted(_digest_tree(entry).values()) for entry in (stale["a"], stale["b"])]
+    assert contents[0] != contents[1]
+    first = json.loads(stale["metrics_b"].read_text())["results"]
+    again = json.loads((outcome.run_dir / "metrics.json").read_text())["results"]
+    keys = ("attack", "victim", "clean_acc", "robust_acc", "asr", "n_points")
+    assert [{k: r[k] for k in keys} for r in again] == [{k: r[k] for k in keys} for r in first]
+    assert "loaded reference features" not in outcome.done.stdout + outcome.done.stderr
+
+
+EXTRA_CHECKS: dict[str, Callable[[Outcome, Setup], None]] = {
+    "loss-becomes-nan-after-a-good-epoch": _nan_run_keeps_its_last_good_epoch,
+    "stale-feature-cache-from-another-checkpoint-detected-rebuilt-not-used": _stale_cache_is_rebuilt_not_used,
+}
