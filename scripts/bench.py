@@ -66,6 +66,7 @@ import platform
 import pstats
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -258,8 +259,8 @@ def worker_store(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
             model, images[:256], labels[:256], [s["layer"]], s["metric"], s["num_classes"], progress=False
         ), record=False)
     for r in range(s["store_repeats"]):
-        path = scratch / f"store-{r}.pt"
-        path.unlink(missing_ok=True)
+        path = scratch / f"store-{r}"
+        shutil.rmtree(path, ignore_errors=True)  # the feature cache is a directory
         fresh = timer("fresh_build", lambda p=path: _build_store(s, model, p))
         cached = timer("cached_build", lambda p=path: _build_store(s, model, p))
         if fresh.from_cache or not cached.from_cache:
@@ -268,12 +269,13 @@ def worker_store(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
             raise RuntimeError("the cached features differ from the freshly computed ones")
         payload = {"features": fresh.features, "labels": fresh.labels, "pool_indices": fresh.pool_indices}
         timer("cache_write", lambda p=payload: atomic_save(p, scratch / "write-only.pt"))
-        # The attack worker reuses this file instead of computing the pool's features again.
+        # The attack worker reuses this cache instead of computing the pool's features again.
+        shutil.rmtree(s["shared_cache"], ignore_errors=True)
         os.replace(path, s["shared_cache"])
     dim = fresh.dim(s["layer"])
     del fresh, cached, payload
 
-    memory_path = scratch / "store-memory.pt"
+    memory_path = scratch / "store-memory"
     memory = {
         "fresh_build": peak_memory(device, lambda: _build_store(s, model, memory_path)),
         "cached_build": peak_memory(device, lambda: _build_store(s, model, memory_path)),
@@ -282,7 +284,7 @@ def worker_store(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {
         "pool_points": s["pool"],
         "feature_dim": dim,
-        "cache_file_mb": Path(s["shared_cache"]).stat().st_size / _MB,
+        "cache_file_mb": sum(f.stat().st_size for f in Path(s["shared_cache"]).rglob("*") if f.is_file()) / _MB,
         "fresh_build_s": fresh_s,
         "cached_build_s": cached_s,
         "cache_write_s": timer.median("cache_write"),
@@ -629,7 +631,7 @@ def resolve_settings(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         layer=args.layer or DEFAULT_LAYER[args.model], k=args.k, metric=args.metric,
         num_classes=args.num_classes, image_size=args.image_size, eps=args.eps, step_size=args.step_size,
         threads=args.threads, seed=args.seed, quick=args.quick, profile=args.profile,
-        out=str(Path(args.out).resolve()), scratch=str(scratch), shared_cache=str(scratch / "pool-cache.pt"),
+        out=str(Path(args.out).resolve()), scratch=str(scratch), shared_cache=str(scratch / "pool-cache"),
     )
     if s["steps"][1] <= s["steps"][0] or s["steps"][0] < 1:
         raise SystemExit("--steps S1 S2 needs 1 <= S1 < S2 (S1 = 0 would skip the reference search)")

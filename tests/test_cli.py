@@ -30,6 +30,7 @@ def test_demo_metrics_schema_and_accuracy(demo: dict) -> None:
     assert metrics["dataset"] == "digits" and metrics["model"] == "smallcnn"
     assert metrics["layers"] == ["block2"] and metrics["n_points"] == 540
     assert metrics["dknn_layers"] == ["block1", "block2", "block3"]
+    assert metrics["knn_index"] == {"index": "flat", "feature_dtype": "float32", "n": 1157}
     attacks = ("ask", "pgd", "dknn", "advknn", "feature", "minnorm")
     victims = ("dnn", "knn", "dknn", "dknn_vote")
     assert [(r["attack"], r["victim"]) for r in metrics["results"]] == [(a, v) for a in attacks for v in victims]
@@ -71,8 +72,8 @@ def _fails_cleanly(done, *needles: str) -> str:
 
 
 def test_missing_dataset_root(tmp_path: Path, shared_cache: Path) -> None:
-    done = run_cli("ask-attack", ["dataset=cifar10_folder", f"dataset.root={tmp_path}/nowhere",
-                                  "model.checkpoint=x.pt"], tmp_path, shared_cache)
+    done = run_cli("ask-attack", ["dataset=cifar10_folder", f"dataset.root={tmp_path}/nowhere"], tmp_path,
+                   shared_cache)
     _fails_cleanly(done, "nowhere", "dataset.root")
 
 
@@ -110,3 +111,15 @@ def test_unknown_attack_lists_the_available_ones(tmp_path: Path, shared_cache: P
     _fails_cleanly(done, "unknown attack 'cw'", "ask", "pgd")
     done = run_cli("ask-train", ["model=alexnet"], tmp_path, shared_cache)
     _fails_cleanly(done, "unknown model 'alexnet'", "smallcnn, vgg16")
+
+
+def test_an_ivf_index_records_its_recall_in_the_metrics(demo: dict, shared_cache: Path) -> None:
+    done = run_cli("ask-attack", ["progress=false", "hydra.run.dir=ivf", "attack=[pgd]", "eval.n_points=40",
+                                  "eval.victims=[knn]", "knn.index=ivf", "knn.nprobe=2", "knn.feature_dtype=float16"],
+                   demo["work"], shared_cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    index = json.loads((demo["work"] / "ivf" / "metrics.json").read_text())["knn_index"]
+    layer = index["layers"]["block2"]
+    assert index["index"] == "ivf" and layer["kind"] == "ivf" and layer["nprobe"] == 2
+    # Two of about 30 cells probed: close to exact on digits, but not exact.
+    assert 0.8 < layer["recall_at_k"] < 1.0 and layer["queries"] == 1000

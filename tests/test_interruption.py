@@ -123,7 +123,7 @@ def test_sigterm_saves_the_current_step_and_the_run_resumes_identically(
 
 def test_a_second_live_run_in_the_same_directory_is_refused(tmp_path: Path, cache_dir: Path) -> None:
     run = compose_run("train", ["train.epochs=1", "dataset.train_per_class=20", "model.width=8"], cache_dir)
-    with run_lock(tmp_path), pytest.raises(ConfigError, match="another ask-train is still running"):
+    with run_lock(tmp_path), pytest.raises(ConfigError, match="another ask run is still working"):
         train(run, tmp_path)
     assert not (tmp_path / "last.pt").exists()
 
@@ -162,3 +162,31 @@ def test_a_stop_signal_only_sets_a_flag_then_reaches_the_previous_handler() -> N
             assert seen == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_a_fresh_directory_takes_over_only_an_unfinished_run_of_the_same_config(tmp_path: Path) -> None:
+    from ask.utils.rundir import continue_unfinished_run
+
+    def run_dir(stamp: str, config: str, files: dict[str, str]) -> Path:
+        directory = tmp_path / "outputs" / "attack" / "2026-11-24" / stamp
+        directory.mkdir(parents=True)
+        (directory / "config.yaml").write_text(config)
+        for name, text in files.items():
+            (directory / name).write_text(text)
+        return directory
+
+    same, other = "seed: 0\nprogress: true\n", "seed: 1\nprogress: true\n"
+    run_dir("10-00-00", same, {"eval_state.pt": "finished", "metrics.json": "{}"})  # done: not taken
+    run_dir("10-00-01", other, {"eval_state.pt": "other config"})  # another command: not taken
+    crashed = run_dir("10-00-02", same, {"eval_state.pt": "crashed"})
+    fresh = run_dir("10-00-03", "seed: 0\nprogress: false\n", {})  # progress does not change results
+
+    files = ("eval_state.pt",)
+    assert continue_unfinished_run(fresh, "eval_state.pt", "metrics.json", files) == crashed
+    assert (fresh / "eval_state.pt").read_text() == "crashed"
+    assert (crashed / ADOPTED_MARKER).read_text().strip() == str(fresh.resolve())
+    # A directory with progress of its own resumes by itself; a crashed run is taken over once, so a
+    # later restart continues the newest copy, never the old one again.
+    assert continue_unfinished_run(fresh, "eval_state.pt", "metrics.json", files) is None
+    later = run_dir("10-00-04", same, {})
+    assert continue_unfinished_run(later, "eval_state.pt", "metrics.json", files) == fresh

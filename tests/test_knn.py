@@ -300,9 +300,10 @@ def test_cache_round_trip_and_invalidation(tmp_path, caplog) -> None:
     assert not third.from_cache and model.calls == 80
     assert "another model" in caplog.text
 
-    # the file now holds the new key; truncating it forces a rebuild with a warning
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
+    # the cache now holds the new key; truncating its feature file forces a rebuild with a warning
+    feature_file = path / "features-0.npy"
+    data = feature_file.read_bytes()
+    feature_file.write_bytes(data[: len(data) // 2])
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ask.knn.store"):
         fourth = ReferenceStore.build(model, images, labels, ["block1"], "l2", 4, cache_key=other, **kwargs)

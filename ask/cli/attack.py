@@ -10,11 +10,12 @@ from ask.config import RunConfig
 
 def attack_task(run: RunConfig, output_dir: Path) -> float:
     from ask.evaluation.job import run_attack_job  # torch-heavy imports after argument parsing
-    from ask.utils.rundir import continue_unfinished_run
+    from ask.utils.rundir import continue_unfinished_run, run_lock
 
-    # The same command after a crash picks up the crashed evaluation's per-batch state.
-    continue_unfinished_run(output_dir, "eval_state.pt", "metrics.json", ("eval_state.pt",))
-    metrics = run_attack_job(run, output_dir)
+    with run_lock(output_dir):  # two evaluations in one directory would overwrite each other's state
+        # The same command after a crash picks up the crashed evaluation's per-batch state.
+        continue_unfinished_run(output_dir, "eval_state.pt", "metrics.json", ("eval_state.pt",))
+        metrics = run_attack_job(run, output_dir)
     # What a sweeper would minimise: the lowest robust accuracy found.
     return min(row["robust_acc"] for row in metrics["results"])
 

@@ -215,15 +215,20 @@ def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, progra
     if problem:
         print(f"{program}: error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker
-        from ask.training import distributed
-
-        sys.argv.extend(_rank_overrides(distributed.init_from_env(), sys.argv[1:], program))
-
     def _main(cfg: DictConfig) -> Any:
         return run_task(task, cfg, program)
 
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(_main)()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(_main)()
+        return
+    from ask.training import distributed  # a torchrun worker
+
+    try:
+        sys.argv.extend(_rank_overrides(distributed.init_from_env(), sys.argv[1:], program))
+        hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(_main)()
+    finally:
+        # Left to interpreter exit, gloo's worker threads can be torn down mid-flight (SIGABRT).
+        distributed.shutdown()
 
 
 def _rank_overrides(group: Any, arguments: list[str], program: str) -> list[str]:

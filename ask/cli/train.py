@@ -11,8 +11,8 @@ from ask.config import RunConfig
 
 def train_task(run: RunConfig, output_dir: Path) -> float:
     from ask.training import distributed
-    from ask.utils.rundir import continue_unfinished_run
     from ask.training.trainer import train  # torch-heavy imports after argument parsing
+    from ask.utils.rundir import continue_unfinished_run
 
     group = distributed.current()
     if group.is_main and not run.train.resume:

@@ -4,27 +4,37 @@ For each batch, each attack crafts x' once (against its own objective); every vi
 scored on x and on x'. The counts give clean accuracy, robust accuracy, attack success rate
 (the fraction of the points a victim got right on x that it gets wrong on x') and perturbation
 norms, all with the number of points evaluated.
+
+An evaluation can be resumed: after every batch the counts, the norms so far and every random
+state an attack draws from are saved atomically (:func:`evaluate`'s ``state_path``), keyed by
+:func:`evaluation_key`. A rerun with the same key continues at the next batch and ends with the
+same numbers as an uninterrupted run; only the timings differ.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ask.attacks import ThreatModel, build_attack
+from ask.attacks import Attack, ThreatModel, build_attack
 from ask.config.schema import RunConfig
 from ask.data import ImageSplit, to_float
 from ask.errors import ConfigError
 from ask.knn import DkNNClassifier, DkNNVoteClassifier, KNNClassifier, ReferenceStore
 from ask.models import FeatureModel
+from ask.utils.io import LoadError, atomic_save, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +158,172 @@ def sanity_warnings(rows: list[dict[str, Any]], white_box: dict[str, set[str]]) 
 
 WHITE_BOX_FEATURE_VICTIMS = {"knn", "dknn", "dknn_vote"}
 
+# ------------------------------------------------------------------------- resumable state
+STATE_VERSION = 1
+
+# Settings that cannot change a single number of the result: display, where caches live, and the
+# checkpoint's path (its content digest stands in for it).
+_KEY_IGNORED = {
+    (): ("progress", "cache_dir"),
+    ("model",): ("checkpoint",),
+    ("dataset",): ("download", "cache"),
+    ("knn",): ("cache",),
+    ("train",): ("resume",),
+}
+
+
+def evaluation_key(run: RunConfig, checkpoint_digest: str, points: ImageSplit, device: torch.device) -> str:
+    """A digest of everything that shapes an evaluation's numbers, to tell a saved state's run apart.
+
+    The resolved config (less the fields of ``_KEY_IGNORED``), the checkpoint's content digest,
+    the evaluated points themselves (so the selected indices and n_points are covered whatever
+    selected them) and the device type (generator states and kernels differ between devices).
+    """
+    config = OmegaConf.to_container(OmegaConf.structured(run), resolve=True)
+    assert isinstance(config, dict)
+    for path, names in _KEY_IGNORED.items():
+        node = config
+        for part in path:
+            node = node.get(part) or {}
+        for name in names:
+            node.pop(name, None)
+    sha = hashlib.sha1()
+    sha.update(json.dumps(
+        {"config": config, "checkpoint": checkpoint_digest, "device": device.type, "version": STATE_VERSION},
+        sort_keys=True, default=str,
+    ).encode())
+    sha.update(points.images.numpy().tobytes())
+    sha.update(points.labels.numpy().tobytes())
+    return sha.hexdigest()[:20]
+
+
+class _StaleState(Exception):
+    """The saved state belongs to another evaluation (or another version of this code)."""
+
+
+@dataclass
+class _Progress:
+    """Where an evaluation stands: the next batch, the counts and the norms so far."""
+
+    next_batch: int
+    tallies: dict[tuple[str, str], _Tally]
+    stats: dict[str, _AttackStats]
+
+
+def _state_dict(key: str, n_batches: int, progress: _Progress, attacks: dict[str, Attack],
+                device: torch.device) -> dict[str, Any]:
+    """Plain data only (tensors, numbers, strings), so ``weights_only`` loading accepts it."""
+    tallies: dict[str, dict[str, Any]] = {}
+    for (attack, victim), tally in progress.tallies.items():
+        tallies.setdefault(attack, {})[victim] = asdict(tally)
+    state: dict[str, Any] = {
+        "version": STATE_VERSION,
+        "key": key,
+        "next_batch": progress.next_batch,
+        "n_batches": n_batches,
+        "tallies": tallies,
+        "stats": {
+            name: {
+                "seconds": stats.seconds,
+                # One tensor per attack, not one per batch: the file stays a handful of entries.
+                "linf": torch.cat(stats.linf) if stats.linf else torch.empty(0),
+                "l2": torch.cat(stats.l2) if stats.l2 else torch.empty(0),
+                "zero_grad_points": stats.zero_grad_points,
+            }
+            for name, stats in progress.stats.items()
+        },
+        # The attacks' only random source (random starts). Lazily fitted parts (Adv-kNN's heads,
+        # the DkNN attack's eta) are drawn from a fixed seed and the pool alone, so a resumed run
+        # refits them identically and they need no saving.
+        "generators": {name: attack.generator.get_state() for name, attack in attacks.items()
+                       if attack.generator is not None},
+        # No attack or victim draws from the global generators today; saved anyway so one that
+        # starts to does not silently break resumption.
+        "torch_rng": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore(state: Any, key: str, n_batches: int, attacks: dict[str, Attack], victims: list[str],
+             device: torch.device) -> _Progress:
+    """The saved progress, with the random states put back.
+
+    Raises :class:`_StaleState` for another evaluation's state, and KeyError, TypeError or
+    ValueError for a malformed one.
+
+    Everything is parsed and checked before any generator is touched, so a bad file leaves the
+    fresh run's state intact.
+    """
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or state.get("key") != key:
+        raise _StaleState
+    next_batch = int(state["next_batch"])
+    if int(state["n_batches"]) != n_batches or not 0 <= next_batch <= n_batches:
+        raise ValueError(f"batch {next_batch} of {state['n_batches']} does not fit {n_batches} batches")
+    tallies = {(a, v): _Tally(**state["tallies"][a][v]) for a in attacks for v in victims}
+    stats = {}
+    for name in attacks:
+        saved = state["stats"][name]
+        linf, l2 = saved["linf"], saved["l2"]
+        if not (isinstance(linf, Tensor) and isinstance(l2, Tensor) and linf.shape == l2.shape):
+            raise ValueError(f"bad norm tensors for attack '{name}'")
+        stats[name] = _AttackStats(
+            seconds=float(saved["seconds"]),
+            linf=[linf] if linf.numel() else [],
+            l2=[l2] if l2.numel() else [],
+            zero_grad_points=int(saved["zero_grad_points"]),
+        )
+    generators = state["generators"]
+    for name, attack in attacks.items():
+        if attack.generator is not None:
+            # A scratch generator on the same device rejects a state of the wrong size or kind.
+            torch.Generator(device=attack.generator.device).set_state(generators[name])
+    torch_rng = state["torch_rng"]
+    cuda_rng = state.get("cuda_rng") if device.type == "cuda" else None
+    if device.type == "cuda" and cuda_rng is None:
+        raise ValueError("no CUDA random state")
+
+    for name, attack in attacks.items():
+        if attack.generator is not None:
+            attack.generator.set_state(generators[name])
+    torch.set_rng_state(torch_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, device)
+    return _Progress(next_batch, tallies, stats)
+
+
+def _load_progress(state_path: Path, key: str, n_batches: int, n_points: int, batch_size: int,
+                   attacks: dict[str, Attack], victims: list[str], device: torch.device) -> _Progress | None:
+    """The progress saved at ``state_path`` when it is this evaluation's, else None (with a warning)."""
+    if not state_path.exists():
+        return None
+    try:
+        progress = _restore(safe_load(state_path), key, n_batches, attacks, victims, device)
+    except LoadError as error:
+        log.warning("%s; starting the evaluation over", error)
+        return None
+    except _StaleState:
+        log.warning("ignoring %s: it was saved by an evaluation with another config, checkpoint or point "
+                    "set; starting over", state_path)
+        return None
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        log.warning("ignoring %s: malformed evaluation state (%s); starting over", state_path, error)
+        return None
+    done = min(progress.next_batch * batch_size, n_points)
+    log.info("resuming evaluation at batch %d/%d (%d points done)", progress.next_batch + 1, n_batches, done)
+    return progress
+
 
 def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: ReferenceStore,
-             device: torch.device, calibration: ImageSplit | None = None) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of the result table, one per (attack, victim), and the sanity warnings."""
+             device: torch.device, calibration: ImageSplit | None = None, *,
+             state_path: Path | None = None, state_key: str = "") -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of the result table, one per (attack, victim), and the sanity warnings.
+
+    With ``state_path``, the progress is saved there after every batch and a matching saved state
+    (same ``state_key``, see :func:`evaluation_key`) is resumed from; the caller removes the file
+    once the results are written.
+    """
     assert run.attack is not None and run.eval is not None
     threat = ThreatModel(
         eps=run.attack.eps, norm=run.attack.norm, steps=run.attack.steps,
@@ -164,12 +336,20 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
         generator = torch.Generator(device=device).manual_seed(attack_seed(run.seed, name))
         attacks[name] = build_attack(name, model, threat, store=store, generator=generator, **dict(hyper))
 
-    tallies = {(a, v.name): _Tally() for a in attacks for v in victims}
-    stats = {a: _AttackStats() for a in attacks}
     batch_size = run.eval.batch_size
     n_batches = (len(points) + batch_size - 1) // batch_size
-    bar = tqdm(total=n_batches * len(attacks), desc="attacking", disable=not run.progress)
-    for start in range(0, len(points), batch_size):
+    progress = None
+    if state_path is not None:
+        progress = _load_progress(state_path, state_key, n_batches, len(points), batch_size, attacks,
+                                  [v.name for v in victims], device)
+    if progress is None:
+        progress = _Progress(0, {(a, v.name): _Tally() for a in attacks for v in victims},
+                             {a: _AttackStats() for a in attacks})
+    tallies, stats = progress.tallies, progress.stats
+    bar = tqdm(total=n_batches * len(attacks), initial=progress.next_batch * len(attacks), desc="attacking",
+               disable=not run.progress)
+    for batch in range(progress.next_batch, n_batches):
+        start = batch * batch_size
         images = to_float(points.images[start:start + batch_size].to(device))
         labels = points.labels[start:start + batch_size].to(device)
         with torch.no_grad():
@@ -191,6 +371,9 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
                     adv_pred, adv_cred = victim.judge(adversarial)
                     tallies[(name, victim.name)].add(clean_pred == labels, adv_pred == labels, clean_cred, adv_cred)
             bar.update(1)
+        if state_path is not None:
+            progress.next_batch = batch + 1
+            atomic_save(_state_dict(state_key, n_batches, progress, attacks, device), state_path)
         if not run.progress:  # a sweep's log still shows how far each job has got
             done = min(start + batch_size, len(points))
             log.info("attacked %d/%d points (%s)", done, len(points),

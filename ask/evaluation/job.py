@@ -15,13 +15,14 @@ from omegaconf import OmegaConf
 from ask.config.schema import RunConfig
 from ask.data import DataBundle, balanced_indices, load_dataset
 from ask.errors import ConfigError
-from ask.evaluation.evaluate import evaluate, select_points
+from ask.evaluation.evaluate import evaluate, evaluation_key, select_points
 from ask.knn import ReferenceStore, store_cache_key
 from ask.models import FeatureModel
 from ask.reporting import format_results_table
 from ask.training.checkpoint import check_compatible, load_checkpoint
 from ask.training.trainer import build_model_for, train
 from ask.utils.io import atomic_write_text
+from ask.utils.rundir import run_lock
 from ask.utils.runtime import seed_everything, select_device
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,21 @@ def auto_checkpoint(run: RunConfig, data: DataBundle) -> Path:
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     directory = Path(run.cache_dir).expanduser() / "models" / f"{run.dataset.name}-{run.model.name}-{key}"
     best = directory / "best.pt"
-    if best.exists() and (directory / "train_summary.json").exists():
-        log.info("using the cached %s model %s", run.dataset.name, best)
-        return best
-    log.info("no model.checkpoint given: training a %s on %s once (cached in %s)",
-             run.model.name, run.dataset.name, directory)
-    train(replace(run, train=replace(run.train, resume=None)), directory, data=data)
+    # Parallel sweep jobs wanting the same model: the first trains it, the others wait and reuse it.
+    with run_lock(directory, wait=True, name=".auto_train.lock"):
+        if best.exists() and (directory / "train_summary.json").exists():
+            log.info("using the cached %s model %s", run.dataset.name, best)
+            return best
+        log.info("no model.checkpoint given: training a %s on %s once (cached in %s)",
+                 run.model.name, run.dataset.name, directory)
+        train(replace(run, train=replace(run.train, resume=None)), directory, data=data)
     return best
 
 
-def load_model(path: str | Path, run: RunConfig, data: DataBundle, device: torch.device) -> FeatureModel:
-    checkpoint = load_checkpoint(path)
+def load_model(path: str | Path, run: RunConfig, data: DataBundle, device: torch.device,
+               checkpoint: dict[str, Any] | None = None) -> FeatureModel:
+    """The checkpoint's network on ``device`` in eval mode; ``checkpoint`` if already loaded from ``path``."""
+    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
     spec = checkpoint["model"]
     check_compatible(spec, path, model_name=run.model.name, num_classes=data.num_classes,
                      in_channels=data.in_channels, image_size=data.image_size)
@@ -78,7 +83,13 @@ def load_model(path: str | Path, run: RunConfig, data: DataBundle, device: torch
 
 def build_store(run: RunConfig, model: FeatureModel, data: DataBundle, checkpoint: Path,
                 layers: list[str], device: torch.device) -> ReferenceStore:
-    """Reference-pool features at every layer any victim or attack needs, cached on disk."""
+    """Reference-pool features at every layer any victim or attack needs, cached on disk.
+
+    The cache is a directory per (checkpoint, pool, layers, metric, dtype), written chunk by chunk
+    (see :mod:`ask.knn.features`). With ``knn.index=ivf`` the recall@k of the approximate index
+    against exact search is measured here and logged; ``store.index_report(k=run.knn.k,
+    layers=run.knn.layers)`` returns it (cached) for ``metrics.json``.
+    """
     if run.knn.pool_per_class is None:
         pool = torch.arange(len(data.train))
     else:
@@ -95,16 +106,29 @@ def build_store(run: RunConfig, model: FeatureModel, data: DataBundle, checkpoin
             "points; lower knn.k or raise knn.pool_per_class / dataset.train_per_class"
         )
     key = store_cache_key(file_digest(checkpoint), layers, run.knn.metric, pool,
-                          data.train.images.shape[1:], extra={"dataset": run.dataset.name})
+                          data.train.images.shape[1:],
+                          extra={"dataset": run.dataset.name, "feature_dtype": run.knn.feature_dtype})
     cache_path = None
     if run.knn.cache:
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        cache_path = Path(run.cache_dir).expanduser() / "features" / f"{run.dataset.name}-{digest}.pt"
-    return ReferenceStore.build(
+        cache_path = Path(run.cache_dir).expanduser() / "features" / f"{run.dataset.name}-{digest}"
+    store = ReferenceStore.build(
         model, data.train.images[pool], labels, layers, run.knn.metric, data.num_classes,
         pool_indices=pool, batch_size=run.knn.batch_size, device=device, cache_path=cache_path,
         cache_key=key, progress=run.progress, use_gpu_index=run.knn.use_gpu,
+        feature_dtype=run.knn.feature_dtype, index=run.knn.index, nlist=run.knn.nlist, nprobe=run.knn.nprobe,
     )
+    if run.knn.index != "flat":
+        # Approximate neighbours change robustness numbers: say how approximate, before any attack.
+        report = store.index_report(k=run.knn.k, layers=run.knn.layers)
+        for layer, entry in report["layers"].items():
+            if "recall_at_k" in entry:
+                log.warning("knn.index=%s at layer %s: recall@%d %.4f against exact search (%s)", run.knn.index,
+                            layer, entry["k"], entry["recall_at_k"], entry["protocol"])
+            else:
+                log.info("knn.index=%s at layer %s: the pool is too small for IVF, the index is exact",
+                         run.knn.index, layer)
+    return store
 
 
 def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
@@ -113,6 +137,8 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     output_dir = Path(output_dir)
     device = select_device(run.device)
     seed_everything(run.seed, run.deterministic)
+    # A damaged checkpoint is refused before a long dataset decode, not after it.
+    given = load_checkpoint(run.model.checkpoint) if run.model.checkpoint else None
     data = load_dataset(run.dataset, run.cache_dir, seed=run.seed, progress=run.progress)
     if "dknn" in run.eval.victims and data.calib is None:
         raise ConfigError(
@@ -120,7 +146,7 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
             "or use eval.victims=[dknn_vote]"
         )
     checkpoint = Path(run.model.checkpoint).expanduser() if run.model.checkpoint else auto_checkpoint(run, data)
-    model = load_model(checkpoint, run, data, device)
+    model = load_model(checkpoint, run, data, device, given)
 
     dknn_layers = list(run.knn.dknn_layers) if {"dknn", "dknn_vote"} & set(run.eval.victims) else []
     layers = list(dict.fromkeys(
@@ -130,7 +156,11 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     model.check_layers(layers)
     store = build_store(run, model, data, checkpoint, layers, device)
     points = select_points(data.test, run.eval.n_points, run.seed)
-    rows, warnings = evaluate(run, model, points, store, device, calibration=data.calib)
+    # Per-batch progress: the same command in the same output directory resumes an interrupted run.
+    state_path = output_dir / "eval_state.pt"
+    state_key = evaluation_key(run, file_digest(checkpoint), points, device)
+    rows, warnings = evaluate(run, model, points, store, device, calibration=data.calib,
+                              state_path=state_path, state_key=state_key)
 
     metrics = {
         "dataset": run.dataset.name,
@@ -146,10 +176,15 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
         "seed": run.seed,
         "device": str(device),
         "dknn_layers": dknn_layers,
+        # How exact the neighbour search was: flat is exact; ivf carries its measured recall@k.
+        "knn_index": (store.index_report(k=run.knn.k, layers=list(run.knn.layers)) if run.knn.index != "flat"
+                      else {"index": "flat", "feature_dtype": run.knn.feature_dtype, "n": len(store)}),
         "results": rows,
         "warnings": warnings,
     }
     atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    # Only once the results are safely on disk: a crash before this line still resumes.
+    state_path.unlink(missing_ok=True)
     print(f"\n{run.dataset.name} / {run.model.name} / layer {run.knn.layers[0]} / "
           f"{run.attack.norm} eps={run.attack.eps:.4g} / {len(points)} points\n")
     print(format_results_table(rows))

@@ -10,6 +10,7 @@ here is a no-op with ``world_size == 1``.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -110,8 +111,16 @@ def init_from_env() -> Distributed:
 
 
 def shutdown() -> None:
+    """Leave the group while Python is still whole.
+
+    A DDP reducer left in a reference cycle keeps the gloo group alive until interpreter
+    shutdown, where its worker thread may still be releasing a finished collective's Python
+    tensors and aborts the process (SIGABRT, "terminate called without an active exception").
+    Collecting the cycles here joins those threads first.
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
 
 
 def parameter_fingerprint(model: torch.nn.Module) -> list[float]:

@@ -32,16 +32,17 @@ IGNORED_KEYS = ("progress",)
 
 
 @contextmanager
-def run_lock(directory: Path) -> Iterator[None]:
-    """Hold the directory's lock for the duration; a second live run in it is refused."""
+def run_lock(directory: Path, *, wait: bool = False, name: str = LOCK_FILE) -> Iterator[None]:
+    """Hold the directory's lock for the duration; a second live run in it is refused (or, with
+    ``wait``, waits for the first to finish)."""
     directory.mkdir(parents=True, exist_ok=True)
-    handle = open(directory / LOCK_FILE, "w")
+    handle = open(directory / name, "w")
     try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise ConfigError(
-                f"another ask-train is still running in {directory}; wait for it or choose another hydra.run.dir"
+                f"another ask run is still working in {directory}; wait for it or choose another hydra.run.dir"
             ) from None
         handle.write(f"{os.getpid()}\n")
         handle.flush()
