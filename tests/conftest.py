@@ -51,3 +51,17 @@ def run_cli(program: str, args: list[str], cwd: Path, cache: Path, timeout: int 
     return subprocess.run(
         [str(BIN / program), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def start_cli(program: str, args: list[str], cwd: Path, cache: Path) -> subprocess.Popen:
+    """Start a console script in the background, on one thread, stdout and stderr merged (to be signalled)."""
+    env = {**os.environ, "ASK_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.Popen([str(BIN / program), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish_cli(process: subprocess.Popen, timeout: int = 600) -> str:
+    """Wait for a process from :func:`start_cli` and insist it succeeded; its output."""
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output

@@ -5,7 +5,6 @@ two runs with the same seed write the same metrics.json byte for byte, timings a
 from __future__ import annotations
 
 import logging
-import os
 import re
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from ask.data import ImageSplit, load_dataset
 from ask.evaluation.evaluate import evaluation_key
 from ask.evaluation.job import auto_checkpoint, run_attack_job
 from ask.utils.io import LoadError, atomic_save, safe_load
-from tests.conftest import BIN, compose_run
+from tests.conftest import compose_run, finish_cli, start_cli
 
 # All six attacks (the default list) on the four victims. The killed run: 80 points in 10 batches
 # of 8, about 0.25 s a batch on one core, time enough to land the signal part-way. The in-process
@@ -43,16 +42,7 @@ def _without_timings(run_dir: Path) -> str:
 
 
 def _cli(work: Path, cache: Path, extra: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "ASK_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.Popen([str(BIN / "ask-attack"), *CLI_ARGS, *extra], cwd=work, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(work: Path, cache: Path, extra: list[str]) -> str:
-    process = _cli(work, cache, extra)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output[-3000:]
-    return output
+    return start_cli("ask-attack", [*CLI_ARGS, *extra], work, cache)
 
 
 def _kill_after_batch(work: Path, cache: Path, extra: list[str], run_dir: Path, batch: int) -> dict:
@@ -91,7 +81,7 @@ def test_a_killed_evaluation_resumes_to_the_same_metrics(tmp_path: Path, shared_
     assert reference.returncode == 0, output[-3000:]
     assert not (tmp_path / "uninterrupted" / "eval_state.pt").exists()
 
-    output = _finish(tmp_path, shared_cache, [model, "hydra.run.dir=killed"])
+    output = finish_cli(_cli(tmp_path, shared_cache, [model, "hydra.run.dir=killed"]))
     points_done = left["next_batch"] * 8
     assert f"resuming evaluation at batch {left['next_batch'] + 1}/10 ({points_done} points done)" in output
     assert _without_timings(run_dir) == _without_timings(tmp_path / "uninterrupted")

@@ -17,7 +17,7 @@ from ask.errors import ConfigError
 from ask.training.checkpoint import load_checkpoint
 from ask.training.trainer import train
 from ask.utils.rundir import ADOPTED_MARKER, run_lock
-from tests.conftest import BIN, compose_run
+from tests.conftest import compose_run, finish_cli, start_cli
 
 # Adversarial training on the full digits split: about a second per epoch on one core, long
 # enough to land a signal inside an epoch.
@@ -27,15 +27,11 @@ TIMING_KEYS = {"seconds", "images_per_second", "val_seconds"}
 
 
 def _start(work: Path, cache: Path, extra: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "ASK_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([str(BIN / "ask-train"), *ARGS, *extra], cwd=work, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_cli("ask-train", [*ARGS, *extra], work, cache)
 
 
 def _finish(work: Path, cache: Path, extra: list[str]) -> None:
-    process = _start(work, cache, extra)
-    _, stderr = process.communicate(timeout=600)
-    assert process.returncode == 0, stderr[-2000:]
+    finish_cli(_start(work, cache, extra))
 
 
 def _wait_for(path_glob: str, root: Path, process: subprocess.Popen, timeout: float = 120) -> Path:
@@ -109,12 +105,12 @@ def test_sigterm_saves_the_current_step_and_the_run_resumes_identically(
     _wait_for("run/last.pt", tmp_path, process)
     time.sleep(0.3 * _epoch_seconds(uninterrupted))
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143, stderr[-2000:]
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 143, output[-2000:]
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     partial = state["partial"]
     assert partial is not None and partial["epoch"] == state["epoch"] + 1 and partial["step"] >= 1
-    message = stderr.strip().splitlines()[-1]
+    message = output.strip().splitlines()[-1]
     assert message.startswith("ask-train: stopped by SIGTERM at epoch") and "run the same command" in message
 
     _finish(tmp_path, shared_cache, ["hydra.run.dir=run"])

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from ask.utils.io import fsync_dir
+
 log = logging.getLogger(__name__)
 
 FEATURE_DTYPES = ("float32", "float16")
@@ -264,13 +266,7 @@ def _replace_dir(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
     if old is not None:
         remove_cache(old)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(target.parent)
 
 
 def _remove_dead_temporaries(target: Path) -> None:

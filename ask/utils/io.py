@@ -56,11 +56,12 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (best effort)."""
     # Makes the rename itself durable after a power loss; not possible on every platform.
     try:
         fd = os.open(directory, os.O_RDONLY)
