@@ -233,8 +233,11 @@ def test_cifar10_folder_pixels_labels_and_cache(tmp_path, monkeypatch):
     _check_colours(bundle.train, [3, 4, 5])
     _check_colours(bundle.test, [2, 2, 2])
     assert bundle.std == (0.2470, 0.2435, 0.2616)
-    cached = list((tmp_path / "cache" / "datasets").glob("cifar10_folder-*.pt"))
-    assert len(cached) == 1
+    (cached,) = (tmp_path / "cache" / "datasets").iterdir()
+    assert cached.name.startswith("cifar10_folder-")
+    assert sorted(p.name for p in cached.iterdir()) == [
+        "meta.json", "test-images.npy", "test-labels.npy", "train-images.npy", "train-labels.npy"]
+    assert np.array_equal(np.load(cached / "train-images.npy"), bundle.train.images.numpy())
 
     def broken(path, size):
         raise AssertionError("decoded again")
@@ -254,14 +257,16 @@ def test_folder_corrupt_cache_is_rebuilt(tmp_path, caplog):
     root = tmp_path / "tree"
     _write_tree(root, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
     cfg = DatasetConfig(name="cifar10_folder", root=str(root))
-    first = load_dataset(cfg, tmp_path / "cache", seed=0, progress=False)
-    (cache_file,) = (tmp_path / "cache" / "datasets").glob("*.pt")
-    cache_file.write_bytes(b"garbage")
+    decoded = load_dataset(cfg, tmp_path / "cache", seed=0, progress=False).train.images.clone()
+    (cache_dir,) = (tmp_path / "cache" / "datasets").iterdir()
+    images = cache_dir / "train-images.npy"
+    images.write_bytes(images.read_bytes()[:-5])  # truncated, as by a full disk or a cut copy
     with caplog.at_level(logging.WARNING):
         second = load_dataset(cfg, tmp_path / "cache", seed=0, progress=False)
-    assert "rebuilding" in caplog.text
-    assert torch.equal(first.train.images, second.train.images)
-    assert isinstance(safe_load(cache_file), dict)  # rewritten intact
+    assert "ignoring the dataset cache" in caplog.text and "unreadable" in caplog.text and "rebuilding" in caplog.text
+    assert torch.equal(second.train.images, decoded)
+    assert np.array_equal(np.load(images), decoded.numpy())  # rewritten intact
+    assert [p.name for p in (tmp_path / "cache" / "datasets").iterdir()] == [cache_dir.name]
 
 
 def test_folder_cache_off_and_home_expansion(tmp_path, monkeypatch):
@@ -273,7 +278,7 @@ def test_folder_cache_off_and_home_expansion(tmp_path, monkeypatch):
     assert not (tmp_path / "c1").exists()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     load_dataset(DatasetConfig(name="cifar10_folder", root=str(root)), "~/askcache", 0, progress=False)
-    assert len(list((tmp_path / "home" / "askcache" / "datasets").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "home" / "askcache" / "datasets").iterdir())) == 1
 
 
 def test_imagenette_resize_and_center_crop(tmp_path):

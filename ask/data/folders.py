@@ -1,21 +1,27 @@
 """ImageFolder trees (``<root>/<split>/<class>/<image>``) decoded into uint8 tensors, with a cache.
 
-Decoding tens of thousands of JPEGs takes a while, so the decoded splits are saved once under
-``<cache_dir>/datasets/<name>-<hash>.pt``. The hash covers the absolute root, the target size and
-a cheap fingerprint of the file list (names and sizes), so adding, removing or replacing images
-builds a new cache entry instead of silently serving stale pixels.
+Decoding tens of thousands of JPEGs takes a while, so the decoded splits are saved once in the
+directory ``<cache_dir>/datasets/<name>-<hash>/`` (``meta.json``, ``<split>-images.npy``,
+``<split>-labels.npy``). The hash covers the absolute root, the target size and a cheap
+fingerprint of the file list (names and sizes), so adding, removing or replacing images builds a
+new cache entry instead of silently serving stale pixels.
+
+With the cache on, pixels go from the decoder straight into the cache files and the splits are
+memory maps of them: ImageNet's training split (193 GB at 224 px) needs disk, not RAM. Without
+the cache a split is decoded into memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shutil
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,12 +29,12 @@ from tqdm.auto import tqdm
 
 from ask.data.splits import ImageSplit
 from ask.errors import DataError
-from ask.utils.io import LoadError, atomic_save, safe_load
+from ask.utils.diskarrays import allocate_npy, publish_dir, pwrite_all, remove_tree, temporary_sibling
 
 log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 1  # bump when the decoding (resize, crop, colour conversion) changes
+CACHE_VERSION = 2  # bump when the decoding (resize, crop, colour conversion) or the cache layout changes
 _CHUNK = 256  # images per pool task: large enough to amortise scheduling, small for a smooth bar
 
 
@@ -146,16 +152,26 @@ def _workers() -> int:
     return max(1, min(32, 2 * cpus))
 
 
-def decode_split(paths: list[str], size: int | None, progress: bool, desc: str) -> torch.Tensor:
+def decode_split(
+    paths: list[str], size: int | None, progress: bool, desc: str, out: Path | None = None
+) -> torch.Tensor:
     """Decode ``paths`` into one ``N x 3 x H x W`` uint8 tensor with a thread pool.
 
-    Without ``size`` every image must have the size of the first one.
+    Without ``size`` every image must have the size of the first one. With ``out``, each image
+    is written into the ``.npy`` file ``out`` as soon as it is decoded (RAM holds one image per
+    thread) and the result is a memory map of that file.
     """
     if not paths:
         return torch.empty((0, 3, size or 0, size or 0), dtype=torch.uint8)
     first = _decode_checked(paths[0], size)
     height, width = first.shape[1:]
-    out = torch.empty((len(paths), 3, height, width), dtype=torch.uint8)
+    shape = (len(paths), 3, height, width)
+    in_memory = torch.empty(shape, dtype=torch.uint8) if out is None else None
+    fd, data_offset = -1, 0
+    if out is not None:
+        data_offset = allocate_npy(out, shape, np.uint8)
+        fd = os.open(out, os.O_WRONLY)
+    image_bytes = 3 * height * width
 
     def run_chunk(start: int, stop: int) -> int:
         for i in range(start, stop):
@@ -165,7 +181,10 @@ def decode_split(paths: list[str], size: int | None, progress: bool, desc: str) 
                     f"image '{paths[i]}' is {image.shape[2]}x{image.shape[1]} but "
                     f"'{paths[0]}' is {width}x{height}; set dataset.image_size to resize all images"
                 )
-            out[i] = image
+            if in_memory is not None:
+                in_memory[i] = image
+            else:
+                pwrite_all(fd, image.contiguous().numpy().data, data_offset + i * image_bytes)
         return stop - start
 
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
@@ -182,7 +201,14 @@ def decode_split(paths: list[str], size: int | None, progress: bool, desc: str) 
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
-    return out
+        if fd >= 0:
+            os.close(fd)
+    return in_memory if in_memory is not None else _mapped(out)
+
+
+def _mapped(path: Path) -> torch.Tensor:
+    # Copy-on-write: pages load on access, and nothing a consumer does can change the cache.
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
 
 
 def _cache_path(
@@ -192,25 +218,32 @@ def _cache_path(
     digest.update(f"v{CACHE_VERSION}|{name}|{root}|{size}".encode())
     for listing in listings:
         digest.update(f"|{listing.directory.name}:{listing.fingerprint()}".encode())
-    return cache_dir / "datasets" / f"{name}-{digest.hexdigest()[:16]}.pt"
+    return cache_dir / "datasets" / f"{name}-{digest.hexdigest()[:16]}"
 
 
-def _from_cache(payload: Any, listings: list[SplitListing], size: int | None) -> list[ImageSplit]:
-    """Rebuild the splits from a cache payload; ValueError when it does not match the listing."""
-    if not isinstance(payload, dict) or payload.get("version") != CACHE_VERSION:
-        raise ValueError("unexpected content")
-    splits = []
-    for listing, part in zip(listings, payload["splits"], strict=True):
-        images, labels = part["images"], part["labels"]
-        if payload["classes"] != listing.classes:
-            raise ValueError("class list differs")
-        if not torch.equal(labels, torch.tensor(listing.labels, dtype=torch.int64)):
-            raise ValueError("labels differ")
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] != len(labels):
-            raise ValueError("bad image tensor")
-        if size is not None and tuple(images.shape[-2:]) != (size, size):
-            raise ValueError("image size differs")
-        splits.append(ImageSplit(images, labels))
+def _read_cache(
+    directory: Path, split_names: tuple[str, str], listings: list[SplitListing], size: int | None
+) -> list[ImageSplit] | str:
+    """The cached splits, or why the cache directory cannot be used (never raises)."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
+            return "it was written in another format"
+        if meta.get("classes") != listings[0].classes:
+            return "its class list differs"
+        splits = []
+        for split, listing in zip(split_names, listings, strict=True):
+            labels = torch.from_numpy(np.load(directory / f"{split}-labels.npy"))
+            images = _mapped(directory / f"{split}-images.npy")
+            if not torch.equal(labels, torch.tensor(listing.labels, dtype=torch.int64)):
+                return f"its {split} labels differ"
+            if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] != len(labels):
+                return f"its {split} images are mis-shaped"
+            if size is not None and tuple(images.shape[-2:]) != (size, size):
+                return "its image size differs"
+            splits.append(ImageSplit(images, labels))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        return f"it is unreadable ({type(exc).__name__}: {exc})"
     return splits
 
 
@@ -256,37 +289,46 @@ def load_folder_splits(
         )
     classes = train_list.classes
 
-    cache_path = None
-    if use_cache:
-        cache_path = _cache_path(Path(cache_dir).expanduser(), name, root_path, image_size, listings)
-        if cache_path.is_file():
-            try:
-                train, test = _from_cache(safe_load(cache_path), listings, image_size)
-                log.info("loaded %s from the cache %s", name, cache_path)
-                return classes, train, test
-            except (LoadError, ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring the unreadable dataset cache %s (%s); rebuilding it", cache_path, exc)
+    if not use_cache:
+        splits = [
+            ImageSplit(decode_split(listing.paths, image_size, progress, desc=f"decode {name}/{split}"),
+                       torch.tensor(listing.labels, dtype=torch.int64))
+            for split, listing in zip(split_names, listings, strict=True)
+        ]
+        return classes, splits[0], splits[1]
+
+    cache_path = _cache_path(Path(cache_dir).expanduser(), name, root_path, image_size, listings)
+    if cache_path.exists():
+        cached = _read_cache(cache_path, split_names, listings, image_size)
+        if not isinstance(cached, str):
+            log.info("loaded %s from the cache %s", name, cache_path)
+            return classes, cached[0], cached[1]
+        log.warning("ignoring the dataset cache %s: %s; rebuilding it", cache_path, cached)
+        remove_tree(cache_path)
 
     started = time.perf_counter()
-    splits = []
-    for split, listing in zip(split_names, listings, strict=True):
-        images = decode_split(listing.paths, image_size, progress, desc=f"decode {name}/{split}")
-        splits.append(ImageSplit(images, torch.tensor(listing.labels, dtype=torch.int64)))
-    log.info(
-        "decoded %d images of %s in %.1f s", sum(len(s) for s in splits), name, time.perf_counter() - started
-    )
-
-    if cache_path is not None:
-        payload = {
-            "version": CACHE_VERSION,
-            "root": str(root_path),
-            "image_size": image_size,
-            "classes": classes,
-            "splits": [{"images": s.images, "labels": s.labels} for s in splits],
-        }
-        try:
-            atomic_save(payload, cache_path)
-            log.info("cached the decoded %s at %s", name, cache_path)
-        except OSError as exc:
-            log.warning("could not write the dataset cache %s (%s); continuing without it", cache_path, exc)
-    return classes, splits[0], splits[1]
+    tmp = None
+    try:
+        tmp = temporary_sibling(cache_path)
+        for split, listing in zip(split_names, listings, strict=True):
+            decode_split(listing.paths, image_size, progress, f"decode {name}/{split}", out=tmp / f"{split}-images.npy")
+            np.save(tmp / f"{split}-labels.npy", np.asarray(listing.labels, dtype=np.int64))
+        meta = {"version": CACHE_VERSION, "root": str(root_path), "image_size": image_size, "classes": classes,
+                "splits": list(split_names)}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        publish_dir(tmp, cache_path)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise DataError(
+                f"cannot write the dataset cache {cache_path} ({exc.strerror or exc}); free space there, "
+                "point cache_dir at another disk, or set dataset.cache=false to decode into memory"
+            ) from exc
+        raise
+    log.info("decoded %d images of %s in %.1f s into the cache %s", sum(len(x.paths) for x in listings), name,
+             time.perf_counter() - started, cache_path)
+    cached = _read_cache(cache_path, split_names, listings, image_size)
+    if isinstance(cached, str):
+        raise DataError(f"the dataset cache {cache_path} just written cannot be read back: {cached}")
+    return classes, cached[0], cached[1]

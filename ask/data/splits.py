@@ -43,6 +43,14 @@ class ImageSplit:
         indices = torch.as_tensor(indices, dtype=torch.long).cpu()
         return ImageSplit(self.images[indices].contiguous(), self.labels[indices].clone())
 
+    def images_at(self, indices: torch.Tensor) -> torch.Tensor:
+        """The images at ``indices``; the split's own tensor, not a copy, when that is all of them in order
+        (a memory-mapped ImageNet split must not be copied into RAM to build a reference pool)."""
+        indices = torch.as_tensor(indices, dtype=torch.long).cpu()
+        if len(indices) == len(self) and torch.equal(indices, torch.arange(len(self))):
+            return self.images
+        return self.images[indices]
+
     def class_counts(self, num_classes: int) -> torch.Tensor:
         """Number of images of each class, ``int64`` of length ``num_classes``."""
         return torch.bincount(self.labels, minlength=num_classes)

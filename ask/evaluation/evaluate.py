@@ -192,7 +192,7 @@ def evaluation_key(run: RunConfig, checkpoint_digest: str, points: ImageSplit, d
         {"config": config, "checkpoint": checkpoint_digest, "device": device.type, "version": STATE_VERSION},
         sort_keys=True, default=str,
     ).encode())
-    sha.update(points.images.numpy().tobytes())
+    sha.update(points.images.numpy().data)  # the buffer itself: no copy of a mapped split
     sha.update(points.labels.numpy().tobytes())
     return sha.hexdigest()[:20]
 

@@ -113,7 +113,7 @@ def build_store(run: RunConfig, model: FeatureModel, data: DataBundle, checkpoin
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         cache_path = Path(run.cache_dir).expanduser() / "features" / f"{run.dataset.name}-{digest}"
     store = ReferenceStore.build(
-        model, data.train.images[pool], labels, layers, run.knn.metric, data.num_classes,
+        model, data.train.images_at(pool), labels, layers, run.knn.metric, data.num_classes,
         pool_indices=pool, batch_size=run.knn.batch_size, device=device, cache_path=cache_path,
         cache_key=key, progress=run.progress, use_gpu_index=run.knn.use_gpu,
         feature_dtype=run.knn.feature_dtype, index=run.knn.index, nlist=run.knn.nlist, nprobe=run.knn.nprobe,

@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
-import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ask.utils.io import fsync_dir
+from ask.utils.diskarrays import allocate_npy, publish_dir, pwrite_all, remove_tree, temporary_sibling
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +47,6 @@ class FeatureFile:
     offset: int
     shape: tuple[int, int]
     dtype: np.dtype
-
-
-def _npy_header(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> int:
-    """Create ``path`` as a sparse ``.npy`` of ``shape`` and return where its data starts."""
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    offset = int(array.offset)
-    del array  # nothing was written through the map, so nothing is resident
-    return offset
 
 
 class FeatureWriter:
@@ -81,10 +71,7 @@ class FeatureWriter:
         self._fds: dict[str, int] = {}
         self.tmp: Path | None = None
         if self.directory is not None:
-            self.directory.parent.mkdir(parents=True, exist_ok=True)
-            name = f".{self.directory.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-            self.tmp = self.directory.parent / name
-            self.tmp.mkdir()
+            self.tmp = temporary_sibling(self.directory)
 
     def write(self, features: Mapping[str, Any], labels: Any) -> None:
         """Append one chunk: ``features[layer]`` [B, ...] (torch or numpy) and ``labels`` [B]."""
@@ -108,7 +95,7 @@ class FeatureWriter:
                 self._arrays[layer][lo : lo + b] = f
             else:
                 info = self._files[layer]
-                _pwrite_all(self._fds[layer], f.tobytes(), info.offset + lo * d * self.dtype.itemsize)
+                pwrite_all(self._fds[layer], f.tobytes(), info.offset + lo * d * self.dtype.itemsize)
         self.rows_written += b
 
     def _allocate(self, i: int, layer: str, d: int) -> None:
@@ -116,7 +103,7 @@ class FeatureWriter:
             self._arrays[layer] = np.empty((self.n, d), dtype=self.dtype)
             return
         path = feature_file(self.tmp, i)
-        offset = _npy_header(path, (self.n, d), self.dtype)
+        offset = allocate_npy(path, (self.n, d), self.dtype)
         self._files[layer] = FeatureFile(path, offset, (self.n, d), self.dtype)
         self._fds[layer] = os.open(path, os.O_WRONLY)
 
@@ -147,11 +134,8 @@ class FeatureWriter:
             "dims": [self._files[layer].shape[1] for layer in self.layers],
         }
         (self.tmp / META).write_text(json.dumps(meta, sort_keys=True))
-        for entry in self.tmp.iterdir():
-            _fsync_path(entry)
-        _replace_dir(self.tmp, self.directory)
+        publish_dir(self.tmp, self.directory)
         self.tmp = None
-        _remove_dead_temporaries(self.directory)
         return {layer: open_features(self.directory, i) for i, layer in enumerate(self.layers)}
 
     def abort(self) -> None:
@@ -229,63 +213,10 @@ def read_rows(info: FeatureFile, lo: int, hi: int) -> np.ndarray:
 
 def remove_cache(directory: Path) -> None:
     """Delete a stale cache (directory or an old single-file cache)."""
-    if directory.is_dir() and not directory.is_symlink():
-        shutil.rmtree(directory, ignore_errors=True)
-    elif directory.exists() or directory.is_symlink():
-        directory.unlink()
+    remove_tree(directory)
 
 
 def _as_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor, possibly on a GPU
         return x.detach().to("cpu").numpy()
     return np.asarray(x)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    # os.replace cannot overwrite a non-empty directory: move the old one aside first, so readers
-    # see either the old complete cache, nothing, or the new complete cache.
-    old = None
-    if target.exists() or target.is_symlink():
-        old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        remove_cache(old)
-    fsync_dir(target.parent)
-
-
-def _remove_dead_temporaries(target: Path) -> None:
-    """Delete temporaries of ``target`` left by killed builds on this host (their pid is gone)."""
-    host = socket.gethostname()
-    for entry in target.parent.glob(f".{target.name}.tmp-*"):
-        parts = entry.name[len(f".{target.name}.tmp-") :].rsplit("-", 2)
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-            continue
-        if not _pid_alive(int(parts[1])):
-            log.info("removing %s, left behind by a killed build", entry)
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

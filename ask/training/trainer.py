@@ -110,7 +110,7 @@ def robust_validation(run: RunConfig, model: FeatureModel, data: DataBundle, dev
     model.eval()
     try:
         store = ReferenceStore.build(
-            model, data.train.images[pool], data.train.labels[pool], layers, run.knn.metric, data.num_classes,
+            model, data.train.images_at(pool), data.train.labels[pool], layers, run.knn.metric, data.num_classes,
             pool_indices=pool, batch_size=run.knn.batch_size, device=device, progress=False,
             use_gpu_index=run.knn.use_gpu,
         )
