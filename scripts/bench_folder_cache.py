@@ -29,13 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from ask.utils.memory import status_mib
 
 
 def worker(a: argparse.Namespace) -> dict[str, Any]:
@@ -46,9 +40,9 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     from ask.data import load_dataset
 
     cfg = DatasetConfig(name=a.dataset, root=a.root, image_size=a.image_size, cache=a.mode != "ram")
-    before, started = _status_mib("VmHWM"), time.perf_counter()
+    before, started = status_mib("VmHWM"), time.perf_counter()
     bundle = load_dataset(cfg, a.cache, seed=0, progress=False)
-    result = {"mode": a.mode, "seconds": time.perf_counter() - started, "peak_mib": _status_mib("VmHWM") - before,
+    result = {"mode": a.mode, "seconds": time.perf_counter() - started, "peak_mib": status_mib("VmHWM") - before,
               "images": len(bundle.train) + len(bundle.test),
               "pixels_mib": (bundle.train.images.numel() + bundle.test.images.numel()) / 2**20}
     result["checksum"] = int(bundle.train.images.sum(dtype=torch.int64)) + int(bundle.test.images.sum(dtype=torch.int64))

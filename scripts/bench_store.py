@@ -36,15 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ask.utils.memory import status_mib
+
 _MIB = 1 << 20
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _dir_bytes(path: Path) -> int:
@@ -57,7 +51,7 @@ def worker_build(a: argparse.Namespace) -> dict[str, Any]:
     from ask.knn.synthetic import LAYER, SyntheticPool
 
     pool = SyntheticPool(a.points, a.dim, a.classes, seed=a.seed)
-    before = _status_mib("VmHWM")
+    before = status_mib("VmHWM")
     cache = Path(a.scratch) / f"cache-{a.dtype}"
     gen_s = 0.0
 
@@ -77,7 +71,7 @@ def worker_build(a: argparse.Namespace) -> dict[str, Any]:
     store = ReferenceStore.from_chunks(timed_chunks(), a.points, [LAYER], "cosine", a.classes,
                                        feature_dtype=a.dtype, cache_path=cache, cache_key={"bench": a.seed})
     total = time.perf_counter() - start
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     assert len(store) == a.points
     return {"build_s": total - gen_s, "generate_s": gen_s, "disk_bytes": _dir_bytes(cache),
             "pre_build_peak_mib": before, "build_peak_mib": peak, "build_peak_delta_mib": peak - before}
@@ -104,17 +98,17 @@ def worker_index(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(a.threads)
     queries = torch.from_numpy(SyntheticPool(a.points, a.dim, a.classes, seed=a.seed).queries(a.queries))
     store = _load(a, a.index)
-    before = _status_mib("VmHWM")
-    rss_before = _status_mib("VmRSS")
+    before = status_mib("VmHWM")
+    rss_before = status_mib("VmRSS")
     t = time.perf_counter()
     store.search(LAYER, queries[:1], a.k)  # builds the index
     index_s = time.perf_counter() - t
-    index_rss = _status_mib("VmRSS") - rss_before
+    index_rss = status_mib("VmRSS") - rss_before
     t = time.perf_counter()
     _, rows = store.search(LAYER, queries, a.k)
     search_s = time.perf_counter() - t
     out = {"index_s": index_s, "index_rss_mib": index_rss, "search_qps": len(queries) / search_s,
-           "peak_delta_mib": _status_mib("VmHWM") - before, "info": store._index_info[(LAYER, None)]}
+           "peak_delta_mib": status_mib("VmHWM") - before, "info": store._index_info[(LAYER, None)]}
     truth = Path(a.scratch) / f"exact-{a.dtype}.npy"
     if a.index == "flat":
         np.save(truth, rows.numpy())

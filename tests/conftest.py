@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,13 @@ def finish_cli(process: subprocess.Popen, timeout: int = 600) -> str:
     output, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, output[-3000:]
     return output
+
+
+def kill_when_it_prints(script: str, marker: str) -> None:
+    """Run ``python -c script`` and SIGKILL it as soon as it prints the line ``marker`` (a build caught mid-way)."""
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == marker
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()

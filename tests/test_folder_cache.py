@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ from PIL import Image
 
 from ask.config.schema import DatasetConfig
 from ask.data import load_dataset
+from tests.conftest import kill_when_it_prints
 
 N_PER_CLASS, SIZE = 300, 128  # 1,200 images decoded to 3 x 128 x 128: 56 MiB of pixels
 
@@ -36,10 +36,7 @@ _WORKER = textwrap.dedent("""
     from ask.config.schema import DatasetConfig
     from ask.data import load_dataset
 
-    def status(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
+    from ask.utils.memory import status_mib as status
 
     root, cache, use_cache = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     before = status("VmHWM")
@@ -92,12 +89,7 @@ def test_a_killed_decode_leaves_no_cache_and_the_next_build_cleans_up(tmp_path: 
         load_dataset(DatasetConfig(name="imagenette", root={str(root)!r}, image_size=32), {str(cache)!r}, 0,
                      progress=False)
     """)
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout.readline().strip() == "decoding"
-    finally:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
+    kill_when_it_prints(script, "decoding")
     (leftover,) = (cache / "datasets").iterdir()
     assert leftover.name.startswith(".imagenette-") and ".tmp-" in leftover.name  # never a usable cache
 

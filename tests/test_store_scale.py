@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from ask.config.schema import KnnConfig
 from ask.errors import ConfigError
 from ask.knn import ReferenceStore, store_cache_key
 from ask.knn.synthetic import LAYER, SyntheticPool
+from tests.conftest import kill_when_it_prints
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -211,12 +211,7 @@ def test_partial_cache_is_never_read(tmp_path, caplog) -> None:
                 yield chunk
         ReferenceStore.from_chunks(slow(), 5000, [LAYER], "cosine", 4, cache_path={str(path)!r}, cache_key={{"p": 1}})
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "writing"
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when_it_prints(script, "writing")
     leftovers = list(tmp_path.iterdir())
     assert not path.exists() and len(leftovers) == 1 and leftovers[0].name.startswith(".pool.tmp-")
     assert ReferenceStore.load(path, {"p": 1}, [LAYER], "cosine", 4) is None
@@ -245,10 +240,7 @@ _MEMORY_WORKER = textwrap.dedent("""
     from ask.knn.store import ReferenceStore
     from ask.knn.synthetic import SyntheticPool, LAYER
 
-    def hwm():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+    from ask.utils.memory import status_mib as hwm
 
     n, d, mode, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     pool = SyntheticPool(n, d, 100)
