@@ -46,12 +46,13 @@ def check_int(attack: str, name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
-def check_positive(attack: str, name: str, value: Any, allow_zero: bool = False) -> float:
-    """``value`` as a finite float > 0 (or >= 0), else :class:`ConfigError`."""
+def check_positive(attack: str, name: str, value: Any, allow_zero: bool = False, example: str = "") -> float:
+    """``value`` as a finite float > 0 (or >= 0), else :class:`ConfigError` (suggesting ``example``)."""
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"attack.methods.{attack}.{name}={value!r} must be a finite number {bound}")
+        hint = f", e.g. {example}" if example else ""
+        raise ConfigError(f"attack.methods.{attack}.{name}={value!r} must be a finite number {bound}{hint}")
     return float(value)
 
 

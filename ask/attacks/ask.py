@@ -6,14 +6,13 @@ Defense*, IEEE Access 10 (2022), arXiv:2106.14300.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ask.attacks._common import check_int, check_knn_layers, check_labels, smallest_class
+from ask.attacks._common import check_int, check_knn_layers, check_labels, check_positive, smallest_class
 from ask.attacks.ask_loss import KINDS, multi_layer_ask_objective
 from ask.attacks.base import Attack, ThreatModel, register_attack
 from ask.errors import ConfigError
@@ -89,11 +88,7 @@ class ASKAttack(Attack):
                 f"attack 'ask' has {len(kappa_list)} kappa weights for {len(layer_list)} layers; "
                 "give one weight per layer or leave kappa unset"
             )
-        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                or not 0 < temperature < math.inf):
-            raise ConfigError(
-                f"attack.methods.ask.temperature={temperature!r} must be a finite number > 0, e.g. 0.01"
-            )
+        temperature = check_positive(self.name, "temperature", temperature, example="0.01")
         k = check_int(self.name, "k", k)
         if kind not in KINDS:
             raise ConfigError(f"attack 'ask' kind={kind!r} is not one of {', '.join(KINDS)}")

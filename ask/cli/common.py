@@ -215,6 +215,7 @@ def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, progra
     if problem:
         print(f"{program}: error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+
     def _main(cfg: DictConfig) -> Any:
         return run_task(task, cfg, program)
 

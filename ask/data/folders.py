@@ -29,7 +29,14 @@ from tqdm.auto import tqdm
 
 from ask.data.splits import ImageSplit
 from ask.errors import DataError
-from ask.utils.diskarrays import allocate_npy, publish_dir, pwrite_all, remove_tree, temporary_sibling
+from ask.utils.diskarrays import (
+    allocate_npy,
+    open_mapped,
+    publish_dir,
+    pwrite_all,
+    remove_tree,
+    temporary_sibling,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +214,7 @@ def decode_split(
 
 
 def _mapped(path: Path) -> torch.Tensor:
-    # Copy-on-write: pages load on access, and nothing a consumer does can change the cache.
-    return torch.from_numpy(np.load(path, mmap_mode="c"))
+    return torch.from_numpy(open_mapped(path))
 
 
 def _cache_path(

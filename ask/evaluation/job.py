@@ -81,7 +81,7 @@ def load_model(path: str | Path, run: RunConfig, data: DataBundle, device: torch
     return model.to(device).eval()
 
 
-def build_store(run: RunConfig, model: FeatureModel, data: DataBundle, checkpoint: Path,
+def build_store(run: RunConfig, model: FeatureModel, data: DataBundle, checkpoint_digest: str,
                 layers: list[str], device: torch.device) -> ReferenceStore:
     """Reference-pool features at every layer any victim or attack needs, cached on disk.
 
@@ -105,7 +105,7 @@ def build_store(run: RunConfig, model: FeatureModel, data: DataBundle, checkpoin
             f"k={needed_k} but class '{data.classes[smallest]}' has only {int(counts[smallest])} reference "
             "points; lower knn.k or raise knn.pool_per_class / dataset.train_per_class"
         )
-    key = store_cache_key(file_digest(checkpoint), layers, run.knn.metric, pool,
+    key = store_cache_key(checkpoint_digest, layers, run.knn.metric, pool,
                           data.train.images.shape[1:],
                           extra={"dataset": run.dataset.name, "feature_dtype": run.knn.feature_dtype})
     cache_path = None
@@ -154,11 +154,12 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
         + [layer for hyper in run.attack.methods.values() for layer in (hyper.get("layers") or [])]
     ))
     model.check_layers(layers)
-    store = build_store(run, model, data, checkpoint, layers, device)
+    checkpoint_digest = file_digest(checkpoint)  # keys both the feature cache and the evaluation state
+    store = build_store(run, model, data, checkpoint_digest, layers, device)
     points = select_points(data.test, run.eval.n_points, run.seed)
     # Per-batch progress: the same command in the same output directory resumes an interrupted run.
     state_path = output_dir / "eval_state.pt"
-    state_key = evaluation_key(run, file_digest(checkpoint), points, device)
+    state_key = evaluation_key(run, checkpoint_digest, points, device)
     rows, warnings = evaluate(run, model, points, store, device, calibration=data.calib,
                               state_path=state_path, state_key=state_key)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ask.utils.diskarrays import allocate_npy, publish_dir, pwrite_all, remove_tree, temporary_sibling
+from ask.utils.diskarrays import allocate_npy, open_mapped, publish_dir, pwrite_all, temporary_sibling
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +152,8 @@ class FeatureWriter:
 
 
 def open_features(directory: Path, i: int) -> np.ndarray:
-    """The i-th layer's features as a copy-on-write memmap: pages load on access, and a consumer
-    that writes into the array changes its own copy, never the cache."""
-    return np.load(feature_file(directory, i), mmap_mode="c")
+    """The i-th layer's features, memory-mapped (:func:`~ask.utils.diskarrays.open_mapped`)."""
+    return open_mapped(feature_file(directory, i))
 
 
 def read_cache(directory: Path, expect: dict) -> tuple[dict, np.ndarray, np.ndarray, list[np.ndarray]] | str:
@@ -209,11 +208,6 @@ def read_rows(info: FeatureFile, lo: int, hi: int) -> np.ndarray:
     if out.size != count:
         raise OSError(f"{info.path} is shorter than its header says")
     return out.reshape(hi - lo, d)
-
-
-def remove_cache(directory: Path) -> None:
-    """Delete a stale cache (directory or an old single-file cache)."""
-    remove_tree(directory)
 
 
 def _as_numpy(x: Any) -> np.ndarray:

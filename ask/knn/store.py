@@ -43,10 +43,10 @@ from ask.knn.features import (
     feature_file_info,
     read_cache,
     read_rows,
-    remove_cache,
 )
 from ask.knn.indexes import INDEX_KINDS, build_index, ivf_nlist, recall_at_k, set_nprobe, uses_ivf
 from ask.knn.similarity import check_metric, l2_normalize, rowwise_similarity
+from ask.utils.diskarrays import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +392,7 @@ class ReferenceStore:
                 log.info("loaded reference features for %d points from %s", n, cache_path)
                 return store
             if cache_path.exists() or cache_path.is_symlink():
-                remove_cache(cache_path)  # stale: freeing its space before the rebuild matters at scale
+                remove_tree(cache_path)  # stale: freeing its space before the rebuild matters at scale
 
         device = torch.device(device) if device is not None else _model_device(model)
         was_training = model.training

@@ -308,7 +308,7 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
                 f"{resume_from} was saved mid-epoch by {saved_world} process(es); resume it with "
                 f"torchrun --nproc_per_node={saved_world} (each process holds part of the epoch)"
             )
-        partial_sums = rank_state.get("sums") or (partial or {}).get("sums")
+        partial_sums = rank_state["sums"]
         previous_record = state["metrics"]
         where = f"epoch {start_epoch}" + (f" and step {partial['step']} of epoch {partial['epoch']}" if partial else "")
         log.info("resuming from %s after %s", resume_from, where)
@@ -352,6 +352,12 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
             })
         group.barrier()
 
+    def stop_here(stop: StopRequest, where: str, kept: str) -> TrainingStopped:
+        """Hand the signal on (e.g. to submitit's requeue) once the checkpoint is safe; the error to raise."""
+        stop.forward()
+        return TrainingStopped(f"stopped by {stop.signal_name or 'a signal to another rank'} {where}; "
+                               f"{last_path} holds {kept}; run the same command to resume")
+
     with StopRequest() as stop:
         for epoch in range(start_epoch + 1, run.train.epochs + 1):
             model.train()
@@ -394,12 +400,7 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
                     checkpoint(epoch - 1, previous_record, epoch_order_state, {
                         "epoch": epoch, "step": step + 1, "seconds": seconds_before + time.perf_counter() - started,
                     }, sums=(loss_sum, correct, seen))
-                    stop.forward()
-                    raise TrainingStopped(
-                        f"stopped by {stop.signal_name or 'a signal to another rank'} at epoch {epoch}, "
-                        f"step {step + 1}/{steps_per_epoch}; {last_path} holds that step; "
-                        "run the same command to resume"
-                    )
+                    raise stop_here(stop, f"at epoch {epoch}, step {step + 1}/{steps_per_epoch}", "that step")
             seconds = seconds_before + time.perf_counter() - started
             if group.enabled:
                 loss_sum, correct_sum, seen_sum = group.sum([loss_sum, correct, seen])
@@ -431,9 +432,7 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
                 shutil.copyfile(last_path, tmp)
                 tmp.replace(best_path)
             if group.any(stop.requested) and epoch < run.train.epochs:
-                stop.forward()
-                raise TrainingStopped(f"stopped by {stop.signal_name or 'a signal to another rank'} after epoch "
-                                      f"{epoch}; {last_path} holds it; run the same command to resume")
+                raise stop_here(stop, f"after epoch {epoch}", "it")
 
     if group.enabled:
         fingerprints = group.gather(distributed.parameter_fingerprint(model))

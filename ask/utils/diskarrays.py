@@ -39,6 +39,12 @@ def allocate_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype | str) -> i
     return offset
 
 
+def open_mapped(path: Path) -> np.ndarray:
+    """A ``.npy`` file as a copy-on-write memory map: pages load on access, and a consumer that
+    writes into the array changes its own copy, never the cache."""
+    return np.load(path, mmap_mode="c")
+
+
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     """Write all of ``data`` at ``offset`` (plain writes: dirty mapped pages would count as memory)."""
     view = memoryview(data).cast("B")
