@@ -335,12 +335,13 @@ def test_pgd_maximise_works_without_an_attack_object():
 # ------------------------------------------------------------------------------ ASK-Atk
 
 
+@pytest.mark.parametrize("kind", ["class", "instance"])
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
-def test_ask_attack_raises_ask_loss_with_fixed_references(metric):
+def test_ask_attack_raises_ask_loss_with_fixed_references(metric, kind):
     model, store, x, y = make_setup(metric)
     threat = ThreatModel(eps=16 / 255, steps=10, step_size=2 / 255)
     temperature = 0.01 if metric == "cosine" else 1.0
-    attack = ASKAttack(model, threat, store=store, layers=["block2"], temperature=temperature, k=2,
+    attack = ASKAttack(model, threat, store=store, layers=["block2"], temperature=temperature, k=2, kind=kind,
                        generator=torch.Generator().manual_seed(0))
     refs, clean = attack.references(x)
     # References: the k nearest of each class to the clean features, by brute force.
@@ -365,9 +366,51 @@ def test_ask_attack_raises_ask_loss_with_fixed_references(metric):
     def loss_on(images):
         with torch.no_grad():
             feats = model.forward_features(images, ["block2"])
-        return ask_loss(feats["block2"], refs["block2"], y, metric=metric, temperature=temperature)
+        return ask_loss(feats["block2"], refs["block2"], y, metric=metric, temperature=temperature, kind=kind)
 
     assert float(loss_on(x_adv).mean()) > float(loss_on(x).mean())
+
+
+def authors_ask_attack(model, references, x, y, *, eps, step_size, steps, temperature, generator):
+    """A line-by-line transcription of the authors' ASK-Atk (SPEC, "The authors' code").
+
+    Class-wise loss: z_c = mean over the k references of class c of cos(h(x'), r) / T, summed
+    cross-entropy; uniform start in the ball clipped to [0, 1]; each step x' <- clip01(x' + a *
+    sign(grad)), then the perturbation clipped to [-eps, eps]; model in eval mode.
+    """
+    model.eval()
+    batch, num_classes, k, dim = references.shape
+    x_adv = (x + (2 * torch.rand(x.shape, generator=generator) - 1) * eps).clamp(0, 1)
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        feats = model.forward_features(x_adv, ["block2"])["block2"].flatten(1)
+        sims = F.cosine_similarity(feats[:, None, None, :], references, dim=-1)  # [B, C, k]
+        logits = sims.mean(dim=2) / temperature
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = (x_adv.detach() + step_size * grad.sign()).clamp(0, 1)
+        x_adv = x + (x_adv - x).clamp(-eps, eps)
+    return x_adv.detach()
+
+
+def test_default_ask_attack_is_the_authors_attack():
+    """The default hyperparameters give the authors' attack: the same adversarial images."""
+    model, store, x, y = make_setup("cosine", batch=12)
+    threat = ThreatModel(eps=8 / 255, steps=20, step_size=2 / 255)
+    attack = ASKAttack(model, threat, store=store, layers="block2", generator=torch.Generator().manual_seed(3))
+    assert attack.kind == "class" and attack.temperature == 0.01 and attack.k == 5
+    refs, _ = attack.references(x)
+    ours = attack(x, y)
+    theirs = authors_ask_attack(model, refs["block2"], x, y, eps=8 / 255, step_size=2 / 255, steps=20,
+                                temperature=0.01, generator=torch.Generator().manual_seed(3))
+    assert float((ours - x).abs().max()) > 7 / 255  # the attack moved
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+    # The instance-wise option is a different attack on the same points.
+    instance = build_attack("ask_instance", model, threat, store=store, layers="block2",
+                            generator=torch.Generator().manual_seed(3))
+    assert instance.kind == "instance"
+    assert not torch.allclose(instance(x, y), theirs)
 
 
 def test_ask_attack_targeted_lowers_target_loss_and_multi_layer_runs():
