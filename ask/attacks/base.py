@@ -133,8 +133,9 @@ def _rand(shape: torch.Size, like: Tensor, generator: torch.Generator | None, no
     return out.to(like.device)
 
 
-def random_init(x: Tensor, eps: float, norm: str, generator: torch.Generator | None = None) -> Tensor:
-    """A uniformly random point of the ball around ``x``, clipped to [0, 1].
+def random_init(x: Tensor, eps: float, norm: str, generator: torch.Generator | None = None,
+                clip: bool = True) -> Tensor:
+    """A uniformly random point of the ball around ``x``, clipped to [0, 1] unless ``clip=False``.
 
     L-inf: each pixel moves by U(-eps, eps). L2: a uniform direction (normalised Gaussian)
     times a radius ``eps * u ** (1 / d)``, which is uniform in the volume of the d-ball.
@@ -150,7 +151,7 @@ def random_init(x: Tensor, eps: float, norm: str, generator: torch.Generator | N
         delta = direction * radius.view(-1, *([1] * (x.dim() - 1)))
     else:
         raise ConfigError(f"norm={norm!r} is not one of {', '.join(NORMS)}")
-    return (x + delta).clamp(0.0, 1.0)
+    return (x + delta).clamp(0.0, 1.0) if clip else x + delta
 
 
 def ascent_step(x_adv: Tensor, grad: Tensor, step_size: float, norm: str) -> Tensor:
@@ -195,6 +196,7 @@ def pgd_maximise(
     *,
     keep_best: bool = False,
     generator: torch.Generator | None = None,
+    clip_start: bool = True,
 ) -> AscentResult:
     """Projected gradient ascent of a per-example objective inside the threat ball.
 
@@ -215,10 +217,15 @@ def pgd_maximise(
         keep_best: return, per example, the iterate with the highest objective (costs one
             extra forward pass to score the final iterate).
         generator: random source of the random start.
+        clip_start: project the random start into the ball and [0, 1] before the first step
+            (``False``: the authors' ASK-Def start, x + U(-eps, eps) as drawn; every step still
+            projects).
     """
     x_clean = images.detach()
     eps, norm = threat.eps, threat.norm
-    if threat.random_start and eps > 0:
+    if threat.random_start and eps > 0 and not clip_start:
+        x_adv = random_init(x_clean, eps, norm, generator, clip=False)
+    elif threat.random_start and eps > 0:
         x_adv = project(random_init(x_clean, eps, norm, generator), x_clean, eps, norm)
     else:
         x_adv = x_clean.clone()

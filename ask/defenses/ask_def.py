@@ -5,32 +5,49 @@ Minimise CE(f(x_PGD), y) + beta * ASK(h_l(x_ASK), y; R) where
 - x_PGD maximises the cross-entropy in the ``eps_pgd`` ball (AT's term),
 - x_ASK maximises the ASK loss in the ``eps_ask`` ball against the reference set R (the ASK-Atk
   inner loop),
-- R is drawn afresh at every step: ``n_ref`` random training images of every class plus their
+- R is drawn afresh at every step: ``n_ref`` training images of every class plus their
   PGD-perturbed copies, each copy keeping the label of its source, so 2 * n_ref per class.
 
-Choices the paper leaves open (SPEC, Defences), made here:
-- The references come from the training split the trainer passes in (``train_split``), not from
-  the batch: a batch need not hold ``n_ref`` images of every class (it cannot with 1000 classes),
-  and drawing from the batch would put each point's own clean image among its references. The
-  draw is class-balanced and without replacement within a class; a reference may also be in the
-  batch. Reference images are not augmented.
-- Their PGD copies come from the same batched PGD call as x_PGD (one attack on the batch and the
-  references together), at ``eps_pgd``.
-- Reference features are computed once per step with the current weights, in eval mode, and carry
-  no gradient: R plays the part of the kNN pool, which is fixed when the kNN votes, so the
-  regulariser moves h_l(x_ASK) towards its class's references and away from the others, not the
-  references towards it. The same R serves the inner ASK maximisation and the outer loss.
-- Both inner maximisations run in eval mode (the authors' script ran the ASK one in train mode);
-  the outer passes run in train mode, x_PGD and x_ASK each in its own pass, and x_ASK's pass stops
-  at layer l (its logits are never used).
-- The authors' script labelled the PGD copies with ``labels.repeat_interleave(2)`` against images
-  concatenated as ``[clean; perturbed]``; here :func:`mix_references` concatenates the labels in
-  the same order, and :func:`group_by_class` arranges features by their labels, never by position.
+One training step follows the authors' order (SPEC, "The authors' code"): draw the references,
+their PGD copies, the reference features, the inner ASK maximisation, x_PGD, then the outer
+passes (x_PGD, optionally the clean batch, x_ASK). Where the authors' step and ours differ, a
+named switch picks the behaviour; ``defense=ask_def_authors`` sets every switch to the authors'
+side, ``defense=ask_def`` keeps ours:
+
+=====================  ===============  ==========  ==================================================
+switch                 ours (ask_def)   authors'    what it decides
+=====================  ===============  ==========  ==================================================
+``reference_draw``     ``random``       ``cycle``   n_ref random images per class each step, or per-class
+                                                    shuffled orders walked through and reshuffled when spent
+``augment_references`` false            true        the training augmentation on the reference images
+``reference_mode``     ``eval``         ``train``   mode of the reference-feature pass (train: batch-norm
+                                                    statistics of the reference batch, running stats updated)
+``reference_grad``     false            true        the outer loss back-propagates through h_l(references)
+``ask_mode``           ``eval``         ``train``   mode of the inner ASK maximisation (train: running
+                                                    statistics updated at every step)
+``pgd_mode``           ``eval``         ``eval``    mode of the PGD-CE maximisations (batch and references)
+``ask_start_clip``     true             false       the ASK loop's random start projected into the ball and
+                                                    [0, 1] before the first step
+``clean_pass``         false            true        an extra train-mode forward of the clean batch before the
+                                                    x_ASK pass (its output unused; it updates batch norm)
+=====================  ===============  ==========  ==================================================
+
+Why ours differs: R plays the part of the kNN pool, which is fixed when the kNN votes, so by
+default the regulariser moves h_l(x_ASK) towards its class's references, not the references
+towards it (no gradient), and batch-norm statistics are never taken from adversarial points or
+the small reference batch (eval mode). The references are drawn from the training split the
+trainer passes in (``train_split``), never from the batch: a batch need not hold ``n_ref``
+images of every class (it cannot with 1000 classes).
+
+The authors' script labelled the PGD copies with ``labels.repeat_interleave(2)`` against images
+concatenated as ``[clean; perturbed]``; both variants keep that bug fixed: :func:`mix_references`
+concatenates the labels in the same order, and :func:`group_by_class` arranges features by their
+labels, never by position.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,29 +55,41 @@ from torch import Tensor, nn
 
 from ask.attacks.ask_loss import KINDS, ask_margin, loss_from_margin
 from ask.attacks.base import pgd_maximise
-from ask.data import ImageSplit, to_float
-from ask.defenses.at import check_number, inner_mode, make_threat, pgd_ce
+from ask.data import ImageSplit, augment_batch, to_float
+from ask.defenses.at import check_number, inner_mode, make_threat, module_mode, pgd_ce
 from ask.defenses.base import Defense, register_defense
 from ask.errors import ConfigError, DataError
 from ask.knn.similarity import METRICS
 
 __all__ = [
     "ASKDefense",
+    "AuthorsASKDefense",
     "InnerPoints",
+    "MODES",
+    "REFERENCE_DRAWS",
     "ReferenceSampler",
     "group_by_class",
     "mix_references",
 ]
 
 
-class ReferenceSampler:
-    """Draws ``per_class`` random images of every class from a split, without replacement in a class.
+REFERENCE_DRAWS = ("random", "cycle")
+MODES = ("train", "eval")
 
-    Random numbers come from torch's global CPU generator (saved in the trainer's checkpoints, so a
-    resumed run draws the same references).
+
+class ReferenceSampler:
+    """Draws ``per_class`` images of every class from a split, distinct within a class.
+
+    ``draw="random"``: a fresh random choice at every call. ``draw="cycle"``: each class walks
+    through its own random order, ``per_class`` images a call, and reshuffles when fewer than
+    ``per_class`` are left (the authors' per-class shuffled loaders, cycled). Random numbers come
+    from torch's global CPU generator, saved in the trainer's checkpoints; the cycle's position is
+    :meth:`state_dict`, saved beside them, so a resumed run draws the same references.
     """
 
-    def __init__(self, split: ImageSplit, num_classes: int, per_class: int) -> None:
+    def __init__(self, split: ImageSplit, num_classes: int, per_class: int, draw: str = "random") -> None:
+        if draw not in REFERENCE_DRAWS:
+            raise ConfigError(f"defense.params.reference_draw={draw!r} is not one of {', '.join(REFERENCE_DRAWS)}")
         counts = split.class_counts(num_classes)
         short = [c for c in range(num_classes) if int(counts[c]) < per_class]
         if short:
@@ -72,6 +101,8 @@ class ReferenceSampler:
         self.split = split
         self.num_classes = int(num_classes)
         self.per_class = int(per_class)
+        self.draw_mode = draw
+        self._counts = counts.long()
         # Rows of each class, padded with -1 to a [C, max_count] table so one draw serves all classes.
         order = torch.argsort(split.labels, stable=True)
         width = int(counts.max()) if len(split) else 0
@@ -79,11 +110,29 @@ class ReferenceSampler:
         for c, group in enumerate(torch.split(order, counts.tolist())):
             self._rows[c, :len(group)] = group
         self._valid = self._rows >= 0
+        # cycle: each class's current order (positions into its rows) and how far it has been used.
+        self._order = torch.zeros_like(self._rows)
+        self._used = self._counts.clone()  # "spent": the first draw shuffles every class
+
+    def _shuffled(self) -> Tensor:
+        """A random order of every class's rows, [C, max_count] positions (padding last)."""
+        keys = torch.rand(self._rows.shape).masked_fill_(~self._valid, 2.0)
+        return keys.argsort(dim=1)
 
     def draw(self) -> Tensor:
         """Row indices into the split, [C, per_class]; row c holds distinct images of class c."""
-        keys = torch.rand(self._rows.shape).masked_fill_(~self._valid, 2.0)
-        picked = keys.topk(self.per_class, dim=1, largest=False).indices
+        if self.draw_mode == "random":
+            keys = torch.rand(self._rows.shape).masked_fill_(~self._valid, 2.0)
+            picked = keys.topk(self.per_class, dim=1, largest=False).indices
+            return self._rows.gather(1, picked)
+        spent = self._used + self.per_class > self._counts
+        if bool(spent.any()):
+            fresh = self._shuffled()
+            self._order[spent] = fresh[spent]
+            self._used[spent] = 0
+        window = self._used.unsqueeze(1) + torch.arange(self.per_class)
+        picked = self._order.gather(1, window)
+        self._used += self.per_class
         return self._rows.gather(1, picked)
 
     def sample(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -92,6 +141,17 @@ class ReferenceSampler:
         images = to_float(self.split.images[rows].to(device, non_blocking=True))
         labels = self.split.labels[rows].to(device, non_blocking=True)
         return images, labels
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"order": self._order.clone(), "used": self._used.clone()} if self.draw_mode == "cycle" else {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if self.draw_mode == "cycle" and state:
+            if state["order"].shape != self._order.shape:
+                raise DataError("the checkpoint's reference cycle does not match this training split; "
+                                "resume with the same dataset settings")
+            self._order.copy_(state["order"])
+            self._used.copy_(state["used"])
 
 
 def mix_references(clean: Tensor, perturbed: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -123,14 +183,15 @@ def group_by_class(features: Tensor, labels: Tensor, num_classes: int) -> Tensor
 
 
 class InnerPoints(NamedTuple):
-    """What ASK-Def's inner maximisations produce for one batch (all detached).
+    """What ASK-Def's inner maximisations produce for one batch.
 
     Attributes:
-        x_pgd: the batch after PGD-CE at ``eps_pgd``, [B, ...].
-        x_ask: the batch after the ASK maximisation at ``eps_ask``, [B, ...].
+        x_pgd: the batch after PGD-CE at ``eps_pgd``, [B, ...] (detached).
+        x_ask: the batch after the ASK maximisation at ``eps_ask``, [B, ...] (detached).
         ref_images: the reference images, clean ones then their PGD copies, [2 * C * n_ref, ...].
         ref_labels: their labels, [2 * C * n_ref].
-        references: their features at the layer grouped by label, [C, 2 * n_ref, D].
+        references: their features at the layer grouped by label, [C, 2 * n_ref, D]; with
+            ``reference_grad`` they carry the graph back to the weights.
     """
 
     x_pgd: Tensor
@@ -144,24 +205,33 @@ class InnerPoints(NamedTuple):
 class ASKDefense(Defense):
     """ASK-Def: AT's CE on x_PGD plus ``beta`` times the ASK loss of x_ASK against a per-batch reference set.
 
-    See the module docstring for the choices made where the paper is silent.
+    See the module docstring for the switches where our step and the authors' differ.
 
-    Hyperparameters (``conf/defense/ask_def.yaml``; defaults are the authors' CIFAR-10 settings):
+    Hyperparameters (``conf/defense/ask_def.yaml``; ``conf/defense/ask_def_authors.yaml``):
         layer: the hidden layer l (default: the first of ``knn.layers``).
         metric: ``cosine`` or ``l2`` (default the kNN's metric, cosine).
         temperature: T of the soft kNN (0.1; the attack's 0.01 is for evaluation).
-        kind: ``instance`` (the paper's) or ``class``.
+        kind: ``instance`` (the authors' training loss) or ``class``.
         beta: weight of the ASK term (1).
         n_ref: clean references per class (5; 2 * n_ref with the PGD copies).
         eps_pgd: ball of the CE term and of the references' copies (4/255).
         eps_ask: ball of the ASK maximisation (8/255).
         step_size, steps: budget of both inner maximisations (2/255, 10 steps).
         norm: ``linf`` or ``l2``.
+        reference_draw, augment_references, reference_mode, reference_grad, ask_mode, pgd_mode,
+        ask_start_clip, clean_pass: the switches of the module docstring.
 
-    Context from the trainer: ``train_split`` (the reference source) and ``knn_layers``.
+    Context from the trainer: ``train_split`` (the reference source), ``knn_layers`` and
+    ``augment`` (the training augmentation, for ``augment_references``).
     """
 
     name = "ask_def"
+    #: The switches' values when a caller leaves them unset: our variant (module docstring).
+    switches: ClassVar[dict[str, Any]] = {
+        "reference_draw": "random", "augment_references": False, "reference_mode": "eval",
+        "reference_grad": False, "ask_mode": "eval", "pgd_mode": "eval", "ask_start_clip": True,
+        "clean_pass": False,
+    }
 
     def __init__(
         self,
@@ -170,6 +240,7 @@ class ASKDefense(Defense):
         label_smoothing: float = 0.0,
         train_split: ImageSplit | None = None,
         knn_layers: list[str] | None = None,
+        augment: str = "none",
         layer: str | None = None,
         metric: str = "cosine",
         temperature: float = 0.1,
@@ -181,21 +252,48 @@ class ASKDefense(Defense):
         step_size: Any = "2/255",
         steps: int = 10,
         norm: str = "linf",
+        reference_draw: str | None = None,
+        augment_references: bool | None = None,
+        reference_mode: str | None = None,
+        reference_grad: bool | None = None,
+        ask_mode: str | None = None,
+        pgd_mode: str | None = None,
+        ask_start_clip: bool | None = None,
+        clean_pass: bool | None = None,
         **unknown: Any,
     ) -> None:
         super().__init__(model, label_smoothing=label_smoothing, **unknown)
+        given = {"reference_draw": reference_draw, "augment_references": augment_references,
+                 "reference_mode": reference_mode, "reference_grad": reference_grad, "ask_mode": ask_mode,
+                 "pgd_mode": pgd_mode, "ask_start_clip": ask_start_clip, "clean_pass": clean_pass}
+        switches = {key: self.switches[key] if value is None else value for key, value in given.items()}
+        reference_draw, augment_references = switches["reference_draw"], switches["augment_references"]
+        reference_mode, reference_grad = switches["reference_mode"], switches["reference_grad"]
+        ask_mode, pgd_mode = switches["ask_mode"], switches["pgd_mode"]
+        ask_start_clip, clean_pass = switches["ask_start_clip"], switches["clean_pass"]
         if train_split is None:
-            raise ConfigError("defense 'ask_def' draws its references from the training split; pass train_split=...")
+            raise ConfigError(f"defense '{self.name}' draws its references from the training split; "
+                              "pass train_split=...")
         if layer is None:
             if not knn_layers:
-                raise ConfigError("defense 'ask_def' needs a layer; set defense.params.layer (e.g. block3)")
+                raise ConfigError(f"defense '{self.name}' needs a layer; set defense.params.layer (e.g. block3)")
             layer = knn_layers[0]
         if hasattr(model, "check_layers"):
             model.check_layers([layer])
         if metric not in METRICS:
-            raise ConfigError(f"defense 'ask_def' metric={metric!r} is not one of {', '.join(METRICS)}")
+            raise ConfigError(f"defense '{self.name}' metric={metric!r} is not one of {', '.join(METRICS)}")
         if kind not in KINDS:
-            raise ConfigError(f"defense 'ask_def' kind={kind!r} is not one of {', '.join(KINDS)}")
+            raise ConfigError(f"defense '{self.name}' kind={kind!r} is not one of {', '.join(KINDS)}")
+        for name, value in (("reference_mode", reference_mode), ("ask_mode", ask_mode), ("pgd_mode", pgd_mode)):
+            if value not in MODES:
+                raise ConfigError(f"defense.params.{name}={value!r} is not one of {', '.join(MODES)}")
+        for name, value in (("augment_references", augment_references), ("reference_grad", reference_grad),
+                            ("ask_start_clip", ask_start_clip), ("clean_pass", clean_pass)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"defense.params.{name}={value!r} must be true or false")
+        if augment_references and augment == "none":
+            raise ConfigError("defense.params.augment_references=true but dataset.augment=none; "
+                              "set dataset.augment=crop_flip or augment_references=false")
         self.layer = layer
         self.metric = metric
         self.kind = kind
@@ -208,7 +306,20 @@ class ASKDefense(Defense):
                                       eps_name="eps_ask")
         num_classes = getattr(model, "num_classes", None) or int(train_split.labels.max()) + 1
         self.num_classes = int(num_classes)
-        self.sampler = ReferenceSampler(train_split, self.num_classes, n_ref)
+        self.sampler = ReferenceSampler(train_split, self.num_classes, n_ref, reference_draw)
+        self.augment = augment if augment_references else "none"
+        self.reference_train = reference_mode == "train"
+        self.reference_grad = reference_grad
+        self.ask_train = ask_mode == "train"
+        self.pgd_train = pgd_mode == "train"
+        self.ask_start_clip = ask_start_clip
+        self.clean_pass = clean_pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state.get("sampler") or {})
 
     # ------------------------------------------------------------------------- pieces
     def features(self, images: Tensor) -> Tensor:
@@ -220,34 +331,60 @@ class ASKDefense(Defense):
         return ask_margin(features, references, labels, metric=self.metric,
                           temperature=self.temperature, kind=self.kind)
 
-    def inner(self, images: Tensor, labels: Tensor) -> InnerPoints:
-        """Both inner maximisations and the reference set (eval mode, frozen weights; both restored)."""
-        device = images.device
+    def reference_set(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """``(images, labels, features [C, 2 * n_ref, D])``: the references, their PGD copies, h_l of both."""
         ref_clean, ref_y = self.sampler.sample(device)
-        batch = images.shape[0]
-        with inner_mode(self.model):
-            # One PGD call for the batch and the references: the same attack, batched.
-            adversarial = pgd_ce(self.model, torch.cat([images, ref_clean.to(images.dtype)]),
-                                 torch.cat([labels, ref_y]), self.pgd_threat)
-            x_pgd, ref_pgd = adversarial[:batch], adversarial[batch:]
-            ref_images, ref_labels = mix_references(ref_clean, ref_pgd, ref_y)
-            with torch.no_grad():
-                references = group_by_class(self.features(ref_images), ref_labels, self.num_classes).detach()
+        ref_clean = augment_batch(ref_clean.to(dtype), self.augment)
+        ref_pgd = pgd_ce(self.model, ref_clean, ref_y, self.pgd_threat, training=self.pgd_train)
+        ref_images, ref_labels = mix_references(ref_clean, ref_pgd, ref_y)
+        with module_mode(self.model, self.reference_train), torch.set_grad_enabled(self.reference_grad):
+            features = self.features(ref_images)
+        return ref_images, ref_labels, group_by_class(features, ref_labels, self.num_classes)
 
-            def objective(x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-                # Record the loss, step along the margin (same sign steps, no underflow).
-                margin = self.margin(self.features(x_adv), y, references)
-                return loss_from_margin(margin, self.kind), margin
+    def ask_maximise(self, images: Tensor, labels: Tensor, references: Tensor) -> Tensor:
+        """x_ASK: the inner ASK maximisation against fixed (detached) ``references``."""
+        if self.ask_threat.is_trivial:
+            return images.detach()
 
-            if self.ask_threat.is_trivial:
-                x_ask = images.detach()
-            else:
-                x_ask = pgd_maximise(objective, images, labels, self.ask_threat).adversarial
+        def objective(x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            margin = self.margin(self.features(x_adv), y, references)
+            loss = loss_from_margin(margin, self.kind)
+            # Eval mode: step along the margin (same sign steps, no underflow). Train mode: batch
+            # statistics couple the examples, so only the loss's own gradient is exact.
+            return loss, loss if self.ask_train else margin
+
+        with inner_mode(self.model, self.ask_train):
+            return pgd_maximise(objective, images, labels, self.ask_threat,
+                                clip_start=self.ask_start_clip).adversarial
+
+    def inner(self, images: Tensor, labels: Tensor) -> InnerPoints:
+        """The reference set and both inner maximisations, in the authors' order (modes restored)."""
+        ref_images, ref_labels, references = self.reference_set(images.device, images.dtype)
+        x_ask = self.ask_maximise(images, labels, references.detach())
+        x_pgd = pgd_ce(self.model, images, labels, self.pgd_threat, training=self.pgd_train)
         return InnerPoints(x_pgd, x_ask, ref_images, ref_labels, references)
 
     def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         points = self.inner(images, labels)
         logits = self.model(points.x_pgd)
+        if self.clean_pass:
+            with torch.no_grad():
+                self.model(images)
         ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         ask = loss_from_margin(self.margin(self.features(points.x_ask), labels, points.references), self.kind)
         return ce + self.beta * ask.mean(), logits
+
+
+@register_defense
+class AuthorsASKDefense(ASKDefense):
+    """ASK-Def exactly as the authors' training step runs (SPEC, "The authors' code"), label bug fixed.
+
+    The same defence as :class:`ASKDefense` with every switch on the authors' side by default.
+    """
+
+    name = "ask_def_authors"
+    switches: ClassVar[dict[str, Any]] = {
+        "reference_draw": "cycle", "augment_references": True, "reference_mode": "train",
+        "reference_grad": True, "ask_mode": "train", "pgd_mode": "eval", "ask_start_clip": False,
+        "clean_pass": True,
+    }

@@ -28,6 +28,13 @@ class Defense(ABC):
         self.model = model
         self.label_smoothing = label_smoothing
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs beyond the weights and the random streams (plain tensors and data)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (a no-op by default)
+        """Restore :meth:`state_dict`."""
+
     @abstractmethod
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the scalar training loss and the logits used for the running train accuracy."""

@@ -247,7 +247,8 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
     if use_cuda_tricks and run.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    context = _defense_context(run.defense.name, {"train_split": data.train, "knn_layers": list(run.knn.layers)})
+    context = _defense_context(run.defense.name, {"train_split": data.train, "knn_layers": list(run.knn.layers),
+                                                  "augment": run.dataset.augment})
     defense = build_defense(run.defense.name, model, dict(run.defense.params),
                             label_smoothing=run.train.label_smoothing, **context)
     step_module: Any = defense.loss
@@ -300,6 +301,7 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
         rank_state = _rank_state(state, group)
         augment_rng.set_state(rank_state["augment_rng"].to(augment_rng.get_state().device))
         restore_rng_state(rank_state["rng"])
+        defense.load_state_dict(rank_state.get("defense") or {})
         start_epoch, best_metric = state["epoch"], state["best_metric"]
         partial = state.get("partial")
         saved_world = len(state.get("rank_states") or [None])
@@ -331,7 +333,7 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
         """Write ``last.pt`` (rank 0); every rank's random state (and, mid-epoch, its running sums)
         goes in, so every rank can resume."""
         ranks = group.gather({"rng": capture_rng_state(), "augment_rng": augment_rng.get_state().cpu(),
-                              "sums": sums})
+                              "sums": sums, "defense": defense.state_dict()})
         if group.is_main:
             save_checkpoint(last_path, {
                 "model": spec,
@@ -344,6 +346,7 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
                 "order_rng": order_state,
                 "augment_rng": ranks[0]["augment_rng"],
                 "rng": ranks[0]["rng"],
+                "defense": ranks[0]["defense"],
                 "rank_states": ranks if group.enabled else None,
                 "partial": None if partial_state is None else {**partial_state, "sums": ranks[0]["sums"]},
                 "classes": list(data.classes),
@@ -479,4 +482,5 @@ def _rank_state(state: dict[str, Any], group: distributed.Distributed) -> dict[s
         log.warning("the checkpoint was written by %d process(es), this run has %d: the random streams restart",
                     len(ranks) if ranks else 1, group.world_size)
     partial = state.get("partial") or {}
-    return {"rng": state["rng"], "augment_rng": state["augment_rng"], "sums": partial.get("sums")}
+    return {"rng": state["rng"], "augment_rng": state["augment_rng"], "sums": partial.get("sums"),
+            "defense": state.get("defense")}
