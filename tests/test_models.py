@@ -22,6 +22,8 @@ CASES = [
     ("vgg16", 1, 8),
     ("vgg16", 3, 32),
     ("vgg16", 3, 64),
+    ("vgg16_authors", 3, 32),
+    ("vgg16_authors", 3, 64),
     ("resnet18", 1, 8),
     ("resnet18", 3, 32),
     ("resnet18", 3, 128),
@@ -30,6 +32,7 @@ CASES = [
 EXPECTED_LAYERS = {
     "smallcnn": ("block1", "block2", "block3", "pool"),
     "vgg16": ("block1", "block2", "block3", "block4", "block5", "pool"),
+    "vgg16_authors": ("block1", "block2", "block3", "block4", "block5"),
     "resnet18": ("stem", "layer1", "layer2", "layer3", "layer4", "pool"),
 }
 
@@ -71,8 +74,8 @@ def images(n: int, channels: int, size: int, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, channels, size, size, generator=g)
 
 
-def test_registry_lists_the_three_models() -> None:
-    assert available_models() == ["resnet18", "smallcnn", "vgg16"]
+def test_registry_lists_the_four_models() -> None:
+    assert available_models() == ["resnet18", "smallcnn", "vgg16", "vgg16_authors"]
 
 
 @pytest.mark.parametrize("name,channels,size", CASES)
@@ -111,7 +114,8 @@ def test_forward_features_matches_forward_and_hooks(name: str, channels: int, si
     assert torch.equal(feats["logits"], logits)
     for layer in model.layer_names:
         assert torch.equal(feats[layer], seen[layer]), layer
-    assert feats["pool"].dim() == 2
+    if "pool" in feats:
+        assert feats["pool"].dim() == 2
 
 
 def test_forward_features_equal_in_train_mode() -> None:
@@ -160,6 +164,80 @@ def test_vgg16_large_image_and_width() -> None:
     assert narrow.feature_shapes()["block4"] == (128, 2, 2)
 
 
+# The authors' VGG16 for 10 classes at 32 px, counted by hand: 13 convolutions with bias, a
+# (weight, bias) pair per batch-norm channel, and the three linear layers of the classifier.
+_CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+          (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+AUTHORS_VGG16_PARAMS = (
+    sum(i * o * 9 + o for i, o in _CONVS)  # 14,714,688
+    + sum(2 * o for _, o in _CONVS)  # 8,448
+    + (512 * 512 + 512) * 2 + (512 * 10 + 10)  # 525,312 + 5,130
+)
+
+
+def test_vgg16_authors_is_the_authors_network() -> None:
+    assert AUTHORS_VGG16_PARAMS == 15_253_578
+    torch.manual_seed(0)
+    model = build_model("vgg16_authors", 10, 3, 32, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]).eval()
+    assert sum(p.numel() for p in model.parameters()) == AUTHORS_VGG16_PARAMS
+    assert model.feature_shapes() == {
+        "block1": (64, 16, 16),
+        "block2": (128, 8, 8),
+        "block3": (256, 4, 4),
+        "block4": (512, 2, 2),
+        "block5": (512, 1, 1),
+        "logits": (10,),
+    }
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == _CONVS
+    assert all(c.bias is not None and c.kernel_size == (3, 3) and c.padding == (1, 1) for c in convs)
+    # Every block: [conv, batch norm, ReLU] repeated, closed by a 2x2 max-pool.
+    for block, n_convs in zip(model.layer_names, (2, 2, 3, 3, 3), strict=True):
+        kinds = [type(m) for m in model.stages[block]]
+        assert kinds == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU] * n_convs + [torch.nn.MaxPool2d]
+    classifier = model.stages["logits"]
+    assert [type(m) for m in classifier] == [
+        torch.nn.Flatten, torch.nn.Dropout, torch.nn.Linear, torch.nn.ReLU,
+        torch.nn.Dropout, torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear,
+    ]
+    assert [m.p for m in classifier if isinstance(m, torch.nn.Dropout)] == [0.5, 0.5]
+    linears = [(m.in_features, m.out_features) for m in classifier if isinstance(m, torch.nn.Linear)]
+    assert linears == [(512, 512), (512, 512), (512, 10)]
+
+    # No input normalisation although mean/std were given: the network sees the pixels themselves.
+    assert not model.input_normalized and model.config["normalize"] is False
+    x = images(3, 3, 32)
+    with torch.no_grad():
+        bare = x
+        for name in ("block1", "block2", "block3", "block4", "block5", "logits"):
+            bare = model.stages[name](bare)
+        assert torch.equal(model(x), bare)
+        assert torch.equal(model.forward_features(x, ["block1"])["block1"], model.stages["block1"](x))
+
+
+def test_vgg16_authors_follows_classes_size_and_normalize() -> None:
+    # The class count comes from the caller; the first linear layer from the image size (512 * (H/32)^2).
+    big = build_model("vgg16_authors", 7, 3, 64, [0.5] * 3, [0.5] * 3, width=8)
+    linears = [m for m in big.stages["logits"] if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(64 * 2 * 2, 64), (64, 64), (64, 7)]
+    assert big.feature_shapes()["block4"] == (64, 4, 4)
+    # normalize=True puts the statistics inside, like the other models.
+    torch.manual_seed(0)
+    inside = build_model("vgg16_authors", 7, 3, 32, [0.3, 0.5, 0.7], [0.2, 0.3, 0.4], width=8,
+                         normalize=True).eval()
+    plain = build_model(**{**inside.config, "normalize": False}).eval()
+    plain.load_state_dict(inside.state_dict())
+    m, s = torch.tensor([0.3, 0.5, 0.7]).view(1, 3, 1, 1), torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1)
+    x = images(2, 3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(inside(x), plain((x - m) / s), rtol=1e-5, atol=1e-5)
+    # The other models keep normalising unless told not to.
+    assert make("vgg16", 3, 32).input_normalized
+    assert not build_model("vgg16", 3, 3, 32, [0.5] * 3, [0.5] * 3, width=4, normalize=False).input_normalized
+    with pytest.raises(ConfigError, match="image_size=16 is too small for model 'vgg16_authors'"):
+        build_model("vgg16_authors", 10, 3, 16, [0.5] * 3, [0.5] * 3)
+
+
 def test_resnet18_stems() -> None:
     cifar = make("resnet18", 3, 32).feature_shapes()
     assert cifar["stem"] == (64, 32, 32)
@@ -185,7 +263,7 @@ def test_smallcnn_shapes_follow_width() -> None:
     }
 
 
-@pytest.mark.parametrize("name", ["smallcnn", "vgg16", "resnet18"])
+@pytest.mark.parametrize("name", ["smallcnn", "vgg16", "vgg16_authors", "resnet18"])
 def test_forward_features_stops_early(name: str) -> None:
     model = make(name, 3, 32)
     first = model.layer_names[0]
@@ -296,7 +374,7 @@ def test_normalisation_is_inside_and_not_in_state_dict(name: str) -> None:
     assert not torch.allclose(before, after)
 
 
-@pytest.mark.parametrize("name", ["smallcnn", "vgg16", "resnet18"])
+@pytest.mark.parametrize("name", ["smallcnn", "vgg16", "vgg16_authors", "resnet18"])
 def test_input_gradients_flow_through_forward_features(name: str) -> None:
     model = make(name, 3, 32)
     x = images(2, 3, 32).requires_grad_(True)
@@ -329,10 +407,12 @@ def test_input_gradient_matches_finite_differences() -> None:
     assert math.isclose(float((g * v).sum()), float(numeric), rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["smallcnn", "vgg16", "resnet18"])
+@pytest.mark.parametrize("name", ["smallcnn", "vgg16", "vgg16_authors", "resnet18"])
 def test_every_parameter_gets_a_gradient(name: str) -> None:
-    model = build_model(name, NUM_CLASSES, 3, 16, [0.5] * 3, [0.25] * 3, width=4).train()
-    loss = F.cross_entropy(model(images(4, 3, 16)), torch.arange(4) % NUM_CLASSES)
+    size = 32 if name == "vgg16_authors" else 16  # its five max-pools need 32 px
+    torch.manual_seed(0)  # dropout in the authors' classifier
+    model = build_model(name, NUM_CLASSES, 3, size, [0.5] * 3, [0.25] * 3, width=4).train()
+    loss = F.cross_entropy(model(images(4, 3, size)), torch.arange(4) % NUM_CLASSES)
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert missing == []

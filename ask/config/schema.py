@@ -77,6 +77,8 @@ class ModelConfig:
     checkpoint: str | None = None
     width: int = 64  # base channel count; 64 is the standard VGG16 / ResNet18, smallcnn uses 32 on CPU
     default_layers: list[str] = field(default_factory=lambda: ["block3"])
+    # (x - mean) / std inside the network; null = the architecture's default (false only for vgg16_authors)
+    normalize: bool | None = None
 
     def __post_init__(self) -> None:
         _require(self.width > 0, f"model.width={self.width} must be positive")

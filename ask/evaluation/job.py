@@ -71,7 +71,10 @@ def load_model(path: str | Path, run: RunConfig, data: DataBundle, device: torch
     spec = checkpoint["model"]
     check_compatible(spec, path, model_name=run.model.name, num_classes=data.num_classes,
                      in_channels=data.in_channels, image_size=data.image_size)
-    model = build_model_for(replace(run, model=replace(run.model, width=spec["width"])), data)
+    # The checkpoint, not the config, says how its network was built (None: written before
+    # normalize was recorded, so the architecture's default, which those runs all used).
+    built = replace(run.model, width=spec["width"], normalize=spec.get("normalize"))
+    model = build_model_for(replace(run, model=built), data)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:

@@ -1,4 +1,4 @@
-"""Backbones with named hidden layers: ``smallcnn``, ``vgg16`` and ``resnet18``.
+"""Backbones with named hidden layers: ``smallcnn``, ``vgg16``, ``vgg16_authors`` and ``resnet18``.
 
 >>> model = build_model("vgg16", num_classes=10, in_channels=3, image_size=32,
 ...                     mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26])
@@ -14,7 +14,7 @@ from ask.errors import ModelError
 from ask.models.base import LOGITS, FeatureModel, init_weights
 from ask.models.resnet import ResNet18
 from ask.models.smallcnn import SmallCNN
-from ask.models.vgg import VGG16
+from ask.models.vgg import VGG16, VGG16Authors
 
 __all__ = [
     "LOGITS",
@@ -22,12 +22,15 @@ __all__ = [
     "ResNet18",
     "SmallCNN",
     "VGG16",
+    "VGG16Authors",
     "available_models",
     "build_model",
     "init_weights",
 ]
 
-_REGISTRY: dict[str, type[FeatureModel]] = {cls.name: cls for cls in (SmallCNN, VGG16, ResNet18)}
+_REGISTRY: dict[str, type[FeatureModel]] = {
+    cls.name: cls for cls in (SmallCNN, VGG16, VGG16Authors, ResNet18)
+}
 
 
 def available_models() -> list[str]:
@@ -43,6 +46,7 @@ def build_model(
     mean: Sequence[float],
     std: Sequence[float],
     width: int = 64,
+    normalize: bool | None = None,
 ) -> FeatureModel:
     """Build an untrained backbone by name.
 
@@ -52,10 +56,14 @@ def build_model(
         in_channels: image channels (1 for greyscale).
         image_size: image side in pixels, at least 8.
         mean, std: per-channel normalisation, applied inside the model to [0, 1] inputs.
-        width: base channel count; for ``vgg16`` and ``resnet18`` 64 is the standard network.
+        width: base channel count; for ``vgg16``, ``vgg16_authors`` and ``resnet18`` 64 is the
+            standard network.
+        normalize: whether ``mean`` and ``std`` are applied; None = the architecture's default
+            (True for all but ``vgg16_authors``, which sees [0, 1] pixels as the authors' does).
 
     Returns:
-        The model in training mode on the CPU, Kaiming-initialised. ``model.config`` holds the
+        The model in training mode on the CPU, Kaiming-initialised (``vgg16_authors``: PyTorch's
+        default initialisation, as the authors'). ``model.config`` holds the
         keyword arguments that rebuild it (for checkpoints).
 
     Raises:
@@ -72,6 +80,7 @@ def build_model(
         mean=mean,
         std=std,
         width=width,
+        normalize=normalize,
     )
     model.config = {
         "name": key,
@@ -81,5 +90,6 @@ def build_model(
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
         "width": int(width),
+        "normalize": model.input_normalized,
     }
     return model

@@ -34,7 +34,9 @@ class FeatureModel(nn.Module):
 
     Input: float images in [0, 1], shape N×C×H×W. ``(x - mean) / std`` happens inside (the
     statistics are non-persistent buffers, so they are not in the ``state_dict``), which lets
-    attacks work on raw pixels and clip to [0, 1].
+    attacks work on raw pixels and clip to [0, 1]. A model built with ``normalize=False`` (the
+    default of architectures whose ``normalizes_by_default`` is False, such as the ASK authors'
+    VGG16) feeds the pixels to its first layer unchanged; its buffers then hold 0 and 1.
 
     Subclasses build their modules and then call :meth:`_set_stages` once with the ordered
     ``(name, module)`` pairs, the classifier last under the name ``"logits"``.
@@ -46,10 +48,13 @@ class FeatureModel(nn.Module):
         image_size: the image side the model was built for (other sizes work where the
             architecture allows, e.g. the global pools adapt).
         layer_names: hidden layers in forward order (``"logits"`` excluded).
+        input_normalized: whether ``(x - mean) / std`` is applied to the input.
         config: the keyword arguments that rebuild this model with ``build_model(**config)``.
     """
 
     name: str = "featuremodel"
+    #: Whether the input is normalised when the builder passes ``normalize=None``.
+    normalizes_by_default: bool = True
 
     def __init__(
         self,
@@ -58,6 +63,7 @@ class FeatureModel(nn.Module):
         image_size: int,
         mean: Sequence[float],
         std: Sequence[float],
+        normalize: bool | None = None,
     ) -> None:
         super().__init__()
         _check_positive_int(num_classes, "num_classes")
@@ -75,6 +81,9 @@ class FeatureModel(nn.Module):
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
         self.image_size = int(image_size)
+        self.input_normalized = self.normalizes_by_default if normalize is None else bool(normalize)
+        if not self.input_normalized:
+            mean_t, std_t = torch.zeros_like(mean_t), torch.ones_like(std_t)
         # Non-persistent: the statistics belong to the dataset config, and a checkpoint trained
         # with them must not silently override a different normalisation on load.
         self.register_buffer("mean", mean_t.view(1, -1, 1, 1), persistent=False)
@@ -103,12 +112,14 @@ class FeatureModel(nn.Module):
 
     # --------------------------------------------------------------------------------- forward
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Map [0, 1] pixels to the network's input scale."""
+        """Map [0, 1] pixels to the network's input scale (``x`` itself when ``input_normalized`` is False)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ModelError(
                 f"model '{self.name}' expects images of shape N×{self.in_channels}×H×W, "
                 f"got {tuple(x.shape)}; check dataset.channels against the checkpoint"
             )
+        if not self.input_normalized:
+            return x
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +196,7 @@ class FeatureModel(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"name={self.name}, num_classes={self.num_classes}, in_channels={self.in_channels}, "
-            f"image_size={self.image_size}, layers={list(self.layer_names)}"
+            f"image_size={self.image_size}, normalized={self.input_normalized}, layers={list(self.layer_names)}"
         )
 
 

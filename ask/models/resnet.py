@@ -48,6 +48,7 @@ class ResNet18(FeatureModel):
         image_size: image side, at least 8; above 64 the ImageNet stem is used.
         mean, std: per-channel normalisation applied inside the model.
         width: channels of the stem and ``layer1`` (64 = standard ResNet18).
+        normalize: False feeds [0, 1] pixels to the first layer unchanged; None (default) = True.
     """
 
     name = "resnet18"
@@ -60,8 +61,9 @@ class ResNet18(FeatureModel):
         mean: Sequence[float],
         std: Sequence[float],
         width: int = STANDARD_WIDTH,
+        normalize: bool | None = None,
     ) -> None:
-        super().__init__(num_classes, in_channels, image_size, mean, std)
+        super().__init__(num_classes, in_channels, image_size, mean, std, normalize)
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ConfigError(f"model.width={width!r} must be a positive integer")
         if width != STANDARD_WIDTH:

@@ -47,6 +47,7 @@ class SmallCNN(FeatureModel):
         image_size: image side (at least 8; the two max-pools leave at least 2×2).
         mean, std: per-channel normalisation applied inside the model.
         width: channels of ``block1``; ``block2`` has twice, ``block3`` four times as many.
+        normalize: False feeds [0, 1] pixels to the first layer unchanged; None (default) = True.
     """
 
     name = "smallcnn"
@@ -59,8 +60,9 @@ class SmallCNN(FeatureModel):
         mean: Sequence[float],
         std: Sequence[float],
         width: int = 64,
+        normalize: bool | None = None,
     ) -> None:
-        super().__init__(num_classes, in_channels, image_size, mean, std)
+        super().__init__(num_classes, in_channels, image_size, mean, std, normalize)
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ConfigError(f"model.width={width!r} must be a positive integer")
         w1, w2, w3 = width, 2 * width, 4 * width

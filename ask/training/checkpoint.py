@@ -84,8 +84,12 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def model_spec(model_name: str, width: int, num_classes: int, in_channels: int, image_size: int,
-               mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
-    """What it takes to rebuild the architecture, stored beside the weights."""
+               mean: tuple[float, ...], std: tuple[float, ...], normalize: bool = True) -> dict[str, Any]:
+    """What it takes to rebuild the architecture, stored beside the weights.
+
+    ``normalize`` says whether ``mean`` and ``std`` were applied inside the network; checkpoints
+    written before it was recorded lack it, and their architectures all normalised.
+    """
     return {
         "name": model_name,
         "width": width,
@@ -94,6 +98,7 @@ def model_spec(model_name: str, width: int, num_classes: int, in_channels: int, 
         "image_size": image_size,
         "mean": list(mean),
         "std": list(std),
+        "normalize": bool(normalize),
     }
 
 

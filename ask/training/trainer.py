@@ -57,6 +57,7 @@ def build_model_for(run: RunConfig, data: DataBundle) -> FeatureModel:
         mean=data.mean,
         std=data.std,
         width=run.model.width,
+        normalize=run.model.normalize,
     )
 
 
@@ -272,7 +273,7 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
     last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
     metrics_path = output_dir / METRICS_FILE
     spec = model_spec(run.model.name, run.model.width, data.num_classes, data.in_channels,
-                      data.image_size, data.mean, data.std)
+                      data.image_size, data.mean, data.std, normalize=model.input_normalized)
     start_epoch, best_metric = 0, -math.inf
     partial: dict[str, Any] | None = None
     previous_record: dict[str, Any] = {}
