@@ -5,7 +5,8 @@
 # the authors tap VGG16's block 4 of 5) and on the last one, then ask-report.
 #
 #   scripts/reproduce_attacks.sh cpu     # smallcnn width 32, the CPU schedule, ~45 min on 2 CPU cores
-#   scripts/reproduce_attacks.sh paper   # VGG16 in the authors' settings (block4), a GPU
+#   scripts/reproduce_attacks.sh paper   # the authors' VGG16 and schedule (experiment=defenses_cifar10_vgg16,
+#                                        # defense=none), the kNN on block4, a GPU
 #
 # CIFAR10_ROOT, OUT and extra arguments as in scripts/reproduce_defenses.sh.
 set -euo pipefail

@@ -5,8 +5,9 @@
 #
 #   scripts/reproduce_defenses.sh digits     # the embedded digits, no download, minutes on a CPU
 #   scripts/reproduce_defenses.sh cpu        # CIFAR-10 subset, smallcnn width 16, ~2 h on 2 CPU cores
-#   scripts/reproduce_defenses.sh paper      # the authors' VGG16 settings, 200 epochs, a GPU
-#   scripts/reproduce_defenses.sh paper-1h   # the same with a schedule meant for ~1 h per defence on an H100
+#   scripts/reproduce_defenses.sh paper      # the authors' settings (experiment=defenses_cifar10_vgg16:
+#                                            # their VGG16, 200 epochs, lr x0.1 after 100), a GPU
+#   scripts/reproduce_defenses.sh paper-1h   # the same network with 30 epochs (x0.1 after 15), ~1 h per defence
 #
 # CIFAR10_ROOT: the CIFAR-10 ImageFolder tree (<root>/train/<class>/*.jpg, <root>/test/...).
 # OUT: where everything goes (default outputs/reproduce/defenses-<scale>); rerunning resumes
@@ -29,6 +30,7 @@ if [ "$scale" != digits ]; then
 fi
 out="${OUT:-outputs/reproduce/defenses-$scale}"
 bin="${ASK_BIN:-.venv/bin}"
+# The defences compared, one training job each (conf/defense/<name>.yaml); edit this list to add one.
 defenses=(none at ask_def trades)
 
 "$bin/ask-train" -m "${common[@]}" "defense=$(IFS=,; echo "${defenses[*]}")" \

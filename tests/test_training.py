@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
+from ask.config.schema import RunConfig, TrainConfig
+from ask.errors import ConfigError
 from ask.training.checkpoint import load_checkpoint
-from ask.training.trainer import train
+from ask.training.trainer import _make_scheduler, train
 from tests.conftest import compose_run
 
 TINY = ["dataset.train_per_class=20", "dataset.test_per_class=5", "train.batch_size=32",
@@ -44,3 +47,64 @@ def test_checkpoint_holds_plain_data(tmp_path: Path, cache_dir: Path) -> None:
     assert state["config"]["dataset"]["name"] == "digits"
     assert {"optimizer", "scheduler", "rng", "order_rng", "augment_rng"} <= set(state)
     assert 0.0 <= summary["test_acc"] <= 1.0 and summary["n_train"] == 200
+
+
+@pytest.mark.parametrize(("milestones", "gamma"), [([100], 0.1), ([2, 5], 0.5), ([1, 2, 6], 0.1)])
+def test_step_schedule_is_multisteplr_stepped_per_epoch(milestones: list[int], gamma: float) -> None:
+    """The trainer steps its scheduler every batch; train.schedule=step must still give every step of
+    epoch e the lr of torch's MultiStepLR after e epoch steps."""
+    epochs, steps_per_epoch = (200, 3) if milestones == [100] else (8, 5)
+    run = RunConfig(train=TrainConfig(epochs=epochs, lr=0.1, schedule="step", step_milestones=milestones,
+                                      step_gamma=gamma))
+    ours = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=run.train.lr)
+    scheduler = _make_scheduler(ours, run, steps_per_epoch)
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=run.train.lr)
+    multistep = torch.optim.lr_scheduler.MultiStepLR(reference, milestones=milestones, gamma=gamma)
+    seen = []
+    for _epoch in range(epochs):
+        expected = reference.param_groups[0]["lr"]
+        for _step in range(steps_per_epoch):
+            assert ours.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12, abs=0)
+            ours.step()
+            scheduler.step()
+        seen.append(expected)
+        reference.step()
+        multistep.step()
+    assert len(set(seen)) == len(milestones) + 1  # every milestone falls inside the run
+    if milestones == [100]:  # the authors' schedule: 100 epochs at 0.1, then 100 at 0.01
+        assert seen[:100] == [0.1] * 100 and seen[100:] == pytest.approx([0.01] * 100)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.schedule=step"], r"train.schedule=step needs train.step_milestones"),
+    (["train.schedule=step", "train.step_milestones=[0]"], r"every milestone must be an epoch in 1..29"),
+    (["train.schedule=step", "train.step_milestones=[30]"], r"every milestone must be an epoch in 1..29"),
+    (["train.schedule=step", "train.step_milestones=[20,10]"], r"\[20,10\] must be strictly ascending"),
+    (["train.schedule=step", "train.step_milestones=[10,10]"], r"must be strictly ascending"),
+    (["train.step_gamma=0"], r"train.step_gamma=0.0 must be in \(0, 1\]"),
+    (["train.step_gamma=1.5"], r"train.step_gamma=1.5 must be in \(0, 1\]"),
+])
+def test_step_schedule_settings_are_checked(overrides: list[str], message: str, cache_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        compose_run("train", ["train.epochs=30", *overrides], cache_dir)
+    # Milestones only matter to the step schedule: another schedule ignores them.
+    compose_run("train", ["train.epochs=30", "train.schedule=cosine", "train.step_milestones=[40]"], cache_dir)
+
+
+def test_step_schedule_resumes_only_with_its_milestones(tmp_path: Path, cache_dir: Path) -> None:
+    base = [override for override in TINY if not override.startswith("train.schedule=")]
+    step = [*base, "train.schedule=step", "train.lr=0.1"]
+    train(compose_run("train", [*step, "train.epochs=2", "train.step_milestones=[1]"], cache_dir), tmp_path)
+    with pytest.raises(ConfigError) as error:
+        train(compose_run("train", [*step, "train.epochs=3", "train.step_milestones=[2]"], cache_dir), tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path / 'last.pt'} follows a step schedule (lr x0.1 after epochs [1]), not step (lr x0.1 after "
+        "epochs [2]); set train.schedule=step train.step_milestones=[1] train.step_gamma=0.1 to resume it, "
+        "or choose a new hydra.run.dir to start afresh"
+    )
+    with pytest.raises(ConfigError, match="follows a step schedule .* not cosine of 3 epochs"):
+        train(compose_run("train", [*base, "train.schedule=cosine", "train.epochs=3"], cache_dir), tmp_path)
+    # Same milestones, more epochs: the lr of every epoch is what a fresh 3-epoch run would use.
+    train(compose_run("train", [*step, "train.epochs=3", "train.step_milestones=[1]"], cache_dir), tmp_path)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.1, 0.01, 0.01])

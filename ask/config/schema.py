@@ -168,7 +168,11 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    schedule: str = "onecycle"  # onecycle | cosine | constant
+    schedule: str = "onecycle"  # onecycle | cosine | step | constant
+    # schedule=step: the lr is multiplied by step_gamma after each of these epochs (the authors'
+    # StepLR; per-epoch semantics of torch's MultiStepLR)
+    step_milestones: list[int] = field(default_factory=list)
+    step_gamma: float = 0.1
     label_smoothing: float = 0.0
     amp: bool = True  # mixed precision, CUDA only
     channels_last: bool = True  # CUDA only
@@ -187,7 +191,10 @@ class TrainConfig:
         _require(0 <= self.momentum < 1, f"train.momentum={self.momentum} must be in [0, 1)")
         _require(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _check_choice(self.optimizer, ("sgd",), "train.optimizer")
-        _check_choice(self.schedule, ("onecycle", "cosine", "constant"), "train.schedule")
+        _check_choice(self.schedule, ("onecycle", "cosine", "step", "constant"), "train.schedule")
+        _require(0 < self.step_gamma <= 1, f"train.step_gamma={self.step_gamma} must be in (0, 1], e.g. 0.1")
+        if self.schedule == "step":
+            self._check_milestones()
         _require(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
         _require(self.eval_every >= 1, "train.eval_every must be >= 1")
         _check_choice(self.select_metric, ("val_acc", "val_robust_dnn", "val_robust_knn"),
@@ -200,6 +207,23 @@ class TrainConfig:
         _require(not self.resume or Path(self.resume).expanduser().is_file(),
                  f"train.resume='{self.resume}' does not exist; point it at a last.pt written by ask-train, "
                  "or drop train.resume to start afresh")
+
+    def _check_milestones(self) -> None:
+        milestones = list(self.step_milestones)
+        _require(self.epochs >= 2, f"train.schedule=step needs train.epochs >= 2 (train.epochs={self.epochs}) so that "
+                 "a milestone falls inside the run; use train.schedule=constant")
+        _require(len(milestones) > 0, "train.schedule=step needs train.step_milestones, the epochs after which "
+                 f"the lr drops, e.g. [{max(1, self.epochs // 2)}]; or use train.schedule=constant")
+        for m in milestones:
+            _require(0 < m < self.epochs, f"train.step_milestones={_int_list(milestones)}: every milestone must be "
+                     f"an epoch in 1..{self.epochs - 1} (train.epochs={self.epochs})")
+        _require(all(a < b for a, b in zip(milestones, milestones[1:], strict=False)),
+                 f"train.step_milestones={_int_list(milestones)} must be strictly ascending")
+
+
+def _int_list(values: list[int]) -> str:
+    """``[15,30]``: a list as it is written on the command line."""
+    return "[" + ",".join(str(v) for v in values) + "]"
 
 
 @dataclass

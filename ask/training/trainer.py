@@ -12,6 +12,7 @@ with the optimiser, schedule and every RNG state restored.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import inspect
 import json
@@ -156,6 +157,7 @@ def _defense_context(name: str, available: dict[str, Any]) -> dict[str, Any]:
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig, steps_per_epoch: int):
+    """The learning-rate schedule, stepped once per optimisation step (``steps_per_epoch`` of them an epoch)."""
     total = run.train.epochs * steps_per_epoch
     if run.train.schedule == "onecycle":
         # torch divides by (pct_start * total - 1): a warm-up of exactly one step would divide by zero.
@@ -166,7 +168,41 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig, steps_per_
         )
     if run.train.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if run.train.schedule == "step":
+        # MultiStepLR(milestones, gamma) stepped once per epoch, read off the step count: every step
+        # of epoch e (0-based) runs at lr * gamma ** (number of milestones <= e).
+        milestones, gamma = sorted(run.train.step_milestones), run.train.step_gamma
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: gamma ** bisect.bisect_right(milestones, step // steps_per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _schedule_key(train: dict[str, Any]) -> tuple[Any, ...]:
+    """What a resumed run must share with the checkpoint's (a ``train`` config as plain data).
+
+    One-cycle and cosine schedules are laid out over the whole run, so their length counts; a step
+    schedule depends only on its milestones and factor, so such a run may be given more epochs.
+    """
+    schedule = train["schedule"]
+    if schedule == "step":
+        return schedule, tuple(train.get("step_milestones") or ()), float(train.get("step_gamma", 0.1))
+    if schedule == "constant":
+        return (schedule,)
+    return schedule, train["epochs"]
+
+
+def _describe_schedule(train: dict[str, Any]) -> tuple[str, str]:
+    """(its details in words, e.g. ``" of 30 epochs"``; the overrides that select it) for a ``train`` config."""
+    schedule = train["schedule"]
+    if schedule == "step":
+        milestones = "[" + ",".join(str(m) for m in train.get("step_milestones") or ()) + "]"
+        gamma = train.get("step_gamma", 0.1)
+        return (f" (lr x{gamma} after epochs {milestones})",
+                f"train.schedule=step train.step_milestones={milestones} train.step_gamma={gamma}")
+    if schedule == "constant":
+        return "", "train.schedule=constant"
+    n = train["epochs"]
+    return f" of {n} epoch{'' if n == 1 else 's'}", f"train.epochs={n} train.schedule={schedule}"
 
 
 def _plain_config(run: RunConfig) -> dict[str, Any]:
@@ -283,17 +319,16 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
         check_compatible(state["model"], resume_from, model_name=run.model.name, num_classes=data.num_classes,
                          in_channels=data.in_channels, image_size=data.image_size)
         saved_train = state["config"]["train"]
-        if run.train.schedule != "constant" and (saved_train["epochs"], saved_train["schedule"]) != (
-                run.train.epochs, run.train.schedule):
-            # The schedule's length is in its state; stretching it would silently change the run.
-            def epochs(n: int) -> str:
-                return f"{n} epoch{'' if n == 1 else 's'}"
-
+        current_train = _plain_config(run)["train"]
+        if run.train.schedule != "constant" and _schedule_key(saved_train) != _schedule_key(current_train):
+            # The schedule's shape comes from the config, its position from the checkpoint: resuming
+            # under another shape would silently change the run.
+            saved, settings = _describe_schedule(saved_train)
+            current, _ = _describe_schedule(current_train)
             fresh = "drop train.resume" if run.train.resume else "choose a new hydra.run.dir"
             raise ConfigError(
-                f"{resume_from} follows a {saved_train['schedule']} schedule of {epochs(saved_train['epochs'])}, "
-                f"not {run.train.schedule} of {epochs(run.train.epochs)}; set train.epochs={saved_train['epochs']} "
-                f"train.schedule={saved_train['schedule']} to resume it, or {fresh} to start afresh"
+                f"{resume_from} follows a {saved_train['schedule']} schedule{saved}, not {run.train.schedule}{current}; "
+                f"set {settings} to resume it, or {fresh} to start afresh"
             )
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
