@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ASK-Def vs AT vs TRADES (and an undefended model), trained under one schedule and budget, then
+# ASK-Def (ours and the authors' step) vs AT vs TRADES (and an undefended model), trained under one schedule and budget, then
 # every attack on every victim on the test set at eps 8/255, ASK-Atk and PGD-CE also at 2/255 and
 # 4/255 (digits: 0.1, then 0.025 and 0.05), then ask-report.
 #
@@ -31,7 +31,7 @@ fi
 out="${OUT:-outputs/reproduce/defenses-$scale}"
 bin="${ASK_BIN:-.venv/bin}"
 # The defences compared, one training job each (conf/defense/<name>.yaml); edit this list to add one.
-defenses=(none at ask_def trades)
+defenses=(none at ask_def ask_def_authors trades)
 
 "$bin/ask-train" -m "${common[@]}" "defense=$(IFS=,; echo "${defenses[*]}")" \
   hydra.sweep.dir="$out/train" hydra.callbacks.report.enabled=false "$@"

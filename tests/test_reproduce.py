@@ -1,4 +1,4 @@
-"""scripts/reproduce_defenses.sh end to end at its digits scale, shrunk by overrides: train four
+"""scripts/reproduce_defenses.sh end to end at its digits scale, shrunk by overrides: train five
 defences under one schedule, attack each, and end with one report holding them all."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from tests.conftest import BIN
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_defenses.sh"
 TINY = ["dataset.train_per_class=15", "dataset.val_per_class=5", "train.epochs=1", "train.val_points=10",
         "eval.n_points=30", "attack.steps=2", "defense.steps=1", "model.width=8"]
+DEFENSES = ("none", "at", "ask_def", "ask_def_authors", "trades")
 
 
 def test_reproduce_defenses_reports_every_defence(tmp_path: Path, shared_cache: Path) -> None:
@@ -22,14 +23,14 @@ def test_reproduce_defenses_reports_every_defence(tmp_path: Path, shared_cache: 
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = (out / "report.md").read_text()
-    for defense in ("none", "at", "ask_def", "trades"):
+    for defense in DEFENSES:
         assert f"## defence: {defense} — digits / smallcnn" in report
     with (out / "report.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     # Every attack on every victim at the main radius, ASK-Atk and PGD-CE at the smaller ones.
     main = {(r["defense"], r["attack"], r["victim"]) for r in rows if float(r["eps"]) == 0.1}
-    assert len(main) == 4 * 6 * 3
+    assert len(main) == len(DEFENSES) * 6 * 3
     curve = {(r["defense"], r["attack"]) for r in rows if float(r["eps"]) < 0.1}
-    assert curve == {(d, a) for d in ("none", "at", "ask_def", "trades") for a in ("ask", "pgd")}
+    assert curve == {(d, a) for d in DEFENSES for a in ("ask", "pgd")}
     assert {r["n_points"] for r in rows} == {"30"}  # all models attacked on the same points
     assert (out / "robust_vs_eps.png").stat().st_size > 0
