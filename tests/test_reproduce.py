@@ -34,3 +34,29 @@ def test_reproduce_defenses_reports_every_defence(tmp_path: Path, shared_cache: 
     assert curve == {(d, a) for d in DEFENSES for a in ("ask", "pgd")}
     assert {r["n_points"] for r in rows} == {"30"}  # all models attacked on the same points
     assert (out / "robust_vs_eps.png").stat().st_size > 0
+
+
+STUDY = Path(__file__).resolve().parents[1] / "scripts" / "study_defenses.sh"
+
+
+def test_study_script_records_finished_runs_and_skips_them_when_rerun(tmp_path: Path, shared_cache: Path) -> None:
+    out = tmp_path / "study"
+    env = {**os.environ, "OUT": str(out), "ASK_BIN": str(BIN), "ASK_CACHE_DIR": str(shared_cache),
+           "SEEDS": "0 1", "DEFENSES": "at ask_def_authors"}
+    tiny = [*TINY, "attack=[ask,pgd]"]
+    done = subprocess.run(["bash", str(STUDY), "digits", *tiny], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    status = (out / "status.txt").read_text().splitlines()
+    assert status == [f"{d}-seed{s} train=finished attack=finished" for d in ("at", "ask_def_authors") for s in (0, 1)]
+    with (out / "report.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    knn = {r["defense"]: r for r in rows if r["victim"] == "knn" and r["attack"] == "ask"}
+    assert set(knn) == {"at", "ask_def_authors"}
+    assert all(r["robust_acc_count"] == "2" for r in knn.values())  # two seeds pooled per defence
+
+    # The same command again finds everything finished and only rewrites the report.
+    again = subprocess.run(["bash", str(STUDY), "digits", *tiny], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "== train" not in again.stdout and "== attack" not in again.stdout
