@@ -33,10 +33,21 @@ def test_demo_metrics_schema_and_accuracy(demo: dict) -> None:
     assert metrics["knn_index"] == {"index": "flat", "feature_dtype": "float32", "n": 1157}
     attacks = ("ask", "pgd", "dknn", "advknn", "feature", "minnorm")
     victims = ("dnn", "knn", "dknn", "dknn_vote")
-    assert [(r["attack"], r["victim"]) for r in metrics["results"]] == [(a, v) for a in attacks for v in victims]
+    # One row per (attack, victim), then the per-point worst case over all six on each victim.
+    assert [(r["attack"], r["victim"]) for r in metrics["results"]] == [
+        (a, v) for a in (*attacks, "any") for v in victims]
     for row in metrics["results"]:
         assert {"attack", "victim", "clean_acc", "robust_acc", "asr", "n_points", "seconds"} <= set(row)
-        assert row["n_points"] == 540 and row["max_linf"] <= metrics["eps"] + 1e-6
+        assert row["n_points"] == 540 and row.get("max_linf", 0) <= metrics["eps"] + 1e-6
+    for victim in victims:
+        worst = _row(metrics, "any", victim)
+        assert worst["attacks"] == list(attacks) and set(worst["broken_by"]) == set(attacks)
+        assert worst["robust_acc"] <= min(_row(metrics, a, victim)["robust_acc"] for a in attacks)
+        assert worst["asr"] >= max(_row(metrics, a, victim)["asr"] for a in attacks)
+        clean_right = round(worst["clean_acc"] * 540)
+        for attack in attacks:  # what each attack broke, counted point by point, is its ASR
+            assert worst["broken_by"][attack] == round(_row(metrics, attack, victim)["asr"] * clean_right)
+            assert worst["only_by"][attack] <= worst["broken_by"][attack]
     # Clean accuracy of both victims on the held-out digits.
     assert _row(metrics, "pgd", "dnn")["clean_acc"] >= 0.95
     assert _row(metrics, "ask", "knn")["clean_acc"] >= 0.95
@@ -45,6 +56,7 @@ def test_demo_metrics_schema_and_accuracy(demo: dict) -> None:
     for attack in attacks:
         assert _row(metrics, attack, "knn")["asr"] > 0.05, attack
     assert "robust" in demo["stdout"] and "ASR" in demo["stdout"]
+    assert "(any: the per-point worst case over ask, pgd, dknn, advknn, feature, minnorm;" in demo["stdout"]
 
 
 def test_ask_beats_pgd_on_the_knn_victim(demo: dict) -> None:

@@ -4,6 +4,7 @@ two runs with the same seed write the same metrics.json byte for byte, timings a
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
@@ -163,3 +164,70 @@ def test_the_key_follows_what_changes_the_numbers(shared_cache: Path) -> None:
                     key(["attack.methods.ask.temperature=0.1"]), key([], digest="abd"),
                     key([], split=points.subset(torch.tensor([0, 1, 3, 2])))):
         assert changed != base
+
+
+# Two attacks on two victims: enough for the worst case, small enough for three in-process runs.
+TWO_ATTACKS = ["attack=[ask,pgd]", "eval.victims=[dnn,knn]", *IN_PROCESS]
+
+
+def test_worst_case_rows_follow_the_per_point_results_and_survive_a_resume(
+        tmp_path: Path, shared_cache: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    def run(run_dir: Path) -> dict:
+        return run_attack_job(compose_run("attack", [f"model.checkpoint={checkpoint}", *TWO_ATTACKS], shared_cache),
+                              run_dir)
+
+    saved: list[dict] = []
+
+    def keep(state: dict, path: Path) -> Path:
+        saved.append(state)
+        return atomic_save(state, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "atomic_save", keep)
+        metrics = run(tmp_path / "whole")
+    final = saved[-1]  # the state after the last batch: every point's flags
+    assert final["next_batch"] == final["n_batches"] == 5
+    rows = {(r["attack"], r["victim"]): r for r in metrics["results"]}
+    assert list(rows) == [(a, v) for a in ("ask", "pgd", "any") for v in ("dnn", "knn")]
+    written = json.loads((tmp_path / "whole" / "metrics.json").read_text())["results"]
+    assert [r["attack"] for r in written][-2:] == ["any", "any"]
+
+    for victim in ("dnn", "knn"):
+        clean = final["clean_ok"][victim].tolist()
+        adv = {attack: final["adv_ok"][attack][victim].tolist() for attack in ("ask", "pgd")}
+        assert len(clean) == 40 and all(len(flags) == 40 for flags in adv.values())
+        right = sum(clean)
+        # The saved flags are the points the counts were made of: they give each attack's row.
+        for attack, flags in adv.items():
+            row = rows[(attack, victim)]
+            assert row["clean_acc"] == right / 40 and row["robust_acc"] == sum(flags) / 40
+            assert row["asr"] == sum(c and not a for c, a in zip(clean, flags, strict=True)) / right
+        # The worst case, recomputed point by point.
+        robust = [c and all(flags[i] for flags in adv.values()) for i, c in enumerate(clean)]
+        broken = {attack: {i for i, (c, a) in enumerate(zip(clean, flags, strict=True)) if c and not a}
+                  for attack, flags in adv.items()}
+        worst = rows[("any", victim)]
+        assert worst["robust_acc"] == sum(robust) / 40
+        assert worst["robust_acc"] <= min(rows[(attack, victim)]["robust_acc"] for attack in adv)
+        assert worst["clean_acc"] == right / 40 and worst["n_points"] == 40
+        assert worst["asr"] == len(broken["ask"] | broken["pgd"]) / right
+        assert worst["broken_by"] == {attack: len(points) for attack, points in broken.items()}
+        assert worst["only_by"] == {"ask": len(broken["ask"] - broken["pgd"]),
+                                    "pgd": len(broken["pgd"] - broken["ask"])}
+        assert worst["attacks"] == ["ask", "pgd"]
+        assert (worst["eps"], worst["norm"], worst["steps"]) == (metrics["eps"], metrics["norm"], metrics["steps"])
+        assert worst["seconds"] == pytest.approx(sum(rows[(a, victim)]["seconds"] for a in adv))
+    assert rows[("any", "knn")]["asr"] > 0  # the attacks do break points on the kNN
+
+    # Stopped after two of five batches and run again: the worst case needs the flags of the
+    # points done before the stop, so it is right only if they were saved and restored.
+    resumed = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        _interrupt_after(2, patch)
+        with pytest.raises(_Interrupted):
+            run(resumed)
+    caplog.set_level(logging.INFO)
+    run(resumed)
+    assert "resuming evaluation at batch 3/5 (16 points done)" in caplog.text
+    assert _without_timings(resumed) == _without_timings(tmp_path / "whole")

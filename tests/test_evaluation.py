@@ -1,11 +1,11 @@
-"""Evaluation helpers: point selection, sanity checks and the console table."""
+"""Evaluation helpers: point selection, sanity checks, the worst case over attacks and the console table."""
 
 from __future__ import annotations
 
 import torch
 
 from ask.data import ImageSplit
-from ask.evaluation.evaluate import attack_seed, sanity_warnings, select_points
+from ask.evaluation.evaluate import ANY_ATTACK, attack_seed, sanity_warnings, select_points, worst_case
 from ask.reporting import format_results_table
 
 
@@ -55,3 +55,34 @@ def test_table_formats_fractions_and_missing_asr() -> None:
     lines = table.splitlines()
     assert lines[0].split()[:5] == ["attack", "victim", "clean", "robust", "ASR"]
     assert "50.0%" in lines[2] and lines[3].split()[4] == "-"
+
+
+def test_worst_case_counts_a_point_robust_only_if_every_attack_failed() -> None:
+    # Eight points: 0-5 right on x; ask breaks 1, 2 and 4, pgd breaks 2 and 3; point 6 is wrong on x
+    # but right after both attacks (counted robust by the per-attack rows, never by the worst case).
+    clean = torch.tensor([1, 1, 1, 1, 1, 1, 0, 0], dtype=torch.bool)
+    ask = torch.tensor([1, 0, 0, 1, 0, 1, 1, 0], dtype=torch.bool)
+    pgd = torch.tensor([1, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
+    worst = worst_case(clean, {"ask": ask, "pgd": pgd})
+    assert worst == {
+        "clean_acc": 6 / 8,
+        "robust_acc": 2 / 8,  # points 0 and 5
+        "asr": 4 / 6,  # points 1-4
+        "n_points": 8,
+        "attacks": ["ask", "pgd"],
+        "broken_by": {"ask": 3, "pgd": 2},
+        "only_by": {"ask": 2, "pgd": 1},  # 1 and 4; 3
+    }
+    assert worst["robust_acc"] <= min(float(ask.float().mean()), float(pgd.float().mean()))
+    nothing_right = worst_case(torch.zeros(3, dtype=torch.bool), {"ask": ask[:3], "pgd": pgd[:3]})
+    assert nothing_right["asr"] is None and nothing_right["robust_acc"] == 0.0
+
+
+def test_worst_case_rows_are_left_out_of_the_sanity_checks() -> None:
+    # An `any` row has no white-box set and no zero-gradient count; it beats every attack by design.
+    any_row = {"attack": ANY_ATTACK, "victim": "knn", "asr": 0.99, "n_points": 100, "clean_acc": 0.9,
+               "robust_acc": 0.01}
+    rows = [_row("ask", "knn", 0.50), _row("pgd", "knn", 0.45), any_row]
+    assert sanity_warnings(rows, WHITE_BOX) == []
+    table = format_results_table(rows)
+    assert table.splitlines()[-1].split() == ["any", "knn", "90.0%", "1.0%", "99.0%", "-", "100", "-"]

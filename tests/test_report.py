@@ -13,7 +13,13 @@ import yaml
 from omegaconf import OmegaConf
 
 from ask.reporting import ReportCallback, ReportError, write_report
-from ask.reporting.report import default_out_dir, format_eps
+from ask.reporting.report import (
+    default_out_dir,
+    format_eps,
+    t_interval,
+    t_quantile_975,
+    wilson_interval,
+)
 from tests.conftest import run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -31,20 +37,31 @@ NUMBERS = {
 N_POINTS = 40
 
 
-def _result(attack: str, victim: str, eps: float, clean: float, robust: float) -> dict:
+def _result(attack: str, victim: str, eps: float, clean: float, robust: float, n_points: int = N_POINTS) -> dict:
     return {"attack": attack, "victim": victim, "clean_acc": clean, "robust_acc": robust,
-            "asr": 1 - robust / clean, "n_points": N_POINTS, "seconds": 1.5, "eps": eps, "norm": "linf",
+            "asr": 1 - robust / clean, "n_points": n_points, "seconds": 1.5, "eps": eps, "norm": "linf",
             "steps": 10, "mean_linf": eps, "max_linf": eps, "mean_l2": 3 * eps, "max_l2": 4 * eps,
             "images_per_second": 20.0, "zero_grad_points": 0}
 
 
 def write_run(directory: Path, *, eps: float, seed: int, defense: str = "none", temperature: float = 0.01,
-              checkpoint: str = "/nowhere/best.pt", numbers: dict = NUMBERS) -> Path:
-    """A run directory as ask-attack leaves it: metrics.json, config.yaml and .hydra/."""
+              checkpoint: str = "/nowhere/best.pt", numbers: dict = NUMBERS, n_points: int = N_POINTS,
+              worst: dict | None = None) -> Path:
+    """A run directory as ask-attack leaves it: metrics.json, config.yaml and .hydra/.
+
+    ``worst`` adds worst-case rows: victim -> (clean_acc, robust_acc, the attacks combined).
+    """
     (directory / ".hydra").mkdir(parents=True)
-    results = [_result(a, v, e, *by_seed[seed]) for (a, v, e), by_seed in numbers.items() if e == eps]
+    results = [_result(a, v, e, *by_seed[seed], n_points=n_points)
+               for (a, v, e), by_seed in numbers.items() if e == eps]
+    for victim, (clean, robust, attacks) in (worst or {}).items():
+        row = _result("any", victim, eps, clean, robust, n_points=n_points)
+        for name in ("mean_linf", "max_linf", "mean_l2", "max_l2", "zero_grad_points"):
+            del row[name]
+        results.append({**row, "attacks": attacks, "broken_by": {a: 1 for a in attacks},
+                        "only_by": {a: 0 for a in attacks}})
     metrics = {"dataset": "digits", "model": "smallcnn", "checkpoint": checkpoint, "layers": ["block2"],
-               "k": 5, "metric": "cosine", "n_points": N_POINTS, "eps": eps, "norm": "linf", "steps": 10,
+               "k": 5, "metric": "cosine", "n_points": n_points, "eps": eps, "norm": "linf", "steps": 10,
                "seed": seed, "device": "cpu", "results": results, "warnings": []}
     config = {"task": "attack", "seed": seed, "device": "auto", "progress": False, "cache_dir": "/tmp/x",
               "dataset": {"name": "digits", "root": None}, "model": {"name": "smallcnn", "checkpoint": None},
@@ -117,6 +134,101 @@ def test_seeds_are_averaged_per_eps_attack_and_victim(sweep: Path) -> None:
     for name in ("robust_vs_eps.png", "asr_bars.png"):
         data = (sweep / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+
+def test_t_and_wilson_intervals_against_known_values() -> None:
+    # Student's t_{0.975}: the tabulated values, then the series, which joins them smoothly.
+    assert t_quantile_975(1) == pytest.approx(12.7062, abs=1e-4)
+    assert t_quantile_975(2) == pytest.approx(4.3027, abs=1e-4)
+    assert t_quantile_975(10) == pytest.approx(2.2281, abs=1e-4)
+    assert t_quantile_975(30) > t_quantile_975(31) == pytest.approx(2.0395, abs=1e-4)
+    assert t_quantile_975(60) == pytest.approx(2.0003, abs=1e-4)
+    assert t_quantile_975(120) == pytest.approx(1.9799, abs=1e-4)
+    assert t_quantile_975(10 ** 6) == pytest.approx(1.96, abs=1e-4)
+    with pytest.raises(ValueError):
+        t_quantile_975(0)
+    # 0.4, 0.5, 0.6: mean 0.5, s = 0.1, half-width 4.303 * 0.1 / sqrt(3) = 0.2484.
+    low, high = t_interval([0.4, 0.5, 0.6])
+    assert (low, high) == pytest.approx((0.2516, 0.7484), abs=1e-4)
+    # Wilson, by hand for 8 of 10: centre (0.8 + z^2/20) / (1 + z^2/10) = 0.7167, half-width 0.2266.
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+
+
+OLD_CSV_COLUMNS = [  # report.csv before the intervals: kept, in this order, at the front
+    "defense", "dataset", "model", "eps", "norm", "attack", "victim", "settings", "runs", "seeds", "n_points",
+    "n_points_total", *(f"{name}_{stat}" for name in ("clean_acc", "robust_acc", "asr", "mean_linf", "mean_l2",
+                                                       "seconds") for stat in ("mean", "std", "count")),
+    "directories",
+]
+
+
+def test_intervals_t_across_seeds_and_wilson_for_one_run(tmp_path: Path) -> None:
+    three = {("ask", "knn", 0.1): {0: (1.0, 0.4), 1: (1.0, 0.5), 2: (1.0, 0.6)}}
+    for seed in (0, 1, 2):
+        write_run(tmp_path / "seeds" / str(seed), eps=0.1, seed=seed, numbers=three)
+    one = {("ask", "knn", 0.1): {0: (1.0, 0.8)}}  # 8 of 10 points stay right, 2 of 10 broken
+    write_run(tmp_path / "single" / "0", eps=0.1, seed=0, numbers=one, n_points=10)
+
+    write_report([tmp_path / "seeds"])
+    with (tmp_path / "seeds" / "report.csv").open() as handle:
+        header = next(csv.reader(handle))
+    assert header[:len(OLD_CSV_COLUMNS)] == OLD_CSV_COLUMNS
+    (row,) = _csv_rows(tmp_path / "seeds" / "report.csv")
+    assert row["robust_acc_ci_kind"] == "t" and row["runs"] == "3"
+    assert (float(row["robust_acc_ci_low"]), float(row["robust_acc_ci_high"])) == pytest.approx(
+        (0.2516, 0.7484), abs=1e-4)
+    assert float(row["clean_acc_ci_low"]) == float(row["clean_acc_ci_high"]) == 1.0  # no spread at all
+    assert "| 50.0 ± 10.0 | [25.2, 74.8] t |" in (tmp_path / "seeds" / "report.md").read_text()
+
+    write_report([tmp_path / "single"])
+    (row,) = _csv_rows(tmp_path / "single" / "report.csv")
+    assert row["robust_acc_ci_kind"] == row["asr_ci_kind"] == row["clean_acc_ci_kind"] == "wilson"
+    assert (float(row["robust_acc_ci_low"]), float(row["robust_acc_ci_high"])) == pytest.approx(
+        (0.4902, 0.9433), abs=1e-4)
+    # ASR 2 of the 10 points right on x; clean 10 of 10.
+    assert (float(row["asr_ci_low"]), float(row["asr_ci_high"])) == pytest.approx((0.0567, 0.5098), abs=1e-4)
+    assert (float(row["clean_acc_ci_low"]), float(row["clean_acc_ci_high"])) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    text = (tmp_path / "single" / "report.md").read_text()
+    assert "| ask | knn | 100.0 | 80.0 | [49.0, 94.3] W | 20.0 | [5.7, 51.0] W | 10 | 1 |" in text
+    assert "Wilson" in text and "Student" in text
+
+
+def test_worst_case_rows_are_reported_and_never_joined_across_attack_lists(sweep: Path) -> None:
+    # The fixture's four runs, now with worst-case rows over [ask, pgd] on the kNN.
+    for job, (eps, seed) in enumerate((e, s) for e in EPS for s in SEEDS):
+        metrics_path = sweep / str(job) / "metrics.json"
+        metrics = json.loads(metrics_path.read_text())
+        by_seed = {0: (0.90, 0.10), 1: (0.80, 0.05)} if eps == 0.1 else {0: (0.90, 0.40), 1: (0.80, 0.30)}
+        clean, robust = by_seed[seed]
+        metrics["results"].append({**_result("any", "knn", eps, clean, robust), "attacks": ["ask", "pgd"],
+                                   "broken_by": {"ask": 20, "pgd": 15}, "only_by": {"ask": 5, "pgd": 1}})
+        metrics_path.write_text(json.dumps(metrics))
+    report = write_report([sweep])
+    rows = _csv_rows(sweep / "report.csv")
+    worst = _find(rows, "any", "knn", 0.1)
+    assert worst["runs"] == "2" and worst["settings"] == "" and worst["attacks"] == "ask pgd"
+    assert float(worst["robust_acc_mean"]) == pytest.approx(0.075)
+    assert _find(rows, "ask", "knn", 0.1)["attacks"] == ""
+    text = report.markdown.read_text()
+    assert "| any | knn | 85.0 ± 7.1 | 7.5 ± 3.5 |" in text
+    assert "| any | knn | 35.0 ± 7.1 | 7.5 ± 3.5 |" in text.split("robust accuracy (%) by eps")[1]
+    assert "per-point worst case" in text
+    assert [p.name for p in report.plots] == ["robust_vs_eps.png", "asr_bars.png"]
+
+    # A run of three attacks at a third eps: its worst case is not the same quantity as the
+    # two-attack one, so the rows say which attacks they combine.
+    write_run(sweep / "4", eps=0.2, seed=0, numbers={("ask", "knn", 0.2): {0: (0.9, 0.0)}},
+              worst={"knn": (0.9, 0.0, ["ask", "pgd", "feature"])})
+    report = write_report([sweep])
+    worst_rows = {(r["eps"], r["settings"]) for r in report.rows if r["attack"] == "any"}
+    assert worst_rows == {(0.05, "attacks=[ask,pgd]"), (0.1, "attacks=[ask,pgd]"),
+                          (0.2, "attacks=[ask,pgd,feature]")}
+    assert {r["settings"] for r in report.rows if r["attack"] != "any"} == {""}
+    text = report.markdown.read_text()
+    assert "| any | knn | attacks=[ask,pgd,feature] | 90.0 | 0.0 |" in text
+    assert [p.name for p in report.plots] == ["robust_vs_eps.png", "asr_bars.png"]
 
 
 def test_one_eps_has_no_eps_curve(tmp_path: Path) -> None:

@@ -27,11 +27,15 @@ def test_reproduce_defenses_reports_every_defence(tmp_path: Path, shared_cache: 
         assert f"## defence: {defense} — digits / smallcnn" in report
     with (out / "report.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    # Every attack on every victim at the main radius, ASK-Atk and PGD-CE at the smaller ones.
+    # Every attack and their worst case on every victim at the main radius, ASK-Atk and PGD-CE
+    # (and their worst case) at the smaller ones.
     main = {(r["defense"], r["attack"], r["victim"]) for r in rows if float(r["eps"]) == 0.1}
-    assert len(main) == len(DEFENSES) * 6 * 3
+    assert len(main) == len(DEFENSES) * (6 + 1) * 3
     curve = {(r["defense"], r["attack"]) for r in rows if float(r["eps"]) < 0.1}
-    assert curve == {(d, a) for d in DEFENSES for a in ("ask", "pgd")}
+    assert curve == {(d, a) for d in DEFENSES for a in ("ask", "pgd", "any")}
+    # The two worst cases combine different attacks: their rows say so.
+    assert {r["settings"] for r in rows if r["attack"] == "any"} == {
+        "attacks=[ask,pgd,dknn,advknn,feature,minnorm]", "attacks=[ask,pgd]"}
     assert {r["n_points"] for r in rows} == {"30"}  # all models attacked on the same points
     assert (out / "robust_vs_eps.png").stat().st_size > 0
 
@@ -51,9 +55,16 @@ def test_study_script_records_finished_runs_and_skips_them_when_rerun(tmp_path: 
     assert status == [f"{d}-seed{s} train=finished attack=finished" for d in ("at", "ask_def_authors") for s in (0, 1)]
     with (out / "report.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    knn = {r["defense"]: r for r in rows if r["victim"] == "knn" and r["attack"] == "ask"}
-    assert set(knn) == {"at", "ask_def_authors"}
-    assert all(r["robust_acc_count"] == "2" for r in knn.values())  # two seeds pooled per defence
+    knn = {(r["defense"], r["attack"]): r for r in rows if r["victim"] == "knn"}
+    assert set(knn) == {(d, a) for d in ("at", "ask_def_authors") for a in ("ask", "pgd", "any")}
+    for row in knn.values():  # two seeds pooled per defence, with a Student t interval around the mean
+        assert row["robust_acc_count"] == "2" and row["robust_acc_ci_kind"] == "t"
+        low, mean, high = (float(row[f"robust_acc_{x}"]) for x in ("ci_low", "mean", "ci_high"))
+        assert low <= mean <= high
+    # The worst case is never above either attack's robust accuracy.
+    for defense in ("at", "ask_def_authors"):
+        worst = float(knn[defense, "any"]["robust_acc_mean"])
+        assert worst <= min(float(knn[defense, a]["robust_acc_mean"]) for a in ("ask", "pgd")) + 1e-9
 
     # The same command again finds everything finished and only rewrites the report.
     again = subprocess.run(["bash", str(STUDY), "digits", *tiny], env=env, capture_output=True, text=True,

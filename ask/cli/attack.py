@@ -16,7 +16,8 @@ def attack_task(run: RunConfig, output_dir: Path) -> float:
         # The same command after a crash picks up the crashed evaluation's per-batch state.
         continue_unfinished_run(output_dir, "eval_state.pt", "metrics.json", ("eval_state.pt",))
         metrics = run_attack_job(run, output_dir)
-    # What a sweeper would minimise: the lowest robust accuracy found.
+    # What a sweeper would minimise: the lowest robust accuracy found (with several attacks, that of
+    # a per-point worst-case `any` row).
     return min(row["robust_acc"] for row in metrics["results"])
 
 

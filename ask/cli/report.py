@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ask-report",
         description="Aggregate the metrics.json of ask-attack runs and sweeps (searched recursively) into "
                     "report.md, report.csv, robust_vs_eps.png and asr_bars.png. Runs that differ only "
-                    "in seed are averaged (mean ± sample std); failed sweep jobs are listed.",
+                    "in seed are averaged (mean ± sample std, with a 95 % interval: Student's t over seeds, "
+                    "Wilson over the points of a single run); failed sweep jobs are listed.",
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run or sweep directories")
     parser.add_argument("--out", metavar="DIR", default=None,

@@ -5,10 +5,15 @@ scored on x and on x'. The counts give clean accuracy, robust accuracy, attack s
 (the fraction of the points a victim got right on x that it gets wrong on x') and perturbation
 norms, all with the number of points evaluated.
 
-An evaluation can be resumed: after every batch the counts, the norms so far and every random
-state an attack draws from are saved atomically (:func:`evaluate`'s ``state_path``), keyed by
-:func:`evaluation_key`. A rerun with the same key continues at the next batch and ends with the
-same numbers as an uninterrupted run; only the timings differ.
+With two attacks or more, each victim also gets an ``attack: "any"`` row, the per-point worst case
+(AutoAttack's rule): a point is robust only if the victim gets it right on x and on every attack's
+x'. It comes from the per-point correctness flags kept for every (attack, victim), not from the
+counts, which cannot tell which points different attacks broke.
+
+An evaluation can be resumed: after every batch the counts, the per-point flags, the norms so far
+and every random state an attack draws from are saved atomically (:func:`evaluate`'s
+``state_path``), keyed by :func:`evaluation_key`. A rerun with the same key continues at the next
+batch and ends with the same numbers as an uninterrupted run; only the timings differ.
 """
 
 from __future__ import annotations
@@ -121,15 +126,48 @@ def attack_seed(seed: int, attack_name: str) -> int:
     return seed * 1_000_003 + zlib.crc32(attack_name.encode())
 
 
+#: The ``attack`` of the per-victim worst-case rows (no registered attack has this name).
+ANY_ATTACK = "any"
+
+
+def worst_case(clean_ok: Tensor, adv_ok: dict[str, Tensor]) -> dict[str, Any]:
+    """The per-point worst case over ``adv_ok``'s attacks on one victim (AutoAttack's rule).
+
+    ``clean_ok`` flags the points the victim gets right on x, ``adv_ok[attack]`` those it gets
+    right on that attack's x' (boolean vectors over the same points). A point is robust only if it
+    is right on x and on every x'; it is *broken* when right on x and wrong on some x'. Returns
+    ``clean_acc``, ``robust_acc`` (robust points / points), ``asr`` (broken / right on x, None
+    when no point is right on x), ``n_points``, ``attacks`` (the names, in order), ``broken_by``
+    (per attack, the points right on x that it made wrong) and ``only_by`` (per attack, the points
+    no other attack broke).
+    """
+    n = int(clean_ok.numel())
+    wrong = {name: clean_ok & ~ok for name, ok in adv_ok.items()}  # broken by that attack
+    times_broken = torch.stack(list(wrong.values())).sum(0)
+    broken = int((times_broken > 0).sum())
+    clean_correct = int(clean_ok.sum())
+    return {
+        "clean_acc": clean_correct / n,
+        "robust_acc": (clean_correct - broken) / n,
+        "asr": broken / clean_correct if clean_correct else None,
+        "n_points": n,
+        "attacks": list(adv_ok),
+        "broken_by": {name: int(w.sum()) for name, w in wrong.items()},
+        "only_by": {name: int((w & (times_broken == 1)).sum()) for name, w in wrong.items()},
+    }
+
+
 def sanity_warnings(rows: list[dict[str, Any]], white_box: dict[str, set[str]]) -> list[str]:
     """AutoAttack-style checks that flag an evaluation to distrust.
 
     ``white_box[attack]`` names the victims the attack optimises against directly (the network for
     PGD, the kNN family for attacks on features). A transfer attack that beats every white-box
     attack on a victim, or points whose input gradient was exactly zero throughout, usually mean
-    gradient masking or an under-tuned attack, not robustness.
+    gradient masking or an under-tuned attack, not robustness. Worst-case (``any``) rows are
+    left out.
     """
     warnings = []
+    rows = [row for row in rows if row["attack"] != ANY_ATTACK]  # a combination, not an attack to check
     by_victim: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_victim.setdefault(row["victim"], []).append(row)
@@ -159,7 +197,7 @@ def sanity_warnings(rows: list[dict[str, Any]], white_box: dict[str, set[str]]) 
 WHITE_BOX_FEATURE_VICTIMS = {"knn", "dknn", "dknn_vote"}
 
 # ------------------------------------------------------------------------- resumable state
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: per-point correctness flags
 
 # Settings that cannot change a single number of the result: display, where caches live, and the
 # checkpoint's path (its content digest stands in for it).
@@ -203,11 +241,21 @@ class _StaleState(Exception):
 
 @dataclass
 class _Progress:
-    """Where an evaluation stands: the next batch, the counts and the norms so far."""
+    """Where an evaluation stands: the next batch, the counts, the per-point flags and the norms so far.
+
+    ``clean_ok[victim]`` and ``adv_ok[(attack, victim)]`` hold, batch by batch, whether the victim
+    got each point right on x and on the attack's x' (boolean CPU tensors).
+    """
 
     next_batch: int
     tallies: dict[tuple[str, str], _Tally]
     stats: dict[str, _AttackStats]
+    clean_ok: dict[str, list[Tensor]]
+    adv_ok: dict[tuple[str, str], list[Tensor]]
+
+
+def _joined(parts: list[Tensor]) -> Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.bool)
 
 
 def _state_dict(key: str, n_batches: int, progress: _Progress, attacks: dict[str, Attack],
@@ -216,12 +264,18 @@ def _state_dict(key: str, n_batches: int, progress: _Progress, attacks: dict[str
     tallies: dict[str, dict[str, Any]] = {}
     for (attack, victim), tally in progress.tallies.items():
         tallies.setdefault(attack, {})[victim] = asdict(tally)
+    adv_ok: dict[str, dict[str, Tensor]] = {}
+    for (attack, victim), parts in progress.adv_ok.items():
+        adv_ok.setdefault(attack, {})[victim] = _joined(parts)
     state: dict[str, Any] = {
         "version": STATE_VERSION,
         "key": key,
         "next_batch": progress.next_batch,
         "n_batches": n_batches,
         "tallies": tallies,
+        # One boolean vector per victim and per (attack, victim): what the worst case is made of.
+        "clean_ok": {victim: _joined(parts) for victim, parts in progress.clean_ok.items()},
+        "adv_ok": adv_ok,
         "stats": {
             name: {
                 "seconds": stats.seconds,
@@ -246,8 +300,8 @@ def _state_dict(key: str, n_batches: int, progress: _Progress, attacks: dict[str
     return state
 
 
-def _restore(state: Any, key: str, n_batches: int, attacks: dict[str, Attack], victims: list[str],
-             device: torch.device) -> _Progress:
+def _restore(state: Any, key: str, n_batches: int, done: Callable[[int], int], attacks: dict[str, Attack],
+             victims: list[str], device: torch.device) -> _Progress:
     """The saved progress, with the random states put back.
 
     Raises :class:`_StaleState` for another evaluation's state, and KeyError, TypeError or
@@ -262,6 +316,16 @@ def _restore(state: Any, key: str, n_batches: int, attacks: dict[str, Attack], v
     if int(state["n_batches"]) != n_batches or not 0 <= next_batch <= n_batches:
         raise ValueError(f"batch {next_batch} of {state['n_batches']} does not fit {n_batches} batches")
     tallies = {(a, v): _Tally(**state["tallies"][a][v]) for a in attacks for v in victims}
+    n_done = done(next_batch)
+
+    def flags(saved: Any, what: str) -> list[Tensor]:
+        if not (isinstance(saved, Tensor) and saved.dtype == torch.bool and saved.shape == (n_done,)):
+            raise ValueError(f"bad per-point flags for {what}")
+        return [saved] if n_done else []
+
+    clean_ok = {v: flags(state["clean_ok"][v], f"victim '{v}'") for v in victims}
+    adv_ok = {(a, v): flags(state["adv_ok"][a][v], f"attack '{a}' on victim '{v}'")
+              for a in attacks for v in victims}
     stats = {}
     for name in attacks:
         saved = state["stats"][name]
@@ -290,7 +354,7 @@ def _restore(state: Any, key: str, n_batches: int, attacks: dict[str, Attack], v
     torch.set_rng_state(torch_rng)
     if cuda_rng is not None:
         torch.cuda.set_rng_state(cuda_rng, device)
-    return _Progress(next_batch, tallies, stats)
+    return _Progress(next_batch, tallies, stats, clean_ok, adv_ok)
 
 
 def _load_progress(state_path: Path, key: str, n_batches: int, n_points: int, batch_size: int,
@@ -298,8 +362,12 @@ def _load_progress(state_path: Path, key: str, n_batches: int, n_points: int, ba
     """The progress saved at ``state_path`` when it is this evaluation's, else None (with a warning)."""
     if not state_path.exists():
         return None
+
+    def done(next_batch: int) -> int:
+        return min(next_batch * batch_size, n_points)
+
     try:
-        progress = _restore(safe_load(state_path), key, n_batches, attacks, victims, device)
+        progress = _restore(safe_load(state_path), key, n_batches, done, attacks, victims, device)
     except LoadError as error:
         log.warning("%s; starting the evaluation over", error)
         return None
@@ -310,8 +378,8 @@ def _load_progress(state_path: Path, key: str, n_batches: int, n_points: int, ba
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         log.warning("ignoring %s: malformed evaluation state (%s); starting over", state_path, error)
         return None
-    done = min(progress.next_batch * batch_size, n_points)
-    log.info("resuming evaluation at batch %d/%d (%d points done)", progress.next_batch + 1, n_batches, done)
+    log.info("resuming evaluation at batch %d/%d (%d points done)", progress.next_batch + 1, n_batches,
+             done(progress.next_batch))
     return progress
 
 
@@ -319,6 +387,9 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
              device: torch.device, calibration: ImageSplit | None = None, *,
              state_path: Path | None = None, state_key: str = "") -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of the result table, one per (attack, victim), and the sanity warnings.
+
+    With two attacks or more, one worst-case row per victim follows (``attack`` :data:`ANY_ATTACK`,
+    see :func:`worst_case`), with the attacks' summed ``seconds`` and the threat model.
 
     With ``state_path``, the progress is saved there after every batch and a matching saved state
     (same ``state_key``, see :func:`evaluation_key`) is resumed from; the caller removes the file
@@ -344,7 +415,8 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
                                   [v.name for v in victims], device)
     if progress is None:
         progress = _Progress(0, {(a, v.name): _Tally() for a in attacks for v in victims},
-                             {a: _AttackStats() for a in attacks})
+                             {a: _AttackStats() for a in attacks}, {v.name: [] for v in victims},
+                             {(a, v.name): [] for a in attacks for v in victims})
     tallies, stats = progress.tallies, progress.stats
     bar = tqdm(total=n_batches * len(attacks), initial=progress.next_batch * len(attacks), desc="attacking",
                disable=not run.progress)
@@ -354,6 +426,8 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
         labels = points.labels[start:start + batch_size].to(device)
         with torch.no_grad():
             clean = {v.name: v.judge(images) for v in victims}
+        for victim in victims:
+            progress.clean_ok[victim.name].append((clean[victim.name][0] == labels).cpu())
         for name, attack in attacks.items():
             started = time.perf_counter()
             adversarial = attack(images, labels)
@@ -370,6 +444,7 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
                     clean_pred, clean_cred = clean[victim.name]
                     adv_pred, adv_cred = victim.judge(adversarial)
                     tallies[(name, victim.name)].add(clean_pred == labels, adv_pred == labels, clean_cred, adv_cred)
+                    progress.adv_ok[(name, victim.name)].append((adv_pred == labels).cpu())
             bar.update(1)
         if state_path is not None:
             progress.next_batch = batch + 1
@@ -414,4 +489,18 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
     warnings = sanity_warnings(rows, white_box)
     for warning in warnings:
         log.warning(warning)
+    if len(attacks) >= 2:
+        seconds = sum(stats[name].seconds for name in attacks)
+        for victim in victims:
+            worst = worst_case(_joined(progress.clean_ok[victim.name]),
+                               {name: _joined(progress.adv_ok[(name, victim.name)]) for name in attacks})
+            n = worst.pop("n_points")
+            rows.append({
+                "attack": ANY_ATTACK, "victim": victim.name,
+                **{key: worst.pop(key) for key in ("clean_acc", "robust_acc", "asr")},
+                "n_points": n, "seconds": seconds,
+                "eps": run.attack.eps, "norm": run.attack.norm, "steps": run.attack.steps,
+                "images_per_second": n / seconds if seconds > 0 else None,
+                **worst,  # attacks, broken_by, only_by
+            })
     return rows, warnings

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from ask.config.schema import RunConfig
 from ask.data import DataBundle, balanced_indices, load_dataset
 from ask.errors import ConfigError
-from ask.evaluation.evaluate import evaluate, evaluation_key, select_points
+from ask.evaluation.evaluate import ANY_ATTACK, evaluate, evaluation_key, select_points
 from ask.knn import ReferenceStore, store_cache_key
 from ask.models import FeatureModel
 from ask.reporting import format_results_table
@@ -192,6 +192,10 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     print(f"\n{run.dataset.name} / {run.model.name} / layer {run.knn.layers[0]} / "
           f"{run.attack.norm} eps={run.attack.eps:.4g} / {len(points)} points\n")
     print(format_results_table(rows))
+    worst = next((row for row in rows if row["attack"] == ANY_ATTACK), None)
+    if worst is not None:
+        print(f"(any: the per-point worst case over {', '.join(worst['attacks'])}; a point is robust only "
+              "if every attack failed on it)")
     for warning in warnings:
         print(f"warning: {warning}")
     print(f"\nwrote {output_dir / 'metrics.json'}")

@@ -7,6 +7,9 @@ and each function returns the PNG bytes for the caller to write atomically.
 Rows that differ in something other than attack, victim and eps (defence, dataset, model, norm or
 a varying setting) form *families*; each family gets its own line style and a label naming only
 what tells it apart from the others.
+
+The worst case over a run's attacks (attack ``any``) is drawn like an attack, labelled ``any (worst
+case)`` and, unless bars must tell families apart by colour, in dark grey.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from matplotlib import rcParams
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ask.reporting.report import format_eps
+from ask.reporting.report import ANY_ATTACK, format_eps
 
 _FAMILY_FIELDS = ("defense", "dataset", "model", "norm", "settings")
 _LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
@@ -30,6 +33,8 @@ MAX_BAR_PANELS = 4
 #: Legend entries and label length kept readable when many families share one figure.
 MAX_LEGEND_ENTRIES = 24
 MAX_LABEL = 90
+#: The colour of the worst case, apart from the attacks' cycle.
+ANY_COLOR = "0.25"
 
 
 def _unique(values: Any) -> list[Any]:
@@ -78,7 +83,8 @@ def _legend_entries(labels: list[str]) -> list[str]:
 
 
 def _series_label(attack: str, family_label: str) -> str:
-    label = attack if not family_label else f"{attack} ({family_label})"
+    name = f"{attack} (worst case)" if attack == ANY_ATTACK else attack
+    label = name if not family_label else f"{name} ({family_label})"
     return label if len(label) <= MAX_LABEL else label[:MAX_LABEL - 3] + "..."
 
 
@@ -134,8 +140,9 @@ def plot_robust_vs_eps(rows: Sequence[dict[str, Any]]) -> bytes | None:
                     continue
                 errors = [_std(r["robust_acc_std"]) for r in points]
                 label = _series_label(attack, labels[family])
+                color = ANY_COLOR if attack == ANY_ATTACK else colors[a_index % len(colors)]
                 ax.errorbar([r["eps"] for r in points], [100 * r["robust_acc_mean"] for r in points],
-                            yerr=errors if any(errors) else None, color=colors[a_index % len(colors)],
+                            yerr=errors if any(errors) else None, color=color,
                             linestyle=_LINESTYLES[f_index % len(_LINESTYLES)], marker="o", capsize=3,
                             label=label)
         if len(families) == 1:
@@ -201,6 +208,8 @@ def plot_asr_bars(rows: Sequence[dict[str, Any]]) -> bytes | None:
             label = _series_label(attack, labels[family])
             # One family: a colour per attack. Several: a colour per bar series, a hatch per family.
             color = colors[(attacks.index(attack) if len(families) == 1 else s_index) % len(colors)]
+            if attack == ANY_ATTACK and len(families) == 1:
+                color = ANY_COLOR
             bars = ax.bar(xs, heights, width=width * 0.95, yerr=errors if any(errors) else None, capsize=2,
                           color=color, hatch=_HATCHES[families.index(family) % len(_HATCHES)], label=label)
             if annotate:

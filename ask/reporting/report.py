@@ -3,7 +3,13 @@
 A *run* is a directory holding the ``metrics.json`` that ``ask-attack`` writes, normally beside its
 resolved ``config.yaml``. Runs that share every setting except the seed (and the checkpoint, which
 differs between models trained with different seeds) are replicates: the report gives the mean and
-the sample standard deviation (n - 1) of their clean accuracy, robust accuracy and ASR.
+the sample standard deviation (n - 1) of their clean accuracy, robust accuracy and ASR, and a 95 %
+confidence interval (:func:`confidence_interval`): Student's t over the replicates' values when
+there are two or more, Wilson's binomial interval over the single run's points otherwise.
+
+A run of two attacks or more also has one ``any`` row per victim, the per-point worst case over
+its attacks (see :mod:`ask.evaluation.evaluate`). Which attacks it combines is one of its settings,
+so worst cases over different attack lists are never averaged, nor joined in an eps curve.
 
 Settings other than the defence, dataset, model, eps and norm (a layer, a temperature, a step
 count) split rows only where they actually differ between runs that would otherwise be averaged
@@ -46,6 +52,12 @@ CONFIG_FILE = "config.yaml"
 KEY_FIELDS = ("defense", "dataset", "model", "eps", "norm", "attack", "victim")
 #: Averaged across replicates, each with ``_mean``, ``_std`` and ``_count`` columns in report.csv.
 STAT_FIELDS = ("clean_acc", "robust_acc", "asr", "mean_linf", "mean_l2", "seconds")
+#: Given a 95 % interval, with ``_ci_low``, ``_ci_high`` and ``_ci_kind`` columns in report.csv.
+CI_FIELDS = ("clean_acc", "robust_acc", "asr")
+#: The ``attack`` of worst-case rows (``ask.evaluation.evaluate.ANY_ATTACK``; not imported: it needs torch).
+ANY_ATTACK = "any"
+#: The setting that names the attacks a worst-case row combines.
+ANY_SETTING = "attacks"
 
 # Config entries that never change a number in metrics.json (bookkeeping, paths, batch sizes) or
 # that are part of the row key already; they never split rows.
@@ -280,6 +292,74 @@ def find_runs(paths: Iterable[str | os.PathLike[str]]) -> Collection:
 
 
 # --------------------------------------------------------------------------------------------
+# Confidence intervals
+
+#: z with 2.5 % of the standard normal above it.
+Z_975 = 1.959963984540054
+#: t_{0.975, df} for df = 1..30 (Student's t, 97.5th percentile; df 1 first), to six decimals.
+T_975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157,
+         2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922,
+         2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831,
+         2.048407, 2.045230, 2.042272)
+
+
+def t_quantile_975(df: int) -> float:
+    """Student's t_{0.975, df}: :data:`T_975` up to 30, then the Cornish-Fisher series in 1/df.
+
+    The series (Abramowitz & Stegun 26.7.5, four terms) is within 3e-8 of the exact quantile
+    from df 31 on and tends to :data:`Z_975`; no scipy needed.
+    """
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = Z_975
+    terms = ((z ** 3 + z) / 4,
+             (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
+             (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
+             (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160)
+    return z + sum(term / df ** (power + 1) for power, term in enumerate(terms))
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float]:
+    """The 95 % interval for the mean of ``values`` (two or more): mean ± t_{0.975, n-1} · s / √n."""
+    if len(values) < 2:
+        raise ValueError("a t interval needs two values or more")
+    mean, half = statistics.fmean(values), t_quantile_975(len(values) - 1) * statistics.stdev(values)
+    half /= math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def wilson_interval(successes: int, n: int) -> tuple[float, float]:
+    """Wilson's 95 % score interval for a proportion of ``successes`` out of ``n`` trials (n >= 1)."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    z2 = Z_975 ** 2
+    p = successes / n
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z_975 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def confidence_interval(values: Sequence[float], denominators: Sequence[int]) -> tuple[float | None, float | None, str]:
+    """The 95 % interval of a fraction, ``(low, high, kind)``.
+
+    ``values`` are one fraction per run and ``denominators`` the number of trials behind each
+    (points, or the points right on x for ASR). Two runs or more: Student's t over the values
+    (``kind`` ``"t"``), which covers the spread between seeds. One run: Wilson's interval over its
+    trials (``"wilson"``), which covers only the choice of points. Clipped to [0, 1]; ``(None,
+    None, "")`` when there is nothing to go on.
+    """
+    if len(values) >= 2:
+        low, high = t_interval(values)
+        return max(0.0, low), min(1.0, high), "t"
+    if len(values) == 1 and denominators and denominators[0] >= 1:
+        n = denominators[0]
+        return (*wilson_interval(min(n, max(0, round(values[0] * n))), n), "wilson")
+    return None, None, ""
+
+
+# --------------------------------------------------------------------------------------------
 # Aggregation
 
 
@@ -294,19 +374,36 @@ def _label(key: str) -> str:
     return key[len(_METHODS_PREFIX):] if key.startswith(_METHODS_PREFIX) else key
 
 
-def _row_settings(run: Run, attack: str) -> dict[str, str]:
-    """The run's settings that can matter for this attack's rows."""
+def _row_settings(run: Run, result: dict[str, Any]) -> dict[str, str]:
+    """The run's settings that can matter for this result row.
+
+    A worst-case row depends on every attack's settings, and on which attacks it combines.
+    """
+    attack = str(result["attack"])
+    if attack == ANY_ATTACK:
+        return {**run.settings, ANY_SETTING: _compact(list(result.get(ANY_SETTING) or []))}
     own = f"{_METHODS_PREFIX}{attack}."
     return {key: value for key, value in run.settings.items()
             if not key.startswith(_METHODS_PREFIX) or key.startswith(own)}
+
+
+def _denominators(members: Sequence[tuple[Run, dict[str, Any]]], name: str) -> list[int]:
+    """The trials behind each member's ``name``: its points, or for ASR its points right on x."""
+    counts = []
+    for run, result in members:
+        n = int(result.get("n_points", run.metrics.get("n_points", 0)) or 0)
+        counts.append(round(float(result["clean_acc"]) * n) if name == "asr" else n)
+    return counts
 
 
 def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per (defence, dataset, model, eps, norm, attack, victim[, varying settings]).
 
     Each row has ``<stat>_mean``, ``<stat>_std`` (sample, None for a single run) and
-    ``<stat>_count`` for every name in :data:`STAT_FIELDS`, plus ``runs``, ``seeds``,
-    ``n_points`` (per run; the smallest if they differ), ``n_points_total``, ``settings`` and
+    ``<stat>_count`` for every name in :data:`STAT_FIELDS`; ``<stat>_ci_low``, ``<stat>_ci_high``
+    and ``<stat>_ci_kind`` (:func:`confidence_interval`) for every name in :data:`CI_FIELDS`; plus
+    ``runs``, ``seeds``, ``n_points`` (per run; the smallest if they differ), ``n_points_total``,
+    ``settings``, ``attacks`` (the attacks a worst-case row combines, else empty) and
     ``directories``.
     """
     entries = []  # (key, settings, run, result row)
@@ -321,7 +418,7 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
             key = (run.defense, str(run.metrics.get("dataset", "?")), str(run.metrics.get("model", "?")),
                    float(eps) if eps is not None else math.nan,
                    str(result.get("norm", run.metrics.get("norm", "?"))), attack, victim)
-            entries.append((key, _row_settings(run, attack), run, result))
+            entries.append((key, _row_settings(run, result), run, result))
 
     # A setting splits rows only where it takes different values inside one key; it is then shown
     # on every row of that key's (defence, dataset, model) section, and nowhere else.
@@ -333,6 +430,15 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
     varying: dict[tuple, set[str]] = {}
     for key, per_key in values_by_key.items():
         varying.setdefault(key[:3], set()).update(name for name, values in per_key.items() if len(values) > 1)
+    # The attacks a worst case combines also tell apart rows of different eps (a sweep of two attacks
+    # beside a run of six): a curve must not join the worst case over six to that over two.
+    combined: dict[tuple, set[str]] = {}
+    for key, settings, _, _ in entries:
+        if ANY_SETTING in settings:
+            combined.setdefault(key[:3], set()).add(settings[ANY_SETTING])
+    for family, values in combined.items():
+        if len(values) > 1:
+            varying[family].add(ANY_SETTING)
 
     groups: dict[tuple, list[tuple[Run, dict[str, Any]]]] = {}
     for key, settings, run, result in entries:
@@ -348,11 +454,18 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
                       if r.get(name) is not None and math.isfinite(float(r[name]))]
             mean, std = _mean_std(values)
             row[f"{name}_mean"], row[f"{name}_std"], row[f"{name}_count"] = mean, std, len(values)
+        for name in CI_FIELDS:
+            usable = [(run, r) for run, r in members
+                      if r.get(name) is not None and math.isfinite(float(r[name]))]
+            low, high, kind = confidence_interval([float(r[name]) for _, r in usable], _denominators(usable, name))
+            row[f"{name}_ci_low"], row[f"{name}_ci_high"], row[f"{name}_ci_kind"] = low, high, kind
         points = [int(r.get("n_points", run.metrics.get("n_points", 0)) or 0) for run, r in members]
         row["n_points"] = min(points)
         row["n_points_total"] = sum(points)
         row["runs"] = len(members)
         row["seeds"] = " ".join(str(s) for s in sorted({run.seed for run, _ in members if run.seed is not None}))
+        combined = members[0][1].get(ANY_SETTING) if row["attack"] == ANY_ATTACK else None
+        row["attacks"] = " ".join(str(a) for a in combined or [])
         row["directories"] = [run.directory for run, _ in members]
         rows.append(row)
     rows.sort(key=lambda r: (r["defense"], r["dataset"], r["model"], r["norm"], r["eps"], r["settings"],
@@ -385,6 +498,13 @@ def _percent(mean: float | None, std: float | None) -> str:
     return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
+def _interval(row: dict[str, Any], name: str) -> str:
+    low, high, kind = row[f"{name}_ci_low"], row[f"{name}_ci_high"], row[f"{name}_ci_kind"]
+    if low is None or high is None:
+        return "-"
+    return f"[{100 * low:.1f}, {100 * high:.1f}] {'t' if kind == 't' else 'W'}"
+
+
 def _relative(path: Path, base: Path) -> str:
     try:
         return str(path.resolve().relative_to(base.resolve())) or "."
@@ -402,11 +522,12 @@ def _results_table(rows: list[dict[str, Any]]) -> list[str]:
     with_settings = any(r["settings"] for r in rows)
     with_seeds = any(r["runs"] > 1 for r in rows)
     header = ["attack", "victim", *(["settings"] if with_settings else []),
-              "clean (%)", "robust (%)", "ASR (%)", "n", "runs", *(["seeds"] if with_seeds else [])]
+              "clean (%)", "robust (%)", "robust 95% CI", "ASR (%)", "ASR 95% CI", "n", "runs",
+              *(["seeds"] if with_seeds else [])]
     body = [[r["attack"], r["victim"], *([r["settings"] or "-"] if with_settings else []),
              _percent(r["clean_acc_mean"], r["clean_acc_std"]),
-             _percent(r["robust_acc_mean"], r["robust_acc_std"]),
-             _percent(r["asr_mean"], r["asr_std"]),
+             _percent(r["robust_acc_mean"], r["robust_acc_std"]), _interval(r, "robust_acc"),
+             _percent(r["asr_mean"], r["asr_std"]), _interval(r, "asr"),
              str(r["n_points"]), str(r["runs"]), *([r["seeds"] or "-"] if with_seeds else [])]
             for r in rows]
     return _table(header, body)
@@ -444,7 +565,16 @@ def render_markdown(rows: list[dict[str, Any]], collection: Collection, out_dir:
               "another attack's hyperparameters); `seeds` lists their seeds. Settings that differ "
               "between runs are shown in `settings` instead of being averaged. `n` is the number of "
               "attacked points per run. ASR is the fraction of the points a victim classified correctly "
-              "that the attack makes it misclassify.", ""]
+              "that the attack makes it misclassify.", "",
+              "`95% CI` columns: `[low, high] t` is mean ± t(0.975, runs - 1) · std / √runs, Student's "
+              "t over the runs (seeds); `[low, high] W` is Wilson's binomial interval over the points of "
+              "a single run (for ASR, over the points it classified correctly), which covers the choice "
+              "of points but not of seed. Both are clipped to [0, 100].", "",
+              "Attack `any` is the per-point worst case over the attacks of the same run (AutoAttack's "
+              "rule): a point counts as robust only if the victim classifies it correctly both clean "
+              "and after every attack; its ASR is the fraction of correctly classified points that at "
+              "least one attack broke. `attacks=[...]` names the attacks combined where that differs "
+              "between rows.", ""]
     if not rows:
         lines += ["No successful runs.", ""]
     families = _unique((r["defense"], r["dataset"], r["model"]) for r in rows)
@@ -492,9 +622,12 @@ def render_markdown(rows: list[dict[str, Any]], collection: Collection, out_dir:
 
 def render_csv(rows: list[dict[str, Any]], out_dir: Path) -> str:
     """The text of ``report.csv``: one row per aggregated (defence, ..., victim, settings)."""
+    # Columns added later go after ``directories``, so readers that count columns keep working.
     columns = [*KEY_FIELDS, "settings", "runs", "seeds", "n_points", "n_points_total",
                *(f"{name}_{stat}" for name in STAT_FIELDS for stat in ("mean", "std", "count")),
-               "directories"]
+               "directories",
+               *(f"{name}_ci_{part}" for name in CI_FIELDS for part in ("low", "high", "kind")),
+               "attacks"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
