@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# Before anything below imports torch: cuBLAS reads it at the first GEMM, and tests on a GPU may
+# switch deterministic=true on in this process long after that (see ask/cli/__init__.py).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,33 @@ def test_an_ivf_index_records_its_recall_in_the_metrics(demo: dict, shared_cache
     assert index["index"] == "ivf" and layer["kind"] == "ivf" and layer["nprobe"] == 2
     # Two of about 30 cells probed: close to exact on digits, but not exact.
     assert 0.8 < layer["recall_at_k"] < 1.0 and layer["queries"] == 1000
+
+
+_WORKSPACE_PROBE = """
+import importlib, importlib.abc, os, sys
+seen = []
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+        return None
+sys.meta_path.insert(0, Watch())
+importlib.import_module(sys.argv[1])
+import torch  # noqa: F401
+print(seen[0])
+"""
+
+
+@pytest.mark.parametrize("module", ["ask.cli.train", "ask.cli.attack", "ask.cli.report"])
+def test_console_scripts_set_the_cublas_workspace_before_torch(module: str) -> None:
+    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG at the first GEMM: it must be there before torch can run one."""
+    env = {key: value for key, value in os.environ.items() if key != "CUBLAS_WORKSPACE_CONFIG"}
+    done = subprocess.run([sys.executable, "-c", _WORKSPACE_PROBE, module], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == ":4096:8"
+    # A value the user chose is kept.
+    done = subprocess.run([sys.executable, "-c", _WORKSPACE_PROBE, module],
+                          env={**env, "CUBLAS_WORKSPACE_CONFIG": ":16:8"}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == ":16:8", done.stderr[-2000:]

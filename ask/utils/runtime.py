@@ -30,7 +30,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
-        # cuBLAS needs this workspace setting for deterministic matmuls.
+        # cuBLAS needs this workspace setting for deterministic matmuls but reads it at the first
+        # GEMM; the console scripts set it before torch loads (ask/cli/__init__.py), this is the
+        # fallback for library callers that seed before their first GEMM.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
