@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import random
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,9 @@ import torch
 
 from ask.config.schema import RunConfig, TrainConfig
 from ask.errors import ConfigError
-from ask.training.checkpoint import load_checkpoint
+from ask.training.checkpoint import load_checkpoint, save_checkpoint
 from ask.training.trainer import _make_scheduler, train
+from ask.utils.runtime import capture_rng_state, restore_generator, restore_rng_state
 from tests.conftest import compose_run
 
 TINY = ["dataset.train_per_class=20", "dataset.test_per_class=5", "train.batch_size=32",
@@ -108,3 +111,86 @@ def test_step_schedule_resumes_only_with_its_milestones(tmp_path: Path, cache_di
     train(compose_run("train", [*step, "train.epochs=3", "train.step_milestones=[1]"], cache_dir), tmp_path)
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([0.1, 0.01, 0.01])
+
+
+def _fake_cuda_states(n: int) -> list[torch.Tensor]:
+    """What ``torch.cuda.get_rng_state_all`` gives on ``n`` GPUs: one 16-byte Philox state (seed, offset) each."""
+    return [torch.full((16,), index, dtype=torch.uint8) for index in range(n)]
+
+
+def _runtime_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "ask.utils.runtime" and r.levelno == logging.WARNING]
+
+
+def test_rng_state_saved_on_four_gpus_restores_on_the_cpu(monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint written with 4 GPUs resumes where none is visible: CPU streams exact, one warning."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    torch.manual_seed(3)
+    random.seed(3)
+    state = {**capture_rng_state(), "cuda": _fake_cuda_states(4)}
+    expected = (torch.rand(5), random.random())
+    torch.manual_seed(99)
+    random.seed(99)
+    with caplog.at_level(logging.WARNING, logger="ask.utils.runtime"):
+        restore_rng_state(state)
+    assert torch.equal(torch.rand(5), expected[0]) and random.random() == expected[1]
+    (message,) = _runtime_warnings(caplog)
+    assert "saved with 4 CUDA device(s) and 0 are visible" in message
+
+
+def test_rng_state_saved_on_four_gpus_restores_what_fits_on_two(monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    restored: dict[int, torch.Tensor] = {}
+
+    def set_rng_state(state: torch.Tensor, device: int = 0) -> None:
+        if not 0 <= device < 2:  # as torch does on a machine with two GPUs
+            raise RuntimeError(f"invalid device ordinal {device}")
+        restored[device] = state
+
+    state = {**capture_rng_state(), "cuda": _fake_cuda_states(4)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)  # what set_rng_state_all calls
+    with caplog.at_level(logging.WARNING, logger="ask.utils.runtime"):
+        restore_rng_state(state)
+    assert sorted(restored) == [0, 1]
+    assert all(torch.equal(restored[i], state["cuda"][i]) for i in restored)
+    (message,) = _runtime_warnings(caplog)
+    assert "saved with 4 CUDA device(s) and 2 are visible" in message
+
+
+def test_generator_state_of_another_device_restarts_the_stream(caplog: pytest.LogCaptureFixture) -> None:
+    """A CUDA Philox state (16 bytes) does not fit a CPU generator (5056 bytes): reseeded, not an error."""
+    generator = torch.Generator().manual_seed(5)
+    seeded = generator.get_state()
+    with pytest.raises(RuntimeError, match="size"):  # what the trainer used to hit
+        torch.Generator().set_state(_fake_cuda_states(1)[0])
+    with caplog.at_level(logging.WARNING, logger="ask.utils.runtime"):
+        restore_generator(generator, _fake_cuda_states(1)[0], "augmentation")
+    assert torch.equal(generator.get_state(), seeded)
+    (message,) = _runtime_warnings(caplog)
+    assert "augmentation" in message and "16 bytes" in message and "5056 bytes" in message
+    # A state that fits is restored exactly, without a warning.
+    caplog.clear()
+    other = torch.Generator().manual_seed(7)
+    restore_generator(generator, other.get_state(), "augmentation")
+    assert torch.equal(torch.rand(4, generator=generator), torch.rand(4, generator=other))
+    assert not _runtime_warnings(caplog)
+
+
+@pytest.mark.slow
+def test_run_saved_on_gpus_resumes_on_the_cpu(tmp_path: Path, cache_dir: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """last.pt as a 4-GPU CUDA run writes it (CUDA augmentation state, 4 CUDA streams) resumes here."""
+    train(compose_run("train", [*TINY, "train.epochs=1"], cache_dir), tmp_path)
+    state = load_checkpoint(tmp_path / "last.pt")
+    state["augment_rng"] = _fake_cuda_states(1)[0]
+    state["rng"]["cuda"] = _fake_cuda_states(4)
+    save_checkpoint(tmp_path / "last.pt", {k: v for k, v in state.items() if k not in ("format", "version")})
+    with caplog.at_level(logging.WARNING, logger="ask.utils.runtime"):
+        train(compose_run("train", [*TINY, "train.epochs=2"], cache_dir), tmp_path)
+    assert _epochs(tmp_path) == [1, 2]
+    assert len(_runtime_warnings(caplog)) == 2

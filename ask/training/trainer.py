@@ -42,7 +42,13 @@ from ask.training.checkpoint import check_compatible, load_checkpoint, model_spe
 from ask.training.preemption import StopRequest, TrainingStopped
 from ask.utils.io import atomic_write_text
 from ask.utils.rundir import run_lock
-from ask.utils.runtime import capture_rng_state, restore_rng_state, seed_everything, select_device
+from ask.utils.runtime import (
+    capture_rng_state,
+    restore_generator,
+    restore_rng_state,
+    seed_everything,
+    select_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +341,7 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
         scheduler.load_state_dict(state["scheduler"])
         order_rng.set_state(state["order_rng"])
         rank_state = _rank_state(state, group)
-        augment_rng.set_state(rank_state["augment_rng"].to(augment_rng.get_state().device))
+        restore_generator(augment_rng, rank_state["augment_rng"], "augmentation")
         restore_rng_state(rank_state["rng"])
         defense.load_state_dict(rank_state.get("defense") or {})
         start_epoch, best_metric = state["epoch"], state["best_metric"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from typing import Any
@@ -10,6 +11,8 @@ import numpy as np
 import torch
 
 from ask.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def select_device(spec: str) -> torch.device:
@@ -58,6 +61,13 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put back what :func:`capture_rng_state` saved, on whatever devices this process sees.
+
+    Python, NumPy and the CPU generator are restored exactly. The CUDA generators are restored
+    one per device that both the checkpoint and this process have; when the counts differ (a run
+    saved on 4 GPUs resumed on 1, or on none, or a CPU checkpoint resumed on a GPU) the other
+    devices keep the seeding they have and one warning says their streams restart.
+    """
     random.setstate(_to_tuple(state["python"]))
     numpy_state = state["numpy"]
     np.random.set_state(
@@ -70,8 +80,29 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         )
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = list(state.get("cuda") or [])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index in range(min(len(saved), visible)):
+        torch.cuda.set_rng_state(saved[index], index)
+    if len(saved) != visible:
+        log.warning("the random state was saved with %d CUDA device(s) and %d are visible: the CUDA random "
+                    "streams of the devices it lacks restart from the seed", len(saved), visible)
+
+
+def restore_generator(generator: torch.Generator, state: torch.Tensor, name: str) -> None:
+    """Set ``generator`` to a saved ``state``, or keep its seeding when the state is another device's.
+
+    A CPU generator's state (Mersenne Twister, 5056 bytes) and a CUDA one's (Philox, 16 bytes)
+    do not fit each other, so a run started on the CPU and resumed on a GPU, or the other way
+    round, restarts ``name``'s stream from its seed, with one warning, instead of failing.
+    """
+    current = generator.get_state()
+    if state.dtype != current.dtype or state.shape != current.shape:
+        log.warning("the saved %s random state (%d bytes) does not fit this run's %s generator (%d bytes): "
+                    "it was saved on another kind of device; its stream restarts from the seed",
+                    name, state.numel(), generator.device.type, current.numel())
+        return
+    generator.set_state(state.to(current.device))
 
 
 def _to_plain(value: Any) -> Any:
