@@ -560,3 +560,32 @@ def test_references_normalised_once_give_the_same_margin_and_gradient(kind: str)
     torch.testing.assert_close(grad_once, grad_plain)
     # The flag trusts the caller: un-normalised references with it on give another (wrong) margin.
     assert not torch.allclose(ask_margin(feats, refs, labels, references_normalized=True, **options), plain)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-refs", "per-example-refs"])
+@pytest.mark.parametrize("kind", ["instance", "class"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_ask_margin_is_fp32_under_autocast(metric: str, kind: str, shared: bool) -> None:
+    """autocast would run the similarity products in bf16, whose rounding on 2,048-d features
+    exceeds the spread of the similarities (l2 above all); the margin must not notice autocast."""
+    from ask.attacks.ask_loss import ask_margin
+
+    gen = torch.Generator().manual_seed(11)
+    feats = torch.rand(4, 2048, generator=gen)
+    refs = torch.rand(*(() if shared else (4,)), 3, 5, 2048, generator=gen)
+    labels = torch.tensor([0, 2, 1, 2])
+    options = dict(metric=metric, temperature=0.01, kind=kind)
+
+    def margin_and_grad(autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x = feats.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            margin = ask_margin(x, refs, labels, self_features=feats, **options)
+        (grad,) = torch.autograd.grad(margin.sum(), x)
+        return margin, grad
+
+    reference, reference_grad = margin_and_grad(autocast=False)
+    margin, grad = margin_and_grad(autocast=True)
+    assert margin.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(margin, reference, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-6)

@@ -94,7 +94,8 @@ def ask_margin(
             only; see :func:`ask.knn.similarity.rowwise_similarity`).
 
     Returns:
-        [B] margins, differentiable with respect to ``features``.
+        [B] margins, differentiable with respect to ``features``; float32 (float64 for float64
+        inputs) even under ``torch.autocast``, which is switched off inside.
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
@@ -107,13 +108,34 @@ def ask_margin(
         raise ValueError(
             f"references must be [B={batch}, C, k, D={dim}] or [C, k, D={dim}], got {tuple(references.shape)}"
         )
-    num_classes, k = references.shape[-3], references.shape[-2]
+    num_classes = references.shape[-3]
     if labels.shape != (batch,):
         raise ValueError(f"labels must have shape [{batch}], got {tuple(labels.shape)}")
     labels = labels.to(device=feats.device, dtype=torch.long)
     if batch and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}) to match the references' class axis")
 
+    # Under torch.autocast the products below would run in bf16/fp16 even on fp32 inputs; with
+    # metric=l2 on 2,048-d features that rounding exceeds the spread of the similarities, so the
+    # margin is computed with autocast off, on at-least-fp32 copies (the gradient flows back through
+    # the casts in the features' own dtype).
+    with torch.autocast(device_type=feats.device.type, enabled=False):
+        return _margin(_full(feats), _full(references), labels, metric=metric, temperature=temperature,
+                       kind=kind, self_features=None if self_features is None else _full(self_features),
+                       references_normalized=references_normalized)
+
+
+def _full(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32, or float64 if it already is."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _margin(feats: Tensor, references: Tensor, labels: Tensor, *, metric: str, temperature: float, kind: str,
+            self_features: Tensor | None, references_normalized: bool) -> Tensor:
+    """:func:`ask_margin` on checked, full-precision inputs (``feats`` already flattened to [B, D])."""
+    batch, dim = feats.shape
+    shared = references.dim() == 3
+    num_classes, k = references.shape[-3], references.shape[-2]
     if shared:
         # One [B, D] x [D, C*k] product: per-example similarity would copy the set B times
         # (420 MB for a CIFAR-10 batch at smallcnn's block3).
