@@ -9,12 +9,15 @@ import shutil
 import signal
 import subprocess
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 
+from ask.errors import ConfigError
 from ask.training.checkpoint import load_checkpoint
+from ask.training.distributed import collective_timeout
 from ask.training.trainer import train
 from tests.conftest import BIN, compose_run
 
@@ -96,3 +99,45 @@ def test_ask_def_trains_per_rank(tmp_path: Path, shared_cache: Path) -> None:
     record = _records(tmp_path / "run")[0]
     assert record["train_loss"] > 0 and json.loads((tmp_path / "run" / "train_summary.json").read_text())[
         "world_size"] == 2
+
+
+@pytest.mark.parametrize(("value", "minutes"), [(None, 120), ("", 120), ("45", 45), (" 1.5 ", 1.5), ("600", 600)])
+def test_collective_timeout_comes_from_the_environment(value: str | None, minutes: float) -> None:
+    environ = {} if value is None else {"ASK_DIST_TIMEOUT_MIN": value}
+    assert collective_timeout(environ) == timedelta(minutes=minutes)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "ten", "30m", "nan", "inf"])
+def test_collective_timeout_refuses_what_is_not_a_positive_number(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        collective_timeout({"ASK_DIST_TIMEOUT_MIN": value})
+    message = str(caught.value)
+    assert message.startswith(f"ASK_DIST_TIMEOUT_MIN={value} is not a positive number of minutes")
+    assert "\n" not in message and "ASK_DIST_TIMEOUT_MIN=120" in message
+
+
+def test_the_group_forms_with_the_collective_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ask.training import distributed
+
+    calls: list[dict] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("ASK_DIST_TIMEOUT_MIN", "7")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **options: calls.append(options))
+    distributed.init_from_env()
+    (options,) = calls
+    assert options["timeout"] == timedelta(minutes=7)
+
+
+def test_a_bad_collective_timeout_is_one_line_before_the_group_forms(tmp_path: Path) -> None:
+    """A torchrun worker reads the variable before joining, so it fails at once, not at the rendezvous."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "ASK_DIST_TIMEOUT_MIN": "0",
+           "ASK_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([str(BIN / "ask-train"), "progress=false"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        "ask-train: error: ASK_DIST_TIMEOUT_MIN=0 is not a positive number of minutes; set it to how long a "
+        "process may wait for the others, e.g. ASK_DIST_TIMEOUT_MIN=120, or unset it"
+    ]

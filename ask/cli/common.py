@@ -225,7 +225,12 @@ def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, progra
     from ask.training import distributed  # a torchrun worker
 
     try:
-        sys.argv.extend(_rank_overrides(distributed.init_from_env(), sys.argv[1:], program))
+        try:
+            group = distributed.init_from_env()
+        except AskError as error:  # ASK_DIST_TIMEOUT_MIN: before Hydra, so run_task cannot report it
+            print(f"{program}: error: {error}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        sys.argv.extend(_rank_overrides(group, sys.argv[1:], program))
         hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(_main)()
     finally:
         # Left to interpreter exit, gloo's worker threads can be torn down mid-flight (SIGABRT).

@@ -6,12 +6,20 @@ tensors) before Hydra composes, so every rank writes into rank 0's output direct
 asks :func:`current` who it is: rank 0 writes checkpoints and metrics, every rank trains on its
 share of each global batch, and gradients are averaged by DDP. Without ``torchrun`` everything
 here is a no-op with ``world_size == 1``.
+
+How long a rank waits in a collective for the others is ``ASK_DIST_TIMEOUT_MIN`` minutes (default
+120, against torch's 30): rank 0 alone decodes a dataset into the cache or runs robust validation
+over a large pool while the other ranks wait at the next barrier. It is an environment variable,
+not a config key, because the group forms before Hydra composes the config.
 """
 
 from __future__ import annotations
 
+import datetime
 import gc
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +27,26 @@ import torch
 import torch.distributed as dist
 
 from ask.errors import ConfigError
+
+TIMEOUT_VARIABLE = "ASK_DIST_TIMEOUT_MIN"
+DEFAULT_TIMEOUT_MIN = 120.0
+
+
+def collective_timeout(environ: Mapping[str, str] = os.environ) -> datetime.timedelta:
+    """The collective timeout from ``ASK_DIST_TIMEOUT_MIN`` (minutes, > 0; default 120)."""
+    text = environ.get(TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return datetime.timedelta(minutes=DEFAULT_TIMEOUT_MIN)
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = math.nan
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise ConfigError(
+            f"{TIMEOUT_VARIABLE}={text} is not a positive number of minutes; set it to how long a process "
+            f"may wait for the others, e.g. {TIMEOUT_VARIABLE}={DEFAULT_TIMEOUT_MIN:g}, or unset it"
+        )
+    return datetime.timedelta(minutes=minutes)
 
 
 def launched_by_torchrun() -> bool:
@@ -100,13 +128,16 @@ def init_from_env() -> Distributed:
     """Join ``torchrun``'s group (idempotent); a group of one outside ``torchrun``.
 
     The backend string routes CPU tensors through gloo and CUDA tensors through NCCL, so one
-    group serves both the DDP gradients and the small CPU bookkeeping collectives.
+    group serves both the DDP gradients and the small CPU bookkeeping collectives. Collectives
+    wait :func:`collective_timeout` (``ASK_DIST_TIMEOUT_MIN``; read here because the group forms
+    before Hydra composes, so a config key could not reach it); a bad value is a ConfigError.
     """
     if not launched_by_torchrun():
         return Distributed()
     if not dist.is_initialized():
+        timeout = collective_timeout()
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timeout)
     return current()
 
 
