@@ -91,6 +91,59 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(
         r["train_loss"] for r in _records(tmp_path / "stopped")]
 
 
+# A torchrun worker that trains a step with DDP, ends with the same collective as the trainer
+# (all_gather_object of the fingerprints) and leaves the group: how many threads are left.
+_WORKER = """
+import os
+import torch
+from ask.training import distributed
+
+def threads():
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as comm:
+                names.append(comm.read().strip())
+        except OSError:  # ended meanwhile
+            pass
+    return names
+
+before = len(threads())
+group = distributed.init_from_env()
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+model(torch.ones(4, 3)).sum().backward()
+group.gather(distributed.parameter_fingerprint(model))
+del model
+distributed.shutdown()
+left = threads()
+print(f"rank {group.rank}: {len(left) - before} new threads left {sorted(left)}", flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+def test_leaving_the_group_stops_its_threads_before_the_interpreter_ends(tmp_path: Path) -> None:
+    # A gloo worker thread still alive at interpreter exit may drop a finished collective's Python
+    # tensors during finalisation and abort the process (SIGABRT) after a finished run. shutdown()
+    # must really free the group, and with it those threads, even after DDP was built (it imports
+    # torch.distributed.nn, whose default arguments capture whatever group exists at that moment).
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: 0 new threads left" in output, output[-3000:]
+
+
+def test_a_torchrun_worker_exits_with_the_status_python_would_give() -> None:
+    from ask.cli.common import _exit_status
+
+    assert [_exit_status(code) for code in (None, 0, 2, 143, True)] == [0, 0, 2, 143, 1]
+    assert _exit_status("ask-train: bad") == 1
+
+
 def test_ask_def_trains_per_rank(tmp_path: Path, shared_cache: Path) -> None:
     args = ["progress=false", "dataset.train_per_class=20", "train.batch_size=20", "model.width=8", "defense=ask_def",
             "defense.steps=1", "defense.params.n_ref=2", "train.epochs=1", "hydra.run.dir=run"]

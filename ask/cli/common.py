@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -224,6 +224,7 @@ def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, progra
         return
     from ask.training import distributed  # a torchrun worker
 
+    status = 0
     try:
         try:
             group = distributed.init_from_env()
@@ -232,9 +233,51 @@ def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, progra
             sys.exit(EXIT_USER_ERROR)
         sys.argv.extend(_rank_overrides(group, sys.argv[1:], program))
         hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(_main)()
-    finally:
-        # Left to interpreter exit, gloo's worker threads can be torn down mid-flight (SIGABRT).
+    except SystemExit as stop:
+        status = _exit_status(stop.code)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        status = EXIT_INTERRUPTED
+    except BaseException:  # what the interpreter would print before exiting with 1
+        traceback.print_exc()
+        status = 1
+    # Only here, out of the except blocks, are the error and its traceback gone, and with them the
+    # trainer's frames, whose DistributedDataParallel reducer would keep the process group alive.
+    try:
         distributed.shutdown()
+    except Exception:
+        traceback.print_exc()
+        status = status or 1
+    _end_worker(status)
+
+
+def _exit_status(code: Any) -> int:
+    """The status that ``sys.exit(code)`` ends the interpreter with: None is 0, a non-integer is printed and is 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF  # what the parent sees
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _end_worker(status: int) -> NoReturn:
+    """End a ``torchrun`` worker with ``status`` the way multiprocessing ends its children: ``os._exit``.
+
+    Belt and braces for :func:`ask.training.distributed.shutdown`: interpreter finalisation makes
+    any C++ thread that still wants the GIL exit mid-destructor (std::terminate, SIGABRT), and a
+    worker has such threads whenever something still holds a process group (gloo's run loops
+    releasing a finished collective's tensors, NCCL's watchdog). Skipping finalisation leaves
+    them nothing to trip over. Every file is written and closed by now; only the log handlers and
+    the standard streams need flushing, and atexit handlers do not run.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing more can be said on it
+            pass
+    os._exit(status)
 
 
 def _rank_overrides(group: Any, arguments: list[str], program: str) -> list[str]:

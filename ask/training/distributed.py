@@ -136,20 +136,33 @@ def init_from_env() -> Distributed:
         return Distributed()
     if not dist.is_initialized():
         timeout = collective_timeout()
+        # torch.distributed.nn evaluates ``group=group.WORLD`` as default arguments of its functions
+        # when it is first imported. DistributedDataParallel imports it (through torch._dynamo) after
+        # the group exists, and those defaults then hold the default group for the rest of the
+        # process: destroy_process_group() cannot free it and gloo's worker threads outlive
+        # shutdown() (see there). Imported before the group exists, the defaults are None.
+        import torch.distributed.nn  # noqa: F401
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=timeout)
     return current()
 
 
 def shutdown() -> None:
-    """Leave the group while Python is still whole.
+    """Leave the group, and so stop its communication threads, while Python is still whole.
 
-    A DDP reducer left in a reference cycle keeps the gloo group alive until interpreter
-    shutdown, where its worker thread may still be releasing a finished collective's Python
-    tensors and aborts the process (SIGABRT, "terminate called without an active exception").
-    Collecting the cycles here joins those threads first.
+    A gloo group runs each collective on a worker thread of its own, and that thread drops its
+    reference to a finished collective's Work (whose tensors can own Python objects, e.g. those of
+    ``all_gather_object``) only after the caller has already moved on. When that last release comes
+    after interpreter finalisation has begun, taking the GIL makes the thread exit (pthread_exit)
+    through a noexcept C++ destructor and std::terminate aborts the process: SIGABRT, "terminate
+    called without an active exception", after a run that finished. Freeing the group here joins
+    the worker threads while Python can still serve them (torch drops the GIL for that join) - but
+    only when nothing else holds the group: DDP's reducer does, so call this once the trainer has
+    returned and no traceback keeps its frames alive; the collections drop reference cycles that
+    may still hold a reducer.
     """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
         gc.collect()
 
