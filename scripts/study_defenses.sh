@@ -29,7 +29,8 @@ read -r -a seeds <<< "${SEEDS:-0 1 2}"
 read -r -a defenses <<< "${DEFENSES:-at ask_def_authors ask_def}"
 mkdir -p "$out"
 
-status() {  # one line per run: finished or not, and its wall time
+status() {  # one line per run: finished or not
+  local defense seed name train_state attack_state  # the loops below must not move the caller's
   : > "$out/status.txt.tmp"
   for defense in "${defenses[@]}"; do
     for seed in "${seeds[@]}"; do
