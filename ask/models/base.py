@@ -66,9 +66,9 @@ class FeatureModel(nn.Module):
         normalize: bool | None = None,
     ) -> None:
         super().__init__()
-        _check_positive_int(num_classes, "num_classes")
-        _check_positive_int(in_channels, "in_channels")
-        _check_positive_int(image_size, "image_size")
+        check_positive_int(num_classes, "num_classes")
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(image_size, "image_size")
         if image_size < MIN_IMAGE_SIZE:
             raise ConfigError(
                 f"image_size={image_size} is too small for model '{self.name}'; "
@@ -228,7 +228,7 @@ def _as_name_list(layers: str | Sequence[str]) -> list[str]:
     return names
 
 
-def _check_positive_int(value: Any, what: str) -> None:
+def check_positive_int(value: Any, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{what}={value!r} must be a positive integer")
 

@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from ask.errors import ConfigError
-from ask.models.base import LOGITS, FeatureModel, init_weights
+from ask.models.base import LOGITS, FeatureModel, check_positive_int, init_weights
 
 __all__ = ["ResNet18", "CIFAR_STEM_MAX_SIZE"]
 
@@ -64,8 +63,7 @@ class ResNet18(FeatureModel):
         normalize: bool | None = None,
     ) -> None:
         super().__init__(num_classes, in_channels, image_size, mean, std, normalize)
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ConfigError(f"model.width={width!r} must be a positive integer")
+        check_positive_int(width, "model.width")
         if width != STANDARD_WIDTH:
             logger.info("resnet18 built with width %d (standard: %d)", width, STANDARD_WIDTH)
         self.imagenet_stem = image_size > CIFAR_STEM_MAX_SIZE

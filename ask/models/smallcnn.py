@@ -23,8 +23,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ask.errors import ConfigError
-from ask.models.base import LOGITS, FeatureModel, init_weights
+from ask.models.base import LOGITS, FeatureModel, check_positive_int, init_weights
 
 __all__ = ["SmallCNN", "conv_bn_relu"]
 
@@ -63,8 +62,7 @@ class SmallCNN(FeatureModel):
         normalize: bool | None = None,
     ) -> None:
         super().__init__(num_classes, in_channels, image_size, mean, std, normalize)
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ConfigError(f"model.width={width!r} must be a positive integer")
+        check_positive_int(width, "model.width")
         w1, w2, w3 = width, 2 * width, 4 * width
         self._set_stages(
             [

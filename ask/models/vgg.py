@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ask.errors import ConfigError
-from ask.models.base import LOGITS, FeatureModel, init_weights
+from ask.models.base import LOGITS, FeatureModel, check_positive_int, init_weights
 from ask.models.smallcnn import conv_bn_relu
 
 __all__ = ["VGG16", "VGG16Authors", "VGG16_CFG"]
@@ -63,8 +63,7 @@ class VGG16(FeatureModel):
         normalize: bool | None = None,
     ) -> None:
         super().__init__(num_classes, in_channels, image_size, mean, std, normalize)
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ConfigError(f"model.width={width!r} must be a positive integer")
+        check_positive_int(width, "model.width")
         if width != STANDARD_WIDTH:
             logger.info("vgg16 built with width %d (standard: %d)", width, STANDARD_WIDTH)
 
@@ -126,8 +125,7 @@ class VGG16Authors(FeatureModel):
         normalize: bool | None = None,
     ) -> None:
         super().__init__(num_classes, in_channels, image_size, mean, std, normalize)
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ConfigError(f"model.width={width!r} must be a positive integer")
+        check_positive_int(width, "model.width")
         if image_size < self.MIN_SIZE:
             raise ConfigError(
                 f"image_size={image_size} is too small for model '{self.name}' (five 2x2 max-pools need "
