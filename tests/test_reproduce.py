@@ -4,6 +4,7 @@ defences under one schedule, attack each, and end with one report holding them a
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -65,6 +66,19 @@ def test_study_script_records_finished_runs_and_skips_them_when_rerun(tmp_path: 
     for defense in ("at", "ask_def_authors"):
         worst = float(knn[defense, "any"]["robust_acc_mean"])
         assert worst <= min(float(knn[defense, a]["robust_acc_mean"]) for a in ("ask", "pgd")) + 1e-9
+
+    # The paired summary: ask_def_authors minus AT on each seed, from the runs' own metrics.
+    summary = subprocess.run([str(BIN / "python"), str(STUDY.parent / "study_summary.py"), str(out), "--seeds", "0", "1"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0, summary.stderr[-3000:]
+
+    def robust(defense: str, seed: int, attack: str) -> float:
+        metrics = json.loads((out / "attack" / f"{defense}-seed{seed}" / "metrics.json").read_text())
+        return next(r["robust_acc"] for r in metrics["results"] if r["victim"] == "knn" and r["attack"] == attack)
+
+    diffs = [100 * (robust("ask_def_authors", s, "any") - robust("at", s, "any")) for s in (0, 1)]
+    row = next(line for line in summary.stdout.splitlines() if line.startswith("| ask_def_authors | worst case"))
+    assert f"| 2 | {sum(diffs) / 2:+.1f} |" in row and row.endswith(f"| {diffs[0]:+.1f}, {diffs[1]:+.1f} |")
 
     # The same command again finds everything finished and only rewrites the report.
     again = subprocess.run(["bash", str(STUDY), "digits", *tiny], env=env, capture_output=True, text=True,

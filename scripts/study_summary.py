@@ -1,0 +1,66 @@
+"""Summarise scripts/study_defenses.sh: one row per run, and each ASK-Def variant against AT, paired by seed.
+
+    python scripts/study_summary.py outputs/study/defenses-digits
+
+A seed fixes the data subsets and the test points for every defence, so the difference of robust
+kNN accuracy between a defence and AT on the same seed is a paired measurement; its mean gets a
+Student t 95 % interval over the seeds (ask-report's intervals are per defence, unpaired).
+Prints Markdown tables; runs that have not finished are listed as pending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from ask.reporting.report import t_interval
+
+DEFENSES = ("at", "ask_def_authors", "ask_def")
+MEASURES = (("ask", "ASK-Atk"), ("any", "worst case over all attacks"))
+
+
+def robust_knn(study: Path, defense: str, seed: int) -> dict[str, float] | None:
+    """Robust kNN accuracy per attack (and the clean one) of one finished run, else None."""
+    path = study / "attack" / f"{defense}-seed{seed}" / "metrics.json"
+    if not path.exists():
+        return None
+    rows = [r for r in json.loads(path.read_text())["results"] if r["victim"] == "knn"]
+    return {"clean": rows[0]["clean_acc"], **{r["attack"]: r["robust_acc"] for r in rows}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", type=Path, help="the study's OUT directory")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    results = {(d, s): robust_knn(args.study, d, s) for d in DEFENSES for s in args.seeds}
+
+    print("| run | clean kNN % | robust kNN % under ASK-Atk | worst case % |")
+    print("|---|---|---|---|")
+    for (defense, seed), got in results.items():
+        if got is None:
+            print(f"| {defense}-seed{seed} | pending | | |")
+        else:
+            print(f"| {defense}-seed{seed} | {100 * got['clean']:.1f} | {100 * got['ask']:.1f} | {100 * got['any']:.1f} |")
+
+    print("\n| defence − AT, paired by seed | measure | seeds | mean difference, points | 95 % interval | per seed |")
+    print("|---|---|---|---|---|---|")
+    for defense in DEFENSES[1:]:
+        for attack, label in MEASURES:
+            diffs = [100 * (results[defense, s][attack] - results["at", s][attack]) for s in args.seeds
+                     if results[defense, s] is not None and results["at", s] is not None]
+            if not diffs:
+                continue
+            mean = statistics.fmean(diffs)
+            interval = "n/a (one seed)"
+            if len(diffs) > 1:
+                low, high = t_interval(diffs)
+                interval = f"[{low:+.1f}, {high:+.1f}]"
+            per_seed = ", ".join(f"{d:+.1f}" for d in diffs)
+            print(f"| {defense} | {label} | {len(diffs)} | {mean:+.1f} | {interval} | {per_seed} |")
+
+
+if __name__ == "__main__":
+    main()
