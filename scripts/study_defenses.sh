@@ -5,7 +5,7 @@
 # and under the per-point worst case over all attacks (the `any` rows), mean ± 95 % interval
 # across seeds.
 #
-#   scripts/study_defenses.sh digits     # the embedded digits, no download (about 1 h on 2 CPU cores)
+#   scripts/study_defenses.sh digits     # the embedded digits, no download (about 1.5 h on 2 CPU cores)
 #   scripts/study_defenses.sh cpu        # CIFAR-10 smallcnn width 16 (several hours on 2 CPU cores)
 #
 # The same command resumes: a finished training run (train_summary.json) or evaluation
