@@ -114,20 +114,18 @@ class ReferenceSampler:
         self._order = torch.zeros_like(self._rows)
         self._used = self._counts.clone()  # "spent": the first draw shuffles every class
 
-    def _shuffled(self) -> Tensor:
-        """A random order of every class's rows, [C, max_count] positions (padding last)."""
-        keys = torch.rand(self._rows.shape).masked_fill_(~self._valid, 2.0)
-        return keys.argsort(dim=1)
+    def _keys(self) -> Tensor:
+        """A uniform random key per row of the class table; padding gets 2, after every real row."""
+        return torch.rand(self._rows.shape).masked_fill_(~self._valid, 2.0)
 
     def draw(self) -> Tensor:
         """Row indices into the split, [C, per_class]; row c holds distinct images of class c."""
         if self.draw_mode == "random":
-            keys = torch.rand(self._rows.shape).masked_fill_(~self._valid, 2.0)
-            picked = keys.topk(self.per_class, dim=1, largest=False).indices
+            picked = self._keys().topk(self.per_class, dim=1, largest=False).indices
             return self._rows.gather(1, picked)
         spent = self._used + self.per_class > self._counts
         if bool(spent.any()):
-            fresh = self._shuffled()
+            fresh = self._keys().argsort(dim=1)  # a random order of each class's rows, padding last
             self._order[spent] = fresh[spent]
             self._used[spent] = 0
         window = self._used.unsqueeze(1) + torch.arange(self.per_class)
