@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from ask.utils.precision import precision_name, resolve_amp
 from tests.conftest import run_cli
 
 
@@ -34,6 +36,8 @@ def test_demo_metrics_schema_and_accuracy(demo: dict) -> None:
     assert metrics["layers"] == ["block2"] and metrics["n_points"] == 540
     assert metrics["dknn_layers"] == ["block1", "block2", "block3"]
     assert metrics["knn_index"] == {"index": "flat", "feature_dtype": "float32", "n": 1157}
+    # eval.amp=auto: bf16 only where the CPU has bf16 units; fp32 on the rest (CI's included)
+    assert metrics["precision"] == precision_name(resolve_amp("auto", torch.device("cpu")))
     attacks = ("ask", "pgd", "dknn", "advknn", "feature", "minnorm")
     victims = ("dnn", "knn", "dknn", "dknn_vote")
     # One row per (attack, victim), then the per-point worst case over all six on each victim.

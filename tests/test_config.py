@@ -51,7 +51,7 @@ def test_paper_preset_is_the_authors_setup(config: str, cache_dir: Path) -> None
     assert (t.epochs, t.batch_size, t.optimizer, t.lr, t.momentum, t.nesterov) == (200, 128, "sgd", 0.1, 0.9, True)
     assert t.weight_decay == pytest.approx(2e-4)
     assert (t.schedule, t.step_milestones, t.step_gamma) == ("step", [100], 0.1)
-    assert t.amp is False and t.channels_last is False and t.label_smoothing == 0.0
+    assert t.amp == "off" and t.channels_last is False and t.label_smoothing == 0.0
     assert run.dataset.augment == "crop_flip" and run.dataset.name == "cifar10_folder"
     assert (run.knn.k, run.knn.metric, run.knn.pool_per_class) == (5, "cosine", 2000)
     assert run.eval.n_points == 5000
@@ -60,7 +60,7 @@ def test_paper_preset_is_the_authors_setup(config: str, cache_dir: Path) -> None
     assert (run.defense.eps, run.defense.steps) == (pytest.approx(4 / 255), 10)
 
     short = compose_run(config, ["experiment=defenses_cifar10_vgg16_1h", "dataset.root=x"], cache_dir)
-    assert short.model.name == "vgg16_authors" and short.train.amp is False
+    assert short.model.name == "vgg16_authors" and short.train.amp == "off"
     assert (short.train.epochs, short.train.schedule, short.train.step_milestones) == (30, "step", [15])
     assert short.train.weight_decay == pytest.approx(2e-4) and short.train.nesterov
 

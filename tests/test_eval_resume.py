@@ -19,6 +19,7 @@ import ask.evaluation.evaluate as evaluate_module
 from ask.data import ImageSplit, load_dataset
 from ask.evaluation.evaluate import evaluation_key
 from ask.evaluation.job import auto_checkpoint, run_attack_job
+from ask.utils import precision
 from ask.utils.io import LoadError, atomic_save, safe_load
 from tests.conftest import compose_run, finish_cli, start_cli
 
@@ -149,6 +150,17 @@ def test_same_seed_gives_byte_identical_metrics(tmp_path: Path, shared_cache: Pa
     assert run("other_seed", ["seed=1"]) != plain
 
 
+def test_the_key_follows_the_resolved_precision(shared_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval.amp=auto is fp32 on one machine and bf16 on another: a saved state must not cross over."""
+    points = ImageSplit(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.arange(4))
+    run = compose_run("attack", ["eval.amp=auto"], shared_cache)
+    keys = []
+    for native in (False, True):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda native=native: native)
+        keys.append(evaluation_key(run, "abc", points, torch.device("cpu")))
+    assert keys[0] != keys[1]
+
+
 def test_the_key_follows_what_changes_the_numbers(shared_cache: Path) -> None:
     points = ImageSplit(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.arange(4))
     cpu = torch.device("cpu")
@@ -162,7 +174,7 @@ def test_the_key_follows_what_changes_the_numbers(shared_cache: Path) -> None:
     assert key([], split=ImageSplit(points.images.clone(), points.labels.clone())) == base
     for changed in (key(["attack.eps=0.05"]), key(["seed=1"]), key(["eval.batch_size=7"]),
                     key(["attack.methods.ask.temperature=0.1"]), key([], digest="abd"),
-                    key([], split=points.subset(torch.tensor([0, 1, 3, 2])))):
+                    key([], split=points.subset(torch.tensor([0, 1, 3, 2]))), key(["eval.amp=bf16"])):
         assert changed != base
 
 

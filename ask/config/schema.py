@@ -22,6 +22,7 @@ from ask.errors import ConfigError
 NORMS = ("linf", "l2")
 METRICS = ("cosine", "l2")
 VICTIMS = ("dnn", "knn", "dknn", "dknn_vote")
+AMP_SETTINGS = ("auto", "bf16", "off")  # what each means: ask.utils.precision
 
 
 def parse_size(value: Any, name: str) -> float:
@@ -45,6 +46,13 @@ def _require(condition: bool, message: str) -> None:
 
 def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
     _require(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _amp_setting(value: Any, name: str) -> str:
+    # Hydra hands a boolean over to a str field as "True"/"False"
+    setting = {"true": "auto", "false": "off"}.get(str(value).strip().lower(), str(value).strip().lower())
+    _check_choice(setting, AMP_SETTINGS, name)
+    return setting
 
 
 @dataclass
@@ -150,8 +158,12 @@ class EvalConfig:
     victims: list[str] = field(default_factory=lambda: ["dnn", "knn", "dknn", "dknn_vote"])
     n_points: int | None = None  # evaluate the first n test points (after test_per_class)
     batch_size: int = 128
+    # the attacks' forward/backward passes (victims always judge in fp32); as train.amp
+    amp: str = "auto"
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
+        self.amp = _amp_setting(self.amp, "eval.amp")
         for victim in self.victims:
             _check_choice(victim, VICTIMS, "eval.victims entry")
         _require(self.n_points is None or self.n_points > 0,
@@ -174,8 +186,9 @@ class TrainConfig:
     step_milestones: list[int] = field(default_factory=list)
     step_gamma: float = 0.1
     label_smoothing: float = 0.0
-    amp: bool = True  # mixed precision, CUDA only
-    channels_last: bool = True  # CUDA only
+    # bf16 autocast: auto (where the GPU or CPU has bf16 units) | bf16 (always) | off; see ask.utils.precision
+    amp: str = "auto"
+    channels_last: bool = True  # NHWC kernels, CPU and CUDA alike (fp32 results equal to rounding)
     resume: str | None = None
     eval_every: int = 1
     eval_batch_size: int = 512
@@ -197,6 +210,7 @@ class TrainConfig:
             self._check_milestones()
         _require(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
         _require(self.eval_every >= 1, "train.eval_every must be >= 1")
+        self.amp = _amp_setting(self.amp, "train.amp")
         _check_choice(self.select_metric, ("val_acc", "val_robust_dnn", "val_robust_knn"),
                       "train.select_metric")
         _require(self.val_points is None or self.val_points >= 0,

@@ -39,6 +39,7 @@ from ask.data import ImageSplit, to_float
 from ask.errors import ConfigError
 from ask.knn import DkNNClassifier, DkNNVoteClassifier, KNNClassifier, ReferenceStore
 from ask.models import FeatureModel
+from ask.utils import precision
 from ask.utils.io import LoadError, atomic_save, safe_load
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,8 @@ def evaluation_key(run: RunConfig, checkpoint_digest: str, points: ImageSplit, d
 
     The resolved config (less the fields of ``_KEY_IGNORED``), the checkpoint's content digest,
     the evaluated points themselves (so the selected indices and n_points are covered whatever
-    selected them) and the device type (generator states and kernels differ between devices).
+    selected them), the device type (generator states and kernels differ between devices) and the
+    attacks' resolved precision (``eval.amp=auto`` means bf16 on one machine and fp32 on another).
     """
     config = OmegaConf.to_container(OmegaConf.structured(run), resolve=True)
     assert isinstance(config, dict)
@@ -227,7 +229,8 @@ def evaluation_key(run: RunConfig, checkpoint_digest: str, points: ImageSplit, d
             node.pop(name, None)
     sha = hashlib.sha1()
     sha.update(json.dumps(
-        {"config": config, "checkpoint": checkpoint_digest, "device": device.type, "version": STATE_VERSION},
+        {"config": config, "checkpoint": checkpoint_digest, "device": device.type, "version": STATE_VERSION,
+         "precision": precision.precision_name(precision.resolve_amp(run.eval.amp, device))},
         sort_keys=True, default=str,
     ).encode())
     sha.update(points.images.numpy().data)  # the buffer itself: no copy of a mapped split
@@ -401,6 +404,10 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
         step_size=run.attack.step_size, random_start=run.attack.random_start,
     )
     model.eval()
+    if run.eval.channels_last:
+        model.to(memory_format=torch.channels_last)
+    amp_dtype = precision.resolve_amp(run.eval.amp, device)
+    log.info(precision.describe(run.eval.amp, amp_dtype, device, "attacks"))
     victims = build_victims(run.eval.victims, model, store, run, calibration)
     attacks = {}
     for name, hyper in run.attack.methods.items():
@@ -430,7 +437,8 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
             progress.clean_ok[victim.name].append((clean[victim.name][0] == labels).cpu())
         for name, attack in attacks.items():
             started = time.perf_counter()
-            adversarial = attack(images, labels)
+            with precision.autocast(device, amp_dtype):
+                adversarial = attack(images, labels).float()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             stats[name].seconds += time.perf_counter() - started

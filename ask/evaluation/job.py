@@ -21,6 +21,7 @@ from ask.models import FeatureModel
 from ask.reporting import format_results_table
 from ask.training.checkpoint import check_compatible, load_checkpoint
 from ask.training.trainer import build_model_for, train
+from ask.utils import precision
 from ask.utils.io import atomic_write_text
 from ask.utils.rundir import run_lock
 from ask.utils.runtime import seed_everything, select_device
@@ -49,6 +50,8 @@ def auto_checkpoint(run: RunConfig, data: DataBundle) -> Path:
         "train": OmegaConf.to_container(OmegaConf.structured(replace(run.train, resume=None))),
         "defense": OmegaConf.to_container(OmegaConf.structured(run.defense)),
         "seed": run.seed,
+        # train.amp=auto trains in bf16 on one machine and in fp32 on another: two different models
+        "precision": precision.precision_name(precision.resolve_amp(run.train.amp, select_device(run.device))),
     }
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     directory = Path(run.cache_dir).expanduser() / "models" / f"{run.dataset.name}-{run.model.name}-{key}"
@@ -179,6 +182,7 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
         "steps": run.attack.steps,
         "seed": run.seed,
         "device": str(device),
+        "precision": precision.precision_name(precision.resolve_amp(run.eval.amp, device)),  # the attacks'
         "dknn_layers": dknn_layers,
         # How exact the neighbour search was: flat is exact; ivf carries its measured recall@k.
         "knn_index": (store.index_report(k=run.knn.k, layers=list(run.knn.layers)) if run.knn.index != "flat"

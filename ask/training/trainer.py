@@ -40,6 +40,7 @@ from ask.models import FeatureModel, build_model
 from ask.training import distributed
 from ask.training.checkpoint import check_compatible, load_checkpoint, model_spec, save_checkpoint
 from ask.training.preemption import StopRequest, TrainingStopped
+from ask.utils import precision
 from ask.utils.io import atomic_write_text
 from ask.utils.rundir import run_lock
 from ask.utils.runtime import (
@@ -82,7 +83,8 @@ def accuracy(model: FeatureModel, split: ImageSplit, device: torch.device, batch
     return correct / max(len(split), 1)
 
 
-def robust_validation(run: RunConfig, model: FeatureModel, data: DataBundle, device: torch.device) -> dict[str, Any]:
+def robust_validation(run: RunConfig, model: FeatureModel, data: DataBundle, device: torch.device,
+                      amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Robust accuracy on the val split with the current weights, for model selection.
 
     On the first ``train.val_points`` points of a seeded shuffle of the val split: the network
@@ -91,7 +93,8 @@ def robust_validation(run: RunConfig, model: FeatureModel, data: DataBundle, dev
     are given. The kNN's reference store is rebuilt from the training pool with the current
     weights (no cache: the weights change every epoch). The attacks draw from their own seeded
     generators, the same every epoch, so epochs are compared on the same random starts and the
-    training's random stream is left alone.
+    training's random stream is left alone. The attacks run under the training's autocast
+    (``amp_dtype``); the victims judge in fp32.
 
     Returns ``val_robust_dnn``, ``val_robust_knn``, ``val_knn_acc`` (clean kNN accuracy),
     ``val_points`` and ``val_seconds``.
@@ -135,8 +138,9 @@ def robust_validation(run: RunConfig, model: FeatureModel, data: DataBundle, dev
         for start in range(0, len(points), batch_size):
             images = to_float(points.images[start:start + batch_size].to(device))
             labels = points.labels[start:start + batch_size].to(device)
-            x_pgd = attacks["pgd"](images, labels)
-            x_ask = attacks["ask"](images, labels)
+            with precision.autocast(device, amp_dtype):
+                x_pgd = attacks["pgd"](images, labels)
+                x_ask = attacks["ask"](images, labels)
             with torch.no_grad():
                 robust_dnn += int((model(x_pgd).argmax(1) == labels).sum())
                 robust_knn += int((knn.predict(x_ask) == labels).sum())
@@ -286,8 +290,10 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
         if group.is_main:
             group.barrier()
     model = build_model_for(run, data).to(device)
-    use_cuda_tricks = device.type == "cuda"
-    if use_cuda_tricks and run.train.channels_last:
+    amp_dtype = precision.resolve_amp(run.train.amp, device)
+    if group.is_main:
+        log.info(precision.describe(run.train.amp, amp_dtype, device, "training"))
+    if run.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     context = _defense_context(run.defense.name, {"train_split": data.train, "knn_layers": list(run.knn.layers),
@@ -368,7 +374,6 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
                         "set dataset.val_per_class", select_metric)
         elif run.attack is None:
             raise ConfigError(f"train.select_metric={select_metric} needs the attack settings; add attack=[ask,pgd]")
-    amp = use_cuda_tricks and run.train.amp
 
     def checkpoint(epoch: int, record: dict[str, Any], order_state: torch.Tensor,
                    partial_state: dict[str, Any] | None = None, sums: tuple[float, int, int] | None = None) -> None:
@@ -421,9 +426,9 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
                 images = to_float(data.train.images[index].to(device, non_blocking=True))
                 labels = data.train.labels[index].to(device, non_blocking=True)
                 images = augment_batch(images, run.dataset.augment, augment_rng)
-                if use_cuda_tricks and run.train.channels_last:
+                if run.train.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                with precision.autocast(device, amp_dtype):
                     loss, logits = step_module(images, labels)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
@@ -462,7 +467,7 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
             if group.is_main and has_val and (epoch % run.train.eval_every == 0 or epoch == run.train.epochs):
                 record["val_acc"] = accuracy(model, data.val, device, run.train.eval_batch_size)
                 if robust_val:
-                    record.update(robust_validation(run, model, data, device))
+                    record.update(robust_validation(run, model, data, device, amp_dtype))
                 is_best = record[select_metric] > best_metric
                 best_metric = max(best_metric, record[select_metric])
             if group.is_main:
@@ -500,6 +505,7 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
         "n_train": n_train,
         "n_test": len(data.test),
         "world_size": group.world_size,
+        "precision": precision.precision_name(amp_dtype),
         # Reported, never used for selection: the test split only measures the kept checkpoint.
         "test_acc": accuracy(model, data.test, device, run.train.eval_batch_size),
         "checkpoint": str(best_path),
