@@ -84,16 +84,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 log = logging.getLogger("bench")
 
-KINDS = ("store", "attack", "search")
-TARGETS = {"ask_over_pgd_step": 1.3, "cached_over_fresh_build": 0.05, "search_over_forward": 1.0}
+KINDS = ("store", "attack", "search", "train")
+TARGETS = {"ask_over_pgd_step": 1.3, "cached_over_fresh_build": 0.05, "search_over_forward": 1.0,
+           "bf16_channels_last_over_fp32_train_step": 0.5}
+# The training step's arithmetic and memory layout, measured side by side.
+TRAIN_VARIANTS = {"fp32": (False, False), "channels_last": (False, True), "bf16": (True, False),
+                  "bf16_channels_last": (True, True)}
 DEFAULT_LAYER = {"smallcnn": "block3", "vgg16": "block4", "resnet18": "layer3"}
 DEFAULT_WIDTH = {"smallcnn": 32, "vgg16": 64, "resnet18": 64}
 # CIFAR-10 statistics: the values only set the input scale, the timings do not depend on them.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-FULL = {"pool": 10_000, "search_pool": 50_000, "batch": 128, "steps": (1, 4), "repeats": 5,
+FULL = {"pool": 10_000, "search_pool": 50_000, "batch": 128, "train_batch": 128, "steps": (1, 4), "repeats": 5,
         "warmup": 1, "store_repeats": 2}
-QUICK = {"pool": 2_000, "search_pool": 2_000, "batch": 8, "steps": (1, 2), "repeats": 2,
+QUICK = {"pool": 2_000, "search_pool": 2_000, "batch": 8, "train_batch": 8, "steps": (1, 2), "repeats": 2,
          "warmup": 1, "store_repeats": 1}
 _MB = 1024 * 1024
 
@@ -454,8 +458,53 @@ def worker_search(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
+def worker_train(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """One SGD step (forward, backward, update) in fp32, channels-last, bf16 autocast and both.
+
+    Each variant has its own copy of the same initial network, so every variant runs the same
+    shapes; the copies drift apart over the steps, which does not change a step's cost.
+    """
+    from ask.utils import precision
+
+    x, y = _make_batch({**s, "batch": s["train_batch"]}, device)
+    timer = Timer(device)
+    plan: Plan = []
+    for name, (bf16, channels_last) in TRAIN_VARIANTS.items():
+        model = _make_model(s, device).train()
+        inputs = x
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            inputs = x.contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        dtype = torch.bfloat16 if bf16 else None
+
+        def step(model: torch.nn.Module = model, inputs: torch.Tensor = inputs,
+                 optimizer: torch.optim.Optimizer = optimizer, dtype: torch.dtype | None = dtype) -> None:
+            with precision.autocast(device, dtype):
+                loss = torch.nn.functional.cross_entropy(model(inputs), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        plan.append((name, step))
+    timer.run(plan, s["repeats"], s["warmup"])
+    steps = {name: timer.median(name) for name in TRAIN_VARIANTS}
+    default = ("bf16" if precision.resolve_amp("auto", device) is not None else "fp32")
+    default_variant = "bf16_channels_last" if default == "bf16" else "channels_last"
+    return {
+        "native_bf16": precision.native_bf16(device),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "default_variant": default_variant,
+        "step_s": steps,
+        "images_per_second": {name: s["train_batch"] / t for name, t in steps.items()},
+        "over_fp32": {name: t / steps["fp32"] for name, t in steps.items()},
+        "raw": timer.raw(),
+        "peak_memory": {name: peak_memory(device, fn) for name, fn in plan},
+    }
+
+
 WORKERS: dict[str, Callable[[dict[str, Any], torch.device], dict[str, Any]]] = {
-    "store": worker_store, "attack": worker_attack, "search": worker_search,
+    "store": worker_store, "attack": worker_attack, "search": worker_search, "train": worker_train,
 }
 
 
@@ -520,6 +569,7 @@ MEMORY_ROWS = {
     "attack": [("ASK-Atk call, S2 steps", "ask_steps{s2}"), ("PGD-CE call, S2 steps", "pgd_steps{s2}"),
                ("ASK-Atk references()", "ask_references")],
     "store": [("store fresh build", "fresh_build"), ("store cached build", "cached_build")],
+    "train": [(f"training step, {name}", name) for name in TRAIN_VARIANTS],
     "search": [("forward", "forward"), ("faiss search", "faiss_search"),
                ("torch brute force", "torch_brute_force"), ("faiss index build + search", "faiss_index_build")],
 }
@@ -547,6 +597,19 @@ def summarise(results: dict[str, Any], s2: int) -> list[dict[str, Any]]:
             _row("store build, cached", b["cached_build_s"], "s"),
             _row("store cached / fresh", b["cached_over_fresh_build"], "x", TARGETS["cached_over_fresh_build"]),
         ]
+    if "train" in results:
+        t = results["train"]
+        native = t["native_bf16"]
+        for name in TRAIN_VARIANTS:
+            rows.append(_row(f"training images/s, {name.replace('bf16_', 'bf16 + ')}", t["images_per_second"][name],
+                             "im/s"))
+        # The 2x target is for hardware with bf16 units; elsewhere bf16 is emulated and train.amp=auto skips it.
+        rows.append(_row("bf16 + channels_last / fp32 per training step"
+                         + ("" if native else f" (no native bf16 on {t['cpu_capability']})"),
+                         t["over_fp32"]["bf16_channels_last"], "x",
+                         TARGETS["bf16_channels_last_over_fp32_train_step"] if native else None))
+        rows.append(_row(f"train.amp=auto default ({t['default_variant']}) / fp32 per step",
+                         t["over_fp32"][t["default_variant"]], "x"))
     if "search" in results:
         c = results["search"]
         rows += [
@@ -590,6 +653,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layer", default=None, help="tapped layer (default: block3 for smallcnn, "
                                                       "block4 for vgg16, layer3 for resnet18)")
     parser.add_argument("--batch", type=int, default=None, help=f"attack/search batch (default {FULL['batch']})")
+    parser.add_argument("--train-batch", type=int, default=None,
+                        help=f"training step batch (default {FULL['train_batch']})")
     parser.add_argument("--pool", type=int, default=None,
                         help=f"reference pool of images for the store and ASK-Atk (default {FULL['pool']})")
     parser.add_argument("--search-pool", type=int, default=None,

@@ -19,7 +19,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # One thread: the test must not depend on how busy the machine's other cores are.
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--threads", "1", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=600,  # minutes only on a starved machine
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ASK-Atk / PGD-CE per step" in proc.stdout
@@ -35,9 +35,11 @@ def test_bench_json_has_environment_settings_and_targets(report: dict) -> None:
     assert (s["batch"], s["pool"], s["steps"], s["repeats"], s["threads"]) == (8, 2000, [1, 2], 2, 1)
     assert report["errors"] == {}
     targeted = {r["measurement"]: r for r in report["summary"] if r["target"] is not None}
+    # The 2x training target holds only where bf16 runs in hardware; elsewhere the row has no target.
+    native = {"bf16 + channels_last / fp32 per training step"} if report["results"]["train"]["native_bf16"] else set()
     assert set(targeted) == {
         "ASK-Atk / PGD-CE per step", "store cached / fresh", "faiss search / forward", "torch brute force / forward",
-    }
+    } | native
     for row in targeted.values():
         assert row["passed"] == (row["value"] <= row["target"])
 
@@ -71,3 +73,16 @@ def test_store_and_search_results(report: dict) -> None:
     assert c["faiss_torch_neighbour_agreement"] == pytest.approx(1.0)
     assert {"forward", "faiss_search", "torch_brute_force", "faiss_index_build"} <= set(c["peak_memory"])
     assert c["process_max_rss_mb"] > 0
+
+
+def test_training_variants_side_by_side(report: dict) -> None:
+    t = report["results"]["train"]
+    variants = ("fp32", "channels_last", "bf16", "bf16_channels_last")
+    wall = t["raw"]["wall_s"]
+    for name in variants:
+        assert len(wall[name]) == 2
+        assert t["step_s"][name] == pytest.approx(statistics.median(wall[name]))
+        assert t["over_fp32"][name] == pytest.approx(t["step_s"][name] / t["step_s"]["fp32"])
+        assert t["images_per_second"][name] == pytest.approx(8 / t["step_s"][name])
+    # train.amp=auto's choice: bf16 only on bf16 hardware, channels-last always
+    assert t["default_variant"] == ("bf16_channels_last" if t["native_bf16"] else "channels_last")
