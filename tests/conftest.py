@@ -11,6 +11,11 @@ from pathlib import Path
 # Before anything below imports torch: cuBLAS reads it at the first GEMM, and tests on a GPU may
 # switch deterministic=true on in this process long after that (see ask/cli/__init__.py).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# Every run the tests start, in this process or in a console script or torchrun worker they spawn,
+# composes device=cpu unless it names a device: on a CUDA machine device=auto would put the CPU
+# suite's bit-identical and two-rank tests on the GPU, where they cannot hold. The gpu-marked
+# tests ask for device=cuda explicitly.
+os.environ["ASK_DEVICE"] = "cpu"
 
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir

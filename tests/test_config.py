@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from ask.config import config_dir, parse_size
 from ask.errors import ConfigError
-from tests.conftest import compose_run
+from tests.conftest import compose_run, run_cli
 
 GROUPS = ["dataset", "model", "knn", "attack", "defense", "experiment"]
 
@@ -105,3 +106,21 @@ def test_unknown_option_lists_choices(cache_dir: Path) -> None:
 def test_missing_root_is_named(cache_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"dataset.root is not set"):
         compose_run("train", ["dataset=cifar10_folder"], cache_dir)
+
+
+def test_the_suite_composes_device_cpu_unless_a_test_names_a_device(
+        tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest pins ASK_DEVICE=cpu; conf/train.yaml's default follows it, here and in spawned console scripts."""
+    assert os.environ["ASK_DEVICE"] == "cpu"
+    assert compose_run("train", [], cache_dir).device == "cpu"
+    assert compose_run("attack", [], cache_dir).device == "cpu"
+    assert compose_run("attack", ["device=cuda:1"], cache_dir).device == "cuda:1"
+    printed = run_cli("ask-attack", ["--cfg", "job", "--resolve"], tmp_path, cache_dir, timeout=120)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    assert "\ndevice: cpu\n" in printed.stdout
+
+    monkeypatch.delenv("ASK_DEVICE")
+    assert compose_run("train", [], cache_dir).device == "auto"
+    monkeypatch.setenv("ASK_DEVICE", "gpu")
+    with pytest.raises(ConfigError, match=r"^device='gpu' \(from ASK_DEVICE\) must be auto, cpu, cuda or cuda:N$"):
+        compose_run("train", [], cache_dir)

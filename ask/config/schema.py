@@ -9,6 +9,7 @@ Perturbation sizes (``eps``, ``step_size``) accept numbers or fractions such as 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -277,8 +278,10 @@ class RunConfig:
     eval: EvalConfig | None = None
 
     def __post_init__(self) -> None:
+        # conf/train.yaml takes the default from $ASK_DEVICE: a bad value there must say so.
+        source = " (from ASK_DEVICE)" if os.environ.get("ASK_DEVICE") == self.device else ""
         _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
-                 f"device={self.device!r} must be auto, cpu, cuda or cuda:N")
+                 f"device={self.device!r}{source} must be auto, cpu, cuda or cuda:N")
 
 
 def register_configs() -> None:
