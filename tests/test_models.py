@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ask.errors import ConfigError, ModelError
 from ask.models import FeatureModel, available_models, build_model
+from ask.models.base import GlobalAvgPool
 
 NUM_CLASSES = 7
 
@@ -497,3 +499,47 @@ def test_smallcnn_learns_digits() -> None:
         block3 = model.forward_features(x_te, ["block3"])["block3"]
     assert acc >= 0.95, acc
     assert block3.shape == (len(x_te), 64, 2, 2)
+
+
+# Modules whose CUDA backward has no deterministic kernel: under deterministic=true the first
+# gradient through one of them raises (torch.use_deterministic_algorithms lists them).
+NO_DETERMINISTIC_CUDA_BACKWARD = (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.AvgPool3d,
+                                  nn.FractionalMaxPool2d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.Upsample)
+
+
+@pytest.mark.parametrize("name", ["smallcnn", "vgg16", "vgg16_authors", "resnet18"])
+def test_no_module_lacks_a_deterministic_cuda_backward(name: str) -> None:
+    model = make(name, 3, 32)
+    offending = [type(m).__name__ for m in model.modules() if isinstance(m, NO_DETERMINISTIC_CUDA_BACKWARD)]
+    assert offending == []
+
+
+def test_global_average_pool_is_adaptive_average_pooling_bit_for_bit() -> None:
+    torch.manual_seed(0)
+    for shape in [(8, 64, 2, 2), (4, 128, 4, 4), (2, 32, 7, 7), (3, 16, 1, 1)]:
+        x = torch.randn(shape, requires_grad=True)
+        pooled = GlobalAvgPool()(x)
+        (grad,) = torch.autograd.grad(pooled.square().sum(), x)
+        expected = nn.AdaptiveAvgPool2d(1)(x).flatten(1)
+        (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+        assert pooled.shape == (shape[0], shape[1])
+        assert torch.equal(pooled, expected) and torch.equal(grad, expected_grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["smallcnn", "vgg16", "vgg16_authors", "resnet18"])
+def test_deterministic_cuda_backward_runs_and_repeats_exactly(name: str) -> None:
+    model = make(name, 3, 32).cuda().train()
+    x = torch.rand(8, 3, 32, 32, device="cuda")
+    try:
+        torch.use_deterministic_algorithms(True)
+        grads = []
+        for _ in range(2):
+            images = x.clone().requires_grad_(True)
+            loss = F.cross_entropy(model(images), torch.arange(8, device="cuda") % NUM_CLASSES)
+            grads.append(torch.autograd.grad(loss, images)[0])
+    finally:
+        torch.use_deterministic_algorithms(False)
+        model.cpu().eval()
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0

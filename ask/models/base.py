@@ -201,6 +201,19 @@ class FeatureModel(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ helpers
+class GlobalAvgPool(nn.Module):
+    """The mean over the spatial positions, flattened: ``[B, C, H, W] -> [B, C]``.
+
+    Not ``nn.AdaptiveAvgPool2d(1)``: its CUDA backward has no deterministic kernel, so under
+    ``deterministic=true`` on a GPU the first gradient (a training step or an attack) would raise.
+    The mean is the same value (bit for bit on the CPU) and its backward is deterministic. It has
+    no parameters, so checkpoints written with the old module load unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
 def init_weights(module: nn.Module) -> None:
     """Kaiming-normal convolutions (fan-out, ReLU), unit/zero batch-norm, small-normal linear."""
     for m in module.modules():

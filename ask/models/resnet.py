@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from ask.models.base import LOGITS, FeatureModel, check_positive_int, init_weights
+from ask.models.base import LOGITS, FeatureModel, GlobalAvgPool, check_positive_int, init_weights
 
 __all__ = ["ResNet18", "CIFAR_STEM_MAX_SIZE"]
 
@@ -88,7 +88,7 @@ class ResNet18(FeatureModel):
                 ("layer2", _make_layer(w, 2 * w, 2, stride=2)),
                 ("layer3", _make_layer(2 * w, 4 * w, 2, stride=2)),
                 ("layer4", _make_layer(4 * w, 8 * w, 2, stride=2)),
-                ("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))),
+                ("pool", GlobalAvgPool()),
                 (LOGITS, nn.Linear(8 * w, num_classes)),
             ]
         )

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ask.models.base import LOGITS, FeatureModel, check_positive_int, init_weights
+from ask.models.base import LOGITS, FeatureModel, GlobalAvgPool, check_positive_int, init_weights
 
 __all__ = ["SmallCNN", "conv_bn_relu"]
 
@@ -75,7 +75,7 @@ class SmallCNN(FeatureModel):
                     "block3",
                     nn.Sequential(nn.MaxPool2d(2), *conv_bn_relu(w2, w3), *conv_bn_relu(w3, w3)),
                 ),
-                ("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))),
+                ("pool", GlobalAvgPool()),
                 (LOGITS, nn.Linear(w3, num_classes)),
             ]
         )

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ask.errors import ConfigError
-from ask.models.base import LOGITS, FeatureModel, check_positive_int, init_weights
+from ask.models.base import LOGITS, FeatureModel, GlobalAvgPool, check_positive_int, init_weights
 from ask.models.smallcnn import conv_bn_relu
 
 __all__ = ["VGG16", "VGG16Authors", "VGG16_CFG"]
@@ -82,7 +82,7 @@ class VGG16(FeatureModel):
                 out = max(1, int(item) * width // STANDARD_WIDTH)
                 layers.extend(conv_bn_relu(channels, out))
                 channels = out
-        stages.append(("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))))
+        stages.append(("pool", GlobalAvgPool()))
         stages.append((LOGITS, nn.Linear(channels, num_classes)))
         self._set_stages(stages)
         init_weights(self)
