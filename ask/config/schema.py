@@ -267,6 +267,9 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False
+    # CUDA only: TF32 in float32 matmuls and convolutions. Faster, but features move by ~1e-3
+    # relative, which the ASK loss at T = 0.01 magnifies; off unless asked for.
+    tf32: bool = False
     progress: bool = True
     cache_dir: str = "~/.cache/ask"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from ask.training.trainer import build_model_for, train
 from ask.utils import precision
 from ask.utils.io import atomic_write_text
 from ask.utils.rundir import run_lock
-from ask.utils.runtime import seed_everything, select_device
+from ask.utils.runtime import configure_backends, float32_precision, seed_everything, select_device
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +88,31 @@ def load_model(path: str | Path, run: RunConfig, data: DataBundle, device: torch
     return model.to(device).eval()
 
 
+def feature_cache_key(run: RunConfig, checkpoint_digest: str, layers: list[str], pool: torch.Tensor,
+                      image_shape: Sequence[int], device: torch.device) -> dict[str, Any]:
+    """What identifies the pool's features in the cache: :func:`store_cache_key` plus the dataset,
+    the stored dtype, and the device type and float32 precision they were computed at.
+
+    A GPU's kernels and TF32 (``tf32=true``) give features that differ from the CPU's in the last
+    bits or by ~1e-3, so each combination gets its own entry. Entries written before the device and
+    precision were in the key are not found any more and are rebuilt once (the old directories
+    under ``<cache_dir>/features`` can be deleted).
+    """
+    return store_cache_key(checkpoint_digest, layers, run.knn.metric, pool, image_shape, extra={
+        "dataset": run.dataset.name, "feature_dtype": run.knn.feature_dtype, "device": device.type,
+        "float32_precision": float32_precision(device, run.tf32),
+    })
+
+
 def build_store(run: RunConfig, model: FeatureModel, data: DataBundle, checkpoint_digest: str,
                 layers: list[str], device: torch.device) -> ReferenceStore:
     """Reference-pool features at every layer any victim or attack needs, cached on disk.
 
-    The cache is a directory per (checkpoint, pool, layers, metric, dtype), written chunk by chunk
-    (see :mod:`ask.knn.features`). With ``knn.index=ivf`` the recall@k of the approximate index
-    against exact search is measured here and logged; ``store.index_report(k=run.knn.k,
-    layers=run.knn.layers)`` returns it (cached) for ``metrics.json``.
+    The cache is a directory per :func:`feature_cache_key` (checkpoint, pool, layers, metric, dtype,
+    device type, float32 precision), written chunk by chunk (see :mod:`ask.knn.features`). With
+    ``knn.index=ivf`` the recall@k of the approximate index against exact search is measured here
+    and logged; ``store.index_report(k=run.knn.k, layers=run.knn.layers)`` returns it (cached) for
+    ``metrics.json``.
     """
     if run.knn.pool_per_class is None:
         pool = torch.arange(len(data.train))
@@ -111,9 +129,7 @@ def build_store(run: RunConfig, model: FeatureModel, data: DataBundle, checkpoin
             f"k={needed_k} but class '{data.classes[smallest]}' has only {int(counts[smallest])} reference "
             "points; lower knn.k or raise knn.pool_per_class / dataset.train_per_class"
         )
-    key = store_cache_key(checkpoint_digest, layers, run.knn.metric, pool,
-                          data.train.images.shape[1:],
-                          extra={"dataset": run.dataset.name, "feature_dtype": run.knn.feature_dtype})
+    key = feature_cache_key(run, checkpoint_digest, layers, pool, data.train.images.shape[1:], device)
     cache_path = None
     if run.knn.cache:
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -143,6 +159,7 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     output_dir = Path(output_dir)
     device = select_device(run.device)
     seed_everything(run.seed, run.deterministic)
+    fp32_mode = configure_backends(device, run.deterministic, run.tf32)
     # A damaged checkpoint is refused before a long dataset decode, not after it.
     given = load_checkpoint(run.model.checkpoint) if run.model.checkpoint else None
     data = load_dataset(run.dataset, run.cache_dir, seed=run.seed, progress=run.progress)
@@ -183,6 +200,7 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
         "seed": run.seed,
         "device": str(device),
         "precision": precision.precision_name(precision.resolve_amp(run.eval.amp, device)),  # the attacks'
+        "float32_precision": fp32_mode,  # ieee, or tf32 on a GPU with tf32=true
         "dknn_layers": dknn_layers,
         # How exact the neighbour search was: flat is exact; ivf carries its measured recall@k.
         "knn_index": (store.index_report(k=run.knn.k, layers=list(run.knn.layers)) if run.knn.index != "flat"

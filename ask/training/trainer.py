@@ -45,6 +45,7 @@ from ask.utils.io import atomic_write_text
 from ask.utils.rundir import run_lock
 from ask.utils.runtime import (
     capture_rng_state,
+    configure_backends,
     restore_generator,
     restore_rng_state,
     seed_everything,
@@ -282,6 +283,7 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
     device = group.device(select_device(run.device))
     # Each rank draws its own random starts and augmentations; the model is broadcast from rank 0.
     seed_everything(run.seed + group.rank, run.deterministic)
+    configure_backends(device, run.deterministic, run.tf32)
     if data is None:
         # Rank 0 decodes and caches the dataset first; the others then read its cache.
         if not group.is_main:

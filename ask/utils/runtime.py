@@ -42,6 +42,33 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.deterministic = True
 
 
+def float32_precision(device: torch.device, tf32: bool) -> str:
+    """How float32 matmuls and convolutions round on ``device``: ``"tf32"`` or ``"ieee"`` (full float32).
+
+    TF32 exists only on CUDA, so a CPU run is ``ieee`` whatever ``tf32`` says; this is the value
+    recorded in ``metrics.json`` and in the feature-cache key.
+    """
+    return "tf32" if device.type == "cuda" and tf32 else "ieee"
+
+
+def configure_backends(device: torch.device, deterministic: bool, tf32: bool) -> str:
+    """Set this process's cuBLAS / cuDNN float32 precision and cuDNN autotuning for a run on ``device``.
+
+    TF32 is off unless ``tf32``: PyTorch leaves it on for cuDNN convolutions by default, where it
+    moves hidden features by about 1e-3 relative, and at the attack temperature T = 0.01 that
+    shifts the ASK loss's softmax materially. ``cudnn.benchmark`` times the candidate convolution
+    kernels per input shape and keeps the fastest; the choice can differ between runs, so it is on
+    only for CUDA runs that are not ``deterministic``. Returns :func:`float32_precision`.
+    """
+    # The allow_tf32 switches, not torch >= 2.9's fp32_precision strings: they exist in every
+    # supported torch, and once the strings say "ieee" reading the switches (torch's own
+    # cudnn.flags() does) raises, whereas setting the switches keeps both views consistent.
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+    return float32_precision(device, tf32)
+
+
 def capture_rng_state() -> dict[str, Any]:
     """Every RNG state as plain data (tensors, ints, lists) so ``weights_only`` loading accepts it."""
     np_state = np.random.get_state()
