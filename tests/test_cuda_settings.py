@@ -1,5 +1,5 @@
-"""How a run sets up CUDA: float32 precision (TF32 off unless asked), cuDNN autotuning, and the
-feature-cache key that records the device and precision the features came from.
+"""How a run sets up CUDA: float32 precision (TF32 off unless asked), cuDNN autotuning, pinned host
+copies, and the feature-cache key that records the device and precision the features came from.
 
 The flags are process-wide and readable without a GPU, so the CPU tests check what a CUDA run
 would set; the gpu-marked ones check what the settings do on a real device.
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ask.evaluation.job import feature_cache_key, run_attack_job
 from ask.training.trainer import train
-from ask.utils.runtime import configure_backends, float32_precision
+from ask.utils.runtime import configure_backends, float32_precision, to_device
 from tests.conftest import compose_run
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -86,6 +86,11 @@ def test_an_evaluation_records_its_precision_and_keys_its_feature_cache_by_it(tm
     assert meta["key"]["extra"]["device"] == "cpu" and meta["key"]["extra"]["float32_precision"] == "ieee"
 
 
+def test_to_device_on_the_cpu_is_the_batch_itself() -> None:
+    batch = torch.arange(12, dtype=torch.uint8).reshape(3, 4)
+    assert to_device(batch, CPU) is batch
+
+
 # ------------------------------------------------------------------ GPU
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -107,3 +112,12 @@ def test_tf32_off_keeps_cuda_convolutions_at_float32_accuracy() -> None:
     assert relative_error(False) < 5e-5  # rounding of float32 sums (about 1e-7), Winograd kernels included
     if torch.cuda.get_device_capability() >= (8, 0):  # TF32 exists from Ampere on
         assert relative_error(True) > 5e-5  # 10-bit mantissas: a few 1e-4
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_to_device_copies_through_pinned_memory_to_the_gpu() -> None:
+    batch = torch.randint(0, 255, (64, 3, 32, 32), dtype=torch.uint8)
+    moved = to_device(batch, CUDA)
+    assert moved.is_cuda and torch.equal(moved.cpu(), batch)
+    assert to_device(moved, CUDA) is moved

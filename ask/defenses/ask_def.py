@@ -60,6 +60,7 @@ from ask.defenses.at import check_number, inner_mode, make_threat, module_mode, 
 from ask.defenses.base import Defense, register_defense
 from ask.errors import ConfigError, DataError
 from ask.knn.similarity import METRICS
+from ask.utils.runtime import to_device
 
 __all__ = [
     "ASKDefense",
@@ -136,8 +137,8 @@ class ReferenceSampler:
     def sample(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(images float [C * per_class, ...] in [0, 1], labels [C * per_class])`` on ``device``, class-major."""
         rows = self.draw().reshape(-1)
-        images = to_float(self.split.images[rows].to(device, non_blocking=True))
-        labels = self.split.labels[rows].to(device, non_blocking=True)
+        images = to_float(to_device(self.split.images[rows], device))
+        labels = to_device(self.split.labels[rows], device)
         return images, labels
 
     def state_dict(self) -> dict[str, Tensor]:

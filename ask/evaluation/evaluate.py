@@ -41,6 +41,7 @@ from ask.knn import DkNNClassifier, DkNNVoteClassifier, KNNClassifier, Reference
 from ask.models import FeatureModel
 from ask.utils import precision
 from ask.utils.io import LoadError, atomic_save, safe_load
+from ask.utils.runtime import to_device
 
 log = logging.getLogger(__name__)
 
@@ -429,8 +430,8 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
                disable=not run.progress)
     for batch in range(progress.next_batch, n_batches):
         start = batch * batch_size
-        images = to_float(points.images[start:start + batch_size].to(device))
-        labels = points.labels[start:start + batch_size].to(device)
+        images = to_float(to_device(points.images[start:start + batch_size], device))
+        labels = to_device(points.labels[start:start + batch_size], device)
         with torch.no_grad():
             clean = {v.name: v.judge(images) for v in victims}
         for victim in victims:

@@ -47,6 +47,7 @@ from ask.knn.features import (
 from ask.knn.indexes import INDEX_KINDS, build_index, ivf_nlist, recall_at_k, set_nprobe, uses_ivf
 from ask.knn.similarity import check_metric, l2_normalize, rowwise_similarity
 from ask.utils.diskarrays import remove_tree
+from ask.utils.runtime import to_device
 
 log = logging.getLogger(__name__)
 
@@ -750,7 +751,7 @@ def _model_chunks(
     with tqdm(total=n, disable=not progress, desc="reference features", unit="img", leave=False) as bar:
         for lo in range(0, n, batch_size):
             with torch.no_grad():
-                x = _to_float_images(images[lo : lo + batch_size].to(device, non_blocking=True))
+                x = _to_float_images(to_device(images[lo : lo + batch_size], device))
                 out = model.forward_features(x, list(layers))
                 feats = {layer: out[layer].reshape(x.shape[0], -1).float().cpu() for layer in layers}
             bar.update(x.shape[0])

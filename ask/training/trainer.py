@@ -50,6 +50,7 @@ from ask.utils.runtime import (
     restore_rng_state,
     seed_everything,
     select_device,
+    to_device,
 )
 
 log = logging.getLogger(__name__)
@@ -425,8 +426,8 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
                        disable=not (run.progress and group.is_main), leave=False)
             for step in bar:
                 index = order[step * batch_size:(step + 1) * batch_size][group.rank::group.world_size]
-                images = to_float(data.train.images[index].to(device, non_blocking=True))
-                labels = data.train.labels[index].to(device, non_blocking=True)
+                images = to_float(to_device(data.train.images[index], device))
+                labels = to_device(data.train.labels[index], device)
                 images = augment_batch(images, run.dataset.augment, augment_rng)
                 if run.train.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)

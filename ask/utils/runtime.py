@@ -69,6 +69,17 @@ def configure_backends(device: torch.device, deterministic: bool, tf32: bool) ->
     return float32_precision(device, tf32)
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU ``batch`` on ``device``; to a GPU through page-locked memory, so the copy is asynchronous.
+
+    ``non_blocking=True`` from ordinary (pageable) memory is a synchronous copy in disguise; from
+    pinned memory the host goes on preparing the next batch while the copy runs.
+    """
+    if device.type != "cuda" or batch.device.type != "cpu":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
 def capture_rng_state() -> dict[str, Any]:
     """Every RNG state as plain data (tensors, ints, lists) so ``weights_only`` loading accepts it."""
     np_state = np.random.get_state()
