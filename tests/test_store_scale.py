@@ -302,6 +302,57 @@ def test_knn_config_accepts_ivf_and_float16() -> None:
 # ------------------------------------------------------------------ GPU
 
 
+class _FakeGpuIndex:
+    """Stands in for a faiss GPU index on a CPU machine: a separate copy that searches like the original."""
+
+    def __init__(self, index) -> None:
+        import faiss
+
+        self.host = faiss.clone_index(index)
+
+    def search(self, queries, k):
+        return self.host.search(queries, k)
+
+
+def test_a_gpu_index_is_not_kept_twice_and_comes_back_without_a_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
+    import faiss
+
+    pool = SyntheticPool(6000, 16, 2, seed=0)
+    store = _pool_store(pool, index="ivf", nlist=64, nprobe=8)
+    builds, to_gpu, to_host = [], [], []
+    build = store._build_cpu_index
+    monkeypatch.setattr(store, "_build_cpu_index", lambda *a: builds.append(a) or build(*a))
+    monkeypatch.setattr(store, "_gpu_device", lambda device: 0 if device.type == "cuda" else None)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, gpu, index: to_gpu.append(index) or _FakeGpuIndex(index),
+                        raising=False)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda index: to_host.append(index) or faiss.clone_index(index.host),
+                        raising=False)
+    monkeypatch.setattr("ask.knn.store.set_nprobe", lambda index, nprobe: None)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    queries = torch.from_numpy(pool.queries(50))
+
+    # The recall is measured on the host first, as ask-attack does before any attack.
+    report = store.index_report(k=5)
+    assert list(store._indexes) == [(LAYER, None, None)] and len(builds) == 1
+    on_gpu = store._index(LAYER, None, cuda, 5)
+    assert isinstance(on_gpu, _FakeGpuIndex) and list(store._indexes) == [(LAYER, None, 0)]
+    # The metrics' second report reuses what it measured: no host copy comes back for it.
+    assert store.index_report(k=5) == report and to_host == [] and list(store._indexes) == [(LAYER, None, 0)]
+    for c in range(2):  # per-class indexes: built on the host, cloned, and only the clone kept
+        store._index(LAYER, c, cuda, 5)
+    assert sorted(store._indexes, key=str) == sorted([(LAYER, None, 0), (LAYER, 0, 0), (LAYER, 1, 0)], key=str)
+    assert len(builds) == 3 and len(to_gpu) == 3
+
+    # A CPU search afterwards copies the GPU index back instead of training IVF cells again.
+    expected = on_gpu.search(store._faiss_queries(queries), 5)[1]
+    host = store._index(LAYER, None, cpu, 5)
+    assert to_host == [on_gpu] and len(builds) == 3
+    assert np.array_equal(host.search(store._faiss_queries(queries), 5)[1], expected)
+
+
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_ivf_index_matches_cpu() -> None:
@@ -316,6 +367,7 @@ def test_gpu_ivf_index_matches_cpu() -> None:
     sims, gpu_rows = store.search(LAYER, queries.cuda(), 5)
     assert gpu_rows.is_cuda and sims.is_cuda
     assert type(store._indexes[(LAYER, None, torch.cuda.current_device())]).__name__.startswith("Gpu")
+    assert (LAYER, None, None) not in store._indexes  # the host copy went with the clone
     agree = (gpu_rows.cpu() == cpu_rows).float().mean().item()
     assert agree >= 0.95, agree
     start = time.perf_counter()

@@ -511,7 +511,8 @@ class ReferenceStore:
         counts = self.class_counts().tolist()
         for layer in layers:
             self._check_layer(layer)
-            self._index(layer, None, torch.device("cpu"), k)
+            if (layer, None) not in self._index_info:  # not built yet: an index on a GPU already says it all
+                self._index(layer, None, torch.device("cpu"), k)
             entry = dict(self._index_info[(layer, None)])
             entry["per_class_ivf"] = sum(uses_ivf(self.index_kind, c, None, self.nprobe) for c in counts)
             if entry["kind"] == "ivf":
@@ -621,24 +622,30 @@ class ReferenceStore:
         return torch.cat(parts)
 
     def _index(self, layer: str, cls: int | None, query_device: torch.device, k: int) -> Any:
-        """The index over ``layer`` (all points, or class ``cls`` only), cached per device."""
+        """The index over ``layer`` (all points, or class ``cls`` only) for queries on ``query_device``.
+
+        A GPU index is built on the host and cloned to the GPU, and the host copy is dropped: the
+        GPU index holds its own vectors, and keeping both would hold a large pool twice. A CPU
+        search after that copies the GPU index back (the same IVF cells, no k-means) and keeps it.
+        """
         _configure_faiss_threads()
         gpu = self._gpu_device(query_device) if k <= _GPU_MAX_K else None
-        cache_key = (layer, cls, gpu)
-        index = self._indexes.get(cache_key)
+        index = self._indexes.get((layer, cls, gpu))
         if index is not None:
             return index
-        index = self._indexes.get((layer, cls, None))
-        if index is None:
-            index = self._build_cpu_index(layer, cls)
-            self._indexes[(layer, cls, None)] = index
-        if gpu is not None:
-            if self._gpu_resources is None:
-                self._gpu_resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._gpu_resources, gpu, index)
-            if self._index_info[(layer, cls)]["kind"] == "ivf":
-                set_nprobe(index, self.nprobe)
-            self._indexes[cache_key] = index
+        host = self._indexes.pop((layer, cls, None), None)
+        if host is None:
+            on_a_gpu = next((found for (lay, c, _), found in self._indexes.items() if (lay, c) == (layer, cls)), None)
+            host = self._build_cpu_index(layer, cls) if on_a_gpu is None else faiss.index_gpu_to_cpu(on_a_gpu)
+        if gpu is None:
+            self._indexes[(layer, cls, None)] = host
+            return host
+        if self._gpu_resources is None:
+            self._gpu_resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(self._gpu_resources, gpu, host)
+        if self._index_info[(layer, cls)]["kind"] == "ivf":
+            set_nprobe(index, self.nprobe)
+        self._indexes[(layer, cls, gpu)] = index
         return index
 
     def _build_cpu_index(self, layer: str, cls: int | None) -> Any:
