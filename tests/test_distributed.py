@@ -28,9 +28,9 @@ AT = ["progress=false", "dataset.train_per_class=50", "train.batch_size=32", "mo
       "defense.steps=2"]
 
 
-def _torchrun(work: Path, cache: Path, args: list[str]) -> subprocess.CompletedProcess:
+def _torchrun(work: Path, cache: Path, args: list[str], program: str = "ask-train") -> subprocess.CompletedProcess:
     env = {**os.environ, "ASK_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
-    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--no-python", str(BIN / "ask-train"),
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--no-python", str(BIN / program),
                *args]
     done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
@@ -194,3 +194,19 @@ def test_a_bad_collective_timeout_is_one_line_before_the_group_forms(tmp_path: P
         "ask-train: error: ASK_DIST_TIMEOUT_MIN=0 is not a positive number of minutes; set it to how long a "
         "process may wait for the others, e.g. ASK_DIST_TIMEOUT_MIN=120, or unset it"
     ]
+
+
+def test_ask_attack_under_torchrun_evaluates_once_on_rank_0(tmp_path: Path, shared_cache: Path) -> None:
+    tiny = ["dataset.train_per_class=20", "model.width=8", "train.epochs=1", "train.schedule=constant"]
+    train(compose_run("train", tiny, shared_cache), tmp_path / "model")
+    done = _torchrun(tmp_path, shared_cache, [*tiny, "progress=false", f"model.checkpoint={tmp_path / 'model' / 'best.pt'}",
+                                              "attack=[pgd]", "eval.victims=[dnn,knn]", "eval.n_points=12",
+                                              "attack.steps=1"], program="ask-attack")
+    output = done.stdout + done.stderr
+    assert "rank 0 evaluates alone and the other 1 process(es) exit" in output
+    assert output.count("wrote ") == 1  # one table, one metrics.json: rank 1 did not evaluate too
+    # Rank 0's clock-named directory is an attack run's, under outputs/attack.
+    (metrics_path,) = tmp_path.glob("outputs/*/*/*/metrics.json")
+    assert metrics_path.parts[-4] == "attack"
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["n_points"] == 12 and [r["victim"] for r in metrics["results"]] == ["dnn", "knn"]

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ask.cli.common import hydra_entry
 from ask.config import RunConfig
 
+log = logging.getLogger(__name__)
+
 
 def attack_task(run: RunConfig, output_dir: Path) -> float:
     from ask.evaluation.job import run_attack_job  # torch-heavy imports after argument parsing
+    from ask.training import distributed
     from ask.utils.rundir import continue_unfinished_run, run_lock
 
+    group = distributed.current()
+    if group.enabled:
+        # An evaluation is one process's work: world_size copies would write the same files. Rank 0
+        # leaves the group and evaluates as a process of its own (a model it trains on the fly
+        # included), the others stop here.
+        group.barrier()
+        distributed.shutdown()
+        if not group.is_main:
+            return float("nan")
+        log.warning("ask-attack under torchrun: rank 0 evaluates alone and the other %d process(es) exit; "
+                    "ask-attack needs no torchrun", group.world_size - 1)
     with run_lock(output_dir):  # two evaluations in one directory would overwrite each other's state
         # The same command after a crash picks up the crashed evaluation's per-batch state.
         continue_unfinished_run(output_dir, "eval_state.pt", "metrics.json", ("eval_state.pt",))

@@ -231,7 +231,7 @@ def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, progra
         except AskError as error:  # ASK_DIST_TIMEOUT_MIN: before Hydra, so run_task cannot report it
             print(f"{program}: error: {error}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
-        sys.argv.extend(_rank_overrides(group, sys.argv[1:], program))
+        sys.argv.extend(_rank_overrides(group, sys.argv[1:], program, config_name))
         hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(_main)()
     except SystemExit as stop:
         status = _exit_status(stop.code)
@@ -280,8 +280,8 @@ def _end_worker(status: int) -> NoReturn:
     os._exit(status)
 
 
-def _rank_overrides(group: Any, arguments: list[str], program: str) -> list[str]:
-    """Hydra overrides that put every ``torchrun`` rank in rank 0's output directory.
+def _rank_overrides(group: Any, arguments: list[str], program: str, task: str) -> list[str]:
+    """Hydra overrides that put every ``torchrun`` rank in rank 0's output directory (under ``outputs/<task>``).
 
     Hydra names the directory by the clock, which can tick between ranks, so rank 0 picks it and
     broadcasts it. The other ranks neither save Hydra's config copy nor open its log file there.
@@ -295,7 +295,7 @@ def _rank_overrides(group: Any, arguments: list[str], program: str) -> list[str]
         from datetime import datetime
 
         stamp = group.broadcast(datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
-        extra.append(f"hydra.run.dir=outputs/train/{stamp}")
+        extra.append(f"hydra.run.dir=outputs/{task}/{stamp}")
     if not group.is_main:
         extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
     return extra
