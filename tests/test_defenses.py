@@ -56,15 +56,24 @@ def _tracked(model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------- one step each
+# On a GPU the step runs under bf16 autocast, as the trainer runs it there, and ASK-Def's reference
+# images travel from the CPU split to the model's device.
+ON_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
 @pytest.mark.parametrize("name", ["none", "at", "ask_def", "trades"])
-def test_one_training_step_changes_the_weights(digits, name: str) -> None:
+def test_one_training_step_changes_the_weights(digits, name: str, device: str) -> None:
     defense, model, images, labels = _setup(digits, name)
-    model.train()
+    model.to(device).train()
+    images, labels = images.to(device), labels.to(device)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     tracked = _tracked(model)
-    loss, logits = defense.loss(images, labels)
-    assert loss.dim() == 0 and torch.isfinite(loss)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        loss, logits = defense.loss(images, labels)
+    assert loss.device.type == device and loss.dim() == 0 and torch.isfinite(loss)
     assert logits.shape == (20, 10)
     # Only the outer passes ran in train mode: an inner attack in train mode would add 10+.
     assert _tracked(model) - tracked == OUTER_PASSES[name]

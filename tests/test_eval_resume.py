@@ -243,3 +243,43 @@ def test_worst_case_rows_follow_the_per_point_results_and_survive_a_resume(
     run(resumed)
     assert "resuming evaluation at batch 3/5 (16 points done)" in caplog.text
     assert _without_timings(resumed) == _without_timings(tmp_path / "whole")
+
+
+@pytest.fixture(scope="module")
+def cuda_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small digits model trained on the GPU (the CPU's auto-trained one would take a minute)."""
+    from ask.training.trainer import train
+
+    directory = tmp_path_factory.mktemp("cuda-model")
+    train(compose_run("train", ["dataset.train_per_class=40", "model.width=8", "train.epochs=2", "device=cuda"],
+                      directory / "cache"), directory / "run")
+    return directory / "run" / "best.pt"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_deterministic_cuda_evaluation_repeats_and_resumes_to_the_same_metrics(
+        tmp_path: Path, shared_cache: Path, cuda_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """All six attacks on the four victims on a GPU: the attacks' CUDA generators, the faiss GPU
+    searches and the saved state must give the same metrics twice, and after a stop part-way."""
+    def run(name: str) -> dict:
+        overrides = [f"model.checkpoint={cuda_checkpoint}", "device=cuda", "deterministic=true", *IN_PROCESS]
+        return run_attack_job(compose_run("attack", overrides, shared_cache), tmp_path / name)
+
+    try:
+        metrics = run("a")
+        run("b")
+        with monkeypatch.context() as patch:
+            _interrupt_after(2, patch)
+            with pytest.raises(_Interrupted):
+                run("resumed")
+        caplog.set_level(logging.INFO)
+        run("resumed")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert "resuming evaluation at batch 3/5 (16 points done)" in caplog.text
+    assert _without_timings(tmp_path / "a") == _without_timings(tmp_path / "b") == _without_timings(
+        tmp_path / "resumed")
+    assert metrics["device"].startswith("cuda") and metrics["float32_precision"] == "ieee"
+    assert len(metrics["results"]) == 7 * 4 and metrics["n_points"] == 40

@@ -186,3 +186,23 @@ def test_a_fresh_directory_takes_over_only_an_unfinished_run_of_the_same_config(
     assert continue_unfinished_run(fresh, "eval_state.pt", "metrics.json", files) is None
     later = run_dir("10-00-04", same, {})
     assert continue_unfinished_run(later, "eval_state.pt", "metrics.json", files) == fresh
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_deterministic_cuda_training_gives_identical_metrics_and_weights(tmp_path: Path, cache_dir: Path) -> None:
+    tiny = ["dataset.train_per_class=20", "dataset.test_per_class=5", "train.batch_size=32", "model.width=8",
+            "train.epochs=2", "defense=at", "defense.steps=2", "device=cuda", "deterministic=true"]
+    try:
+        for name, extra in (("a", []), ("b", []), ("other_seed", ["seed=1"])):
+            train(compose_run("train", [*tiny, *extra], cache_dir), tmp_path / name)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+    def records(name: str) -> list[dict]:
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return _without_timings([json.loads(line) for line in lines])
+
+    assert records("a") == records("b") != records("other_seed")
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])

@@ -536,6 +536,7 @@ def test_deterministic_cuda_backward_runs_and_repeats_exactly(name: str) -> None
         torch.use_deterministic_algorithms(True)
         grads = []
         for _ in range(2):
+            torch.manual_seed(0)  # the same dropout masks (vgg16_authors) both times
             images = x.clone().requires_grad_(True)
             loss = F.cross_entropy(model(images), torch.arange(8, device="cuda") % NUM_CLASSES)
             grads.append(torch.autograd.grad(loss, images)[0])

@@ -194,3 +194,27 @@ def test_run_saved_on_gpus_resumes_on_the_cpu(tmp_path: Path, cache_dir: Path,
         train(compose_run("train", [*TINY, "train.epochs=2"], cache_dir), tmp_path)
     assert _epochs(tmp_path) == [1, 2]
     assert len(_runtime_warnings(caplog)) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_resumes_exactly_and_its_checkpoint_serves_the_cpu(tmp_path: Path, cache_dir: Path) -> None:
+    """The trainer on a GPU with its CUDA defaults (mixed precision, channels_last), deterministic:
+    a run stopped after epoch 1 and resumed ends with the weights of a straight run."""
+    cuda = [*TINY, "device=cuda", "deterministic=true"]
+    try:
+        summary = train(compose_run("train", [*cuda, "train.epochs=2"], cache_dir), tmp_path / "straight")
+        train(compose_run("train", [*cuda, "train.epochs=1"], cache_dir), tmp_path / "resumed")
+        train(compose_run("train", [*cuda, "train.epochs=2"], cache_dir), tmp_path / "resumed")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert _epochs(tmp_path / "resumed") == [1, 2]
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert len(a["rng"]["cuda"]) == torch.cuda.device_count()  # the CUDA generators were saved
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert a["metrics"]["train_loss"] == b["metrics"]["train_loss"]
+    # The GPU's checkpoint continues on the CPU (its CUDA random state cannot, with a warning).
+    cpu = train(compose_run("train", [*TINY, "train.epochs=3"], cache_dir), tmp_path / "straight")
+    assert _epochs(tmp_path / "straight") == [1, 2, 3] and 0 <= cpu["test_acc"] <= 1
+    assert summary["n_train"] == 200 and summary["config"]["device"] == "cuda"
