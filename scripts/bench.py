@@ -6,7 +6,7 @@ Usage::
     python scripts/bench.py --model vgg16 --device cuda --out results/
     python scripts/bench.py --quick --out /tmp/b    # seconds: the smoke test's settings
 
-Three measurements, each in a fresh subprocess of this script (so the peak memory of one never
+Four measurements, each in a fresh subprocess of this script (so the peak memory of one never
 hides inside another's), each ratio's two sides timed in that one process on the same model,
 batch and device, interleaved (the order alternates between repeats, so a slow spell caused by
 other programs on the machine falls on both sides), warm-up calls first, median of the repeats,
@@ -32,6 +32,12 @@ other programs on the machine falls on both sides), warm-up calls first, median 
     per-class search ASK-Atk uses. The pool is synthetic: half-normal random vectors (non-negative,
     like post-ReLU activations) of the layer's dimension, since an exact flat search costs the
     same whatever the values; the queries are the batch's real features at the layer.
+``train``
+    one SGD step (forward, backward, update; batch ``--train-batch``) in fp32, channels-last, bf16
+    autocast, and bf16 + channels-last / fp32 (target <= 0.5, i.e. twice the images per second,
+    where the device has bf16 units; elsewhere bf16 is emulated, ``train.amp=auto`` leaves it
+    off, and the row carries no target). Also reported: the step of what ``train.amp=auto``
+    picks on this device over fp32.
 
 Peak memory comes from an untimed pass after the timings, in the same subprocess: before each
 operation, freed heap memory goes back to the system (glibc ``malloc_trim``, so memory an earlier
