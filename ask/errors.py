@@ -28,3 +28,7 @@ class ModelError(AskError):
 
 class NonFiniteLossError(AskError):
     """A loss became NaN or Inf during training."""
+
+
+class RunDirectoryError(ConfigError):
+    """The run directory belongs to another run: a live one, or results of other settings."""

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from ask.cli.common import hydra_entry
 from ask.config import RunConfig
 
 log = logging.getLogger(__name__)
+
+
+def _lowest_robust_accuracy(metrics: dict[str, Any]) -> float:
+    """What a sweeper would minimise: the lowest robust accuracy found (with several attacks, that
+    of a per-point worst-case `any` row)."""
+    return min(row["robust_acc"] for row in metrics["results"])
 
 
 def attack_task(run: RunConfig, output_dir: Path) -> float:
@@ -27,13 +35,16 @@ def attack_task(run: RunConfig, output_dir: Path) -> float:
             return float("nan")
         log.warning("ask-attack under torchrun: rank 0 evaluates alone and the other %d process(es) exit; "
                     "ask-attack needs no torchrun", group.world_size - 1)
+    done = output_dir / "metrics.json"
+    if done.is_file():  # the directory was claimed for these settings, so these are its results
+        log.info("%s already holds the results of these settings; nothing to do (overwrite=true computes them "
+                 "again)", output_dir)
+        return _lowest_robust_accuracy(json.loads(done.read_text()))
     with run_lock(output_dir):  # two evaluations in one directory would overwrite each other's state
         # The same command after a crash picks up the crashed evaluation's per-batch state.
         continue_unfinished_run(output_dir, "eval_state.pt", "metrics.json", ("eval_state.pt",))
         metrics = run_attack_job(run, output_dir)
-    # What a sweeper would minimise: the lowest robust accuracy found (with several attacks, that of
-    # a per-point worst-case `any` row).
-    return min(row["robust_acc"] for row in metrics["results"])
+    return _lowest_robust_accuracy(metrics)
 
 
 def main() -> None:

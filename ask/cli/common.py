@@ -1,10 +1,17 @@
-"""What every console script shares: Hydra wiring and one-line errors.
+"""What every console script shares: Hydra wiring, the run directory's records and one-line errors.
 
 A problem with the user's input (:class:`ask.errors.AskError`) is printed as one line on stderr
 and the process exits with status 2, without a traceback; files already written stay as they
 were. In a multirun sweep any failing job (a user error or a crash) writes ``failure.json`` into
 its directory and the sweep goes on with the other jobs, whatever the launcher (basic, joblib,
-submitit): the sweep's report names the failures.
+submitit): the sweep's report names the failures. A job refused because its directory belongs to
+another run writes nothing there.
+
+The records of a run, ``config.yaml`` (resolved) and ``.hydra/`` (Hydra's composed config, its own
+settings and the overrides; Hydra itself is told not to write them, ``hydra.output_subdir: null``),
+are written only once the config passed validation and the directory is this run's: under its
+lock, after :func:`ask.utils.rundir.claim_run_directory`. A refused or invalid command leaves a
+live or finished run's records as they were.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -24,7 +32,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ask.config import RunConfig, config_dir, register_configs, resolve
-from ask.errors import AskError
+from ask.errors import AskError, ConfigError, RunDirectoryError
 from ask.training.preemption import TrainingStopped
 from ask.utils.io import atomic_write_text
 
@@ -50,9 +58,8 @@ def run_task(task: Callable[[RunConfig, Path], Any], cfg: DictConfig, program: s
     group = distributed.current()
     try:
         run = resolve(cfg)
-        if group.is_main:
-            atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        return task(run, output_dir)
+        with _own_run_directory(output_dir, cfg, run, group):
+            return task(run, output_dir)
     except TrainingStopped as stopped:
         # Pre-emption is not a failure: the checkpoint is written and the same command resumes.
         print(f"{program}: {stopped}", file=sys.stderr)
@@ -61,7 +68,8 @@ def run_task(task: Callable[[RunConfig, Path], Any], cfg: DictConfig, program: s
         message = f"{program}: error: {error}"
         if _is_multirun():
             log.error(message)
-            _record_failure(output_dir, error)
+            if not isinstance(error, RunDirectoryError):  # the directory is another run's
+                _record_failure(output_dir, error)
             return None
         print(message, file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
@@ -75,6 +83,52 @@ def run_task(task: Callable[[RunConfig, Path], Any], cfg: DictConfig, program: s
         log.exception("%s: job failed with %s", program, type(error).__name__)
         _record_failure(output_dir, error, traceback.format_exc())
         return None
+
+
+@contextmanager
+def _own_run_directory(output_dir: Path, cfg: DictConfig, run: RunConfig, group: Any) -> Iterator[None]:
+    """Hold the run directory's lock around the task and write its records once the directory is ours.
+
+    Rank 0 of a ``torchrun`` group decides and tells the others, which neither lock nor write.
+    """
+    from ask.utils.rundir import RUN_FILES, claim_run_directory, run_lock
+
+    if not group.is_main:
+        refusal = group.broadcast(None)
+        if refusal:
+            raise ConfigError(refusal)
+        yield
+        return
+    with ExitStack() as held:
+        error: AskError | None = None
+        try:
+            held.enter_context(run_lock(output_dir, reentrant=True))
+            config = OmegaConf.to_container(cfg, resolve=True)
+            assert isinstance(config, dict)
+            finished = run.task in RUN_FILES and claim_run_directory(output_dir, config, RUN_FILES[run.task],
+                                                                     run.overwrite)
+            if not finished:  # a finished run's records describe its results: they stay as they are
+                _write_records(output_dir, cfg)
+        except AskError as problem:
+            error = problem
+        group.broadcast(str(error) if error else None)
+        if error is not None:
+            raise error
+        yield
+
+
+def _write_records(output_dir: Path, cfg: DictConfig) -> None:
+    """``config.yaml`` resolved, and what Hydra would have written into ``.hydra/`` before the task."""
+    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    records = output_dir / ".hydra"
+    atomic_write_text(records / "config.yaml", OmegaConf.to_yaml(cfg))
+    try:
+        hydra_config = HydraConfig.instance().cfg
+    except ValueError:  # not under hydra.main (a test calling run_task): nothing more to record
+        return
+    if hydra_config is not None:
+        atomic_write_text(records / "hydra.yaml", OmegaConf.to_yaml(hydra_config))
+        atomic_write_text(records / "overrides.yaml", OmegaConf.to_yaml(hydra_config.hydra.overrides.task))
 
 
 def _record_failure(output_dir: Path, error: BaseException, trace: str | None = None) -> None:

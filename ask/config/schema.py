@@ -272,6 +272,9 @@ class RunConfig:
     tf32: bool = False
     progress: bool = True
     cache_dir: str = "~/.cache/ask"
+    # A run directory holding results of other settings is refused; overwrite=true deletes them
+    # and runs afresh there (see ask.utils.rundir).
+    overwrite: bool = False
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)

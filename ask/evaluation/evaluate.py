@@ -204,7 +204,7 @@ STATE_VERSION = 2  # 2: per-point correctness flags
 # Settings that cannot change a single number of the result: display, where caches live, and the
 # checkpoint's path (its content digest stands in for it).
 _KEY_IGNORED = {
-    (): ("progress", "cache_dir"),
+    (): ("progress", "cache_dir", "overwrite"),
     ("model",): ("checkpoint",),
     ("dataset",): ("download", "cache"),
     ("knn",): ("cache",),

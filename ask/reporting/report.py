@@ -62,7 +62,7 @@ ANY_SETTING = "attacks"
 # Config entries that never change a number in metrics.json (bookkeeping, paths, batch sizes) or
 # that are part of the row key already; they never split rows.
 _IGNORED_SETTINGS = frozenset({
-    "task", "seed", "device", "deterministic", "progress", "cache_dir",
+    "task", "seed", "device", "deterministic", "progress", "cache_dir", "overwrite",
     "dataset.name", "dataset.root", "dataset.download", "dataset.cache",
     "model.name", "model.checkpoint", "defense.name",
     "attack.eps", "attack.norm",
