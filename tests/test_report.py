@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 import statistics
 from pathlib import Path
 
@@ -261,9 +262,9 @@ def test_failed_and_broken_jobs_are_named_not_fatal(sweep: Path) -> None:
 
 
 def test_a_setting_that_differs_splits_rows_instead_of_averaging(tmp_path: Path) -> None:
-    other = {key: {0: (0.9, 0.05)} for key in NUMBERS if key[2] == 0.1}
+    other = {key: {1: (0.9, 0.05)} for key in NUMBERS if key[2] == 0.1}
     write_run(tmp_path / "s" / "0", eps=0.1, seed=0, temperature=0.01)
-    write_run(tmp_path / "s" / "1", eps=0.1, seed=0, temperature=0.3, numbers=other)
+    write_run(tmp_path / "s" / "1", eps=0.1, seed=1, temperature=0.3, numbers=other)
     report = write_report([tmp_path / "s"])
     ask_rows = [r for r in report.rows if r["attack"] == "ask"]
     assert sorted(r["settings"] for r in ask_rows) == ["ask.temperature=0.01", "ask.temperature=0.3"]
@@ -404,3 +405,55 @@ def test_the_sweep_report_can_be_switched_off_from_the_command_line(sweep: Path)
     assert callback.enabled is False and not (sweep / "report.md").exists()
     ReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
     assert (sweep / "report.md").exists()  # the fixture is a reportable sweep: the switch did it
+
+
+def _record(run: Path, **fields: object) -> Path:
+    """Add what ask-attack records about the data and the model (dataset_root, checkpoint_digest)."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, **fields}))
+    return run
+
+
+def test_runs_of_one_seed_on_other_data_or_models_are_not_averaged(tmp_path: Path) -> None:
+    other = {key: {0: (0.6, 0.3)} for key in NUMBERS if key[2] == 0.1}
+    # Two datasets (and so two models), both seed 0: two experiments, not two replicates.
+    _record(write_run(tmp_path / "data" / "a", eps=0.1, seed=0), dataset_root="/data/a", checkpoint_digest="aa")
+    _record(write_run(tmp_path / "data" / "b", eps=0.1, seed=0, numbers=other), dataset_root="/data/b",
+            checkpoint_digest="bb")
+    rows = [r for r in write_report([tmp_path / "data"], tmp_path / "out1").rows if r["attack"] == "ask"]
+    assert sorted((r["settings"], r["runs"], r["robust_acc_mean"]) for r in rows) == [
+        ("dataset.root=/data/a", 1, 0.20), ("dataset.root=/data/b", 1, 0.30)]
+
+    # One dataset, two models of one training seed (or none known), one attack seed: split by checkpoint.
+    _record(write_run(tmp_path / "models" / "a", eps=0.1, seed=0), checkpoint_digest="aa")
+    _record(write_run(tmp_path / "models" / "b", eps=0.1, seed=0, numbers=other), checkpoint_digest="bb")
+    rows = [r for r in write_report([tmp_path / "models"], tmp_path / "out2").rows if r["attack"] == "ask"]
+    assert sorted((r["settings"], r["runs"], r["robust_acc_mean"]) for r in rows) == [
+        ("checkpoint=aa", 1, 0.20), ("checkpoint=bb", 1, 0.30)]
+
+
+def test_models_trained_with_other_seeds_are_replicates_under_one_attack_seed(tmp_path: Path) -> None:
+    other = {key: {0: (0.6, 0.3)} for key in NUMBERS if key[2] == 0.1}
+    for train_seed, numbers in ((0, NUMBERS), (1, other)):
+        trained = tmp_path / "train" / str(train_seed)
+        trained.mkdir(parents=True)
+        (trained / "train_summary.json").write_text(json.dumps({"defense": "none", "config": {"seed": train_seed}}))
+        _record(write_run(tmp_path / "runs" / str(train_seed), eps=0.1, seed=0, numbers=numbers,
+                          checkpoint=str(trained / "best.pt")), checkpoint_digest=f"d{train_seed}")
+    (row,) = [r for r in write_report([tmp_path / "runs"], tmp_path / "out").rows
+              if (r["attack"], r["victim"]) == ("ask", "knn")]
+    assert (row["runs"], row["settings"], row["robust_acc_mean"]) == (2, "", pytest.approx(0.25))
+
+
+def test_a_repeated_run_or_result_is_counted_once(tmp_path: Path) -> None:
+    first = _record(write_run(tmp_path / "runs" / "a", eps=0.1, seed=0), checkpoint_digest="aa")
+    shutil.copytree(first, tmp_path / "runs" / "b")  # the same experiment again
+    metrics = json.loads((first / "metrics.json").read_text())
+    metrics["results"].append(dict(metrics["results"][0]))  # as eval.victims=[knn,knn] once wrote
+    (first / "metrics.json").write_text(json.dumps(metrics))
+    report = write_report([tmp_path / "runs"], tmp_path / "out")
+    row = _find(report.rows, "ask", "knn", 0.1)
+    assert (row["runs"], row["n_points_total"], row["robust_acc_std"]) == (1, N_POINTS, None)
+    text = report.markdown.read_text()
+    assert "result 3 repeats attack 'ask' on victim 'knn'; counted once" in text
+    assert f"{tmp_path / 'runs' / 'b'} repeats {first} (same settings, checkpoint and seeds)" in text

@@ -190,6 +190,9 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
         "dataset": run.dataset.name,
         "model": run.model.name,
         "checkpoint": str(checkpoint),
+        # What the report tells runs apart by: the model's content and the data's location.
+        "checkpoint_digest": checkpoint_digest,
+        "dataset_root": str(Path(run.dataset.root).expanduser().resolve()) if run.dataset.root else None,
         "layers": list(run.knn.layers),
         "k": run.knn.k,
         "metric": run.knn.metric,

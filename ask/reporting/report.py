@@ -1,8 +1,8 @@
 """Aggregate ``ask-attack`` runs and sweeps into ``report.md``, ``report.csv`` and plots.
 
 A *run* is a directory holding the ``metrics.json`` that ``ask-attack`` writes, normally beside its
-resolved ``config.yaml``. Runs that share every setting except the seed (and the checkpoint, which
-differs between models trained with different seeds) are replicates: the report gives the mean and
+resolved ``config.yaml``. Runs that share every setting (the dataset's root among them) except the
+seed are replicates: the report gives the mean and
 the sample standard deviation (n - 1) of their clean accuracy, robust accuracy and ASR, and a 95 %
 confidence interval (:func:`confidence_interval`): Student's t over the replicates' values when
 there are two or more, Wilson's binomial interval over the single run's points otherwise.
@@ -15,6 +15,14 @@ Settings other than the defence, dataset, model, eps and norm (a layer, a temper
 count) split rows only where they actually differ between runs that would otherwise be averaged
 together; such settings are shown in a ``settings`` column, so different experiments are never
 silently pooled.
+
+A replicate is told apart by its seeds: the attack run's and, when the ``train_summary.json`` beside
+the checkpoint says, the training run's (the checkpoint differs between models trained with
+different seeds). Two runs in one row with the same seeds are not replicates: if they attacked
+different checkpoints (by content digest, else by path), the checkpoint splits the row
+(``checkpoint=<digest>`` in ``settings``); if they attacked the same one, they are the same
+experiment twice, counted once, with a note. A result listed twice in one run (the same attack
+and victim) is counted once too.
 
 The defence is the one that trained the attacked model: the ``train_summary.json`` beside the
 checkpoint when there is one, otherwise the run's ``defense.name``.
@@ -63,7 +71,7 @@ ANY_SETTING = "attacks"
 # that are part of the row key already; they never split rows.
 _IGNORED_SETTINGS = frozenset({
     "task", "seed", "device", "deterministic", "progress", "cache_dir", "overwrite",
-    "dataset.name", "dataset.root", "dataset.download", "dataset.cache",
+    "dataset.name", "dataset.download", "dataset.cache",
     "model.name", "model.checkpoint", "defense.name",
     "attack.eps", "attack.norm",
     "knn.use_gpu", "knn.cache", "knn.batch_size",
@@ -86,6 +94,13 @@ class Run:
     defense: str
     seed: int | None
     settings: dict[str, str]  # flattened config, values as compact strings
+    checkpoint: str = ""  # the attacked model's content digest, else its path
+    train_seed: int | None = None  # the seed that trained it, where its train_summary.json says
+
+    @property
+    def seeds(self) -> tuple[int | None, int | None]:
+        """What tells replicates apart."""
+        return self.seed, self.train_seed
 
 
 @dataclass
@@ -170,17 +185,16 @@ def _job_config(directory: Path) -> dict[str, Any] | None:
     return None
 
 
-def _trained_defense(checkpoint: Any) -> str | None:
-    """The defence recorded by ``ask-train`` beside the checkpoint, if it is there to read."""
+def _training_summary(checkpoint: Any) -> dict[str, Any]:
+    """The ``train_summary.json`` that ``ask-train`` wrote beside the checkpoint, if it is there to read."""
     if not checkpoint:
-        return None
+        return {}
     summary = Path(str(checkpoint)).expanduser().parent / "train_summary.json"
     try:
         data = json.loads(summary.read_text())
     except (OSError, ValueError):
-        return None
-    name = data.get("defense") if isinstance(data, dict) else None
-    return str(name) if name else None
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _settings(config: dict[str, Any] | None, metrics: dict[str, Any]) -> dict[str, str]:
@@ -190,6 +204,8 @@ def _settings(config: dict[str, Any] | None, metrics: dict[str, Any]) -> dict[st
         flat = {name: _compact(metrics[key]) for name, key in
                 (("knn.layers", "layers"), ("knn.k", "k"), ("knn.metric", "metric"), ("attack.steps", "steps"))
                 if key in metrics}
+    if metrics.get("dataset_root"):  # resolved by ask-attack, where config.yaml has what was typed
+        flat["dataset.root"] = str(metrics["dataset_root"])
     return {key: value for key, value in flat.items() if key not in _IGNORED_SETTINGS}
 
 
@@ -204,13 +220,18 @@ def _load_run(directory: Path, collection: Collection) -> None:
     if not isinstance(metrics, dict) or not isinstance(metrics.get("results"), list):
         collection.problems.append(Problem(path, "metrics.json has no 'results' list"))
         return
-    good = []
+    good, listed = [], set()
     for index, row in enumerate(metrics["results"]):
         missing = [key for key in ("attack", "victim", "clean_acc", "robust_acc")
                    if not isinstance(row, dict) or row.get(key) is None]
         if missing:
             collection.problems.append(Problem(path, f"result {index} lacks {', '.join(missing)}; skipped"))
+        elif (str(row["attack"]), str(row["victim"])) in listed:
+            # e.g. eval.victims=[knn,knn] before it was refused: one evaluation, not two replicates
+            collection.problems.append(Problem(path, f"result {index} repeats attack '{row['attack']}' on victim "
+                                                     f"'{row['victim']}'; counted once"))
         else:
+            listed.add((str(row["attack"]), str(row["victim"])))
             good.append(row)
     if not good:
         collection.problems.append(Problem(path, "metrics.json has no usable results"))
@@ -222,7 +243,8 @@ def _load_run(directory: Path, collection: Collection) -> None:
         collection.notes.append(f"{directory}: no readable config.yaml; settings taken from metrics.json")
     defense_node = (config or {}).get("defense")
     configured = defense_node.get("name") if isinstance(defense_node, dict) else None
-    trained = _trained_defense(metrics.get("checkpoint"))
+    summary = _training_summary(metrics.get("checkpoint"))
+    trained = str(summary["defense"]) if summary.get("defense") else None
     if trained and configured and trained != configured:
         collection.notes.append(
             f"{directory}: config says defense '{configured}' but the checkpoint was trained with "
@@ -230,8 +252,12 @@ def _load_run(directory: Path, collection: Collection) -> None:
         )
     defense = trained or configured or "unknown"
     seed = (config or {}).get("seed", metrics.get("seed"))
+    train_config = summary.get("config")
+    train_seed = train_config.get("seed") if isinstance(train_config, dict) else None
     collection.runs.append(Run(directory, metrics, str(defense), seed if isinstance(seed, int) else None,
-                               _settings(config, metrics)))
+                               _settings(config, metrics),
+                               str(metrics.get("checkpoint_digest") or metrics.get("checkpoint") or ""),
+                               train_seed if isinstance(train_seed, int) else None))
 
 
 def _load_failure(directory: Path, collection: Collection) -> None:
@@ -396,8 +422,11 @@ def _denominators(members: Sequence[tuple[Run, dict[str, Any]]], name: str) -> l
     return counts
 
 
-def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
+def aggregate(runs: Sequence[Run], notes: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per (defence, dataset, model, eps, norm, attack, victim[, varying settings]).
+
+    Runs with the same seeds never share a row (see the module's docstring); ``notes`` receives
+    a line for each run counted once because it repeats another.
 
     Each row has ``<stat>_mean``, ``<stat>_std`` (sample, None for a single run) and
     ``<stat>_count`` for every name in :data:`STAT_FIELDS`; ``<stat>_ci_low``, ``<stat>_ci_high``
@@ -440,11 +469,35 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
         if len(values) > 1:
             varying[family].add(ANY_SETTING)
 
-    groups: dict[tuple, list[tuple[Run, dict[str, Any]]]] = {}
-    for key, settings, run, result in entries:
+    def label_of(key: tuple, settings: dict[str, str]) -> str:
         shown = sorted(varying[key[:3]] & set(settings))
-        label = " ".join(f"{_label(name)}={settings[name]}" for name in shown)
+        return " ".join(f"{_label(name)}={settings[name]}" for name in shown)
+
+    # Same seeds in one row: other checkpoints split that row, the same one is a repeat.
+    checkpoints: dict[tuple, set[str]] = {}
+    for key, settings, run, _ in entries:
+        if run.seed is not None:
+            checkpoints.setdefault((*key, label_of(key, settings), run.seeds), set()).add(run.checkpoint)
+    split = {group[:-1] for group, seen in checkpoints.items() if len(seen) > 1}
+
+    groups: dict[tuple, list[tuple[Run, dict[str, Any]]]] = {}
+    first_of: dict[tuple, Run] = {}
+    repeats: dict[tuple[Path, Path], int] = {}
+    for key, settings, run, result in entries:
+        label = label_of(key, settings)
+        if (*key, label) in split:
+            label = f"{label} checkpoint={run.checkpoint or '?'}".strip()
+        if run.seed is not None:
+            first = first_of.setdefault((*key, label, run.seeds), run)
+            if first is not run:
+                pair = (run.directory, first.directory)
+                repeats[pair] = repeats.get(pair, 0) + 1
+                continue
         groups.setdefault((*key, label), []).append((run, result))
+    for (directory, first_directory), count in repeats.items():
+        if notes is not None:
+            notes.append(f"{directory} repeats {first_directory} (same settings, checkpoint and seeds): "
+                         f"{count} result{'s' if count > 1 else ''} counted once")
 
     rows = []
     for group_key, members in groups.items():
@@ -675,7 +728,7 @@ def write_report(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike
         raise ReportError(f"no runs found under {where}: expected metrics.json files written by ask-attack")
     out_dir = Path(out).expanduser() if out is not None else default_out_dir(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = aggregate(collection.runs)
+    rows = aggregate(collection.runs, collection.notes)
 
     written: list[Path] = []
     if plots and rows:
