@@ -133,6 +133,7 @@ class Setup:
         self.marker = root / "CODE_RAN"
         self.values: dict[str, Path] = {}
         self.snapshots: dict[str, dict[str, str]] = {}
+        self.records: dict[Path, dict[str, str]] = {}  # a finished run's config.yaml and .hydra/ as set up
 
     def get(self, name: str) -> Path:
         if name not in self.values:
@@ -252,6 +253,30 @@ class Setup:
         self.get("stale_cache")
         return self.values["stale_entry"]
 
+    def make_attack_run(self) -> Path:
+        work = self.root / "attack_run"
+        _ok(_cli(["ask-attack", f"model.checkpoint={self.get('ckpt')}", "attack=[pgd]", "eval.victims=[knn]",
+                  "eval.n_points=20", "progress=false", f"hydra.run.dir={work}"], self.root, self.cache))
+        self.records[work] = _records(work)
+        return work
+
+    def make_attack_run_b(self) -> Path:
+        return self._copy_run(self.get("attack_run"), "attack_run_b")
+
+    def make_train_run(self) -> Path:
+        return self._copy_run(self.get("ckpt").parent, "train_run")
+
+    def _copy_run(self, source: Path, name: str) -> Path:
+        work = shutil.copytree(source, self.root / name)  # config.yaml names no path inside the run
+        self.records[work] = _records(work)
+        return work
+
+
+def _records(run: Path) -> dict[str, str]:
+    """sha256 of a run's records, which _digest_tree leaves out."""
+    files = [run / "config.yaml", *sorted((run / ".hydra").glob("*"))]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
 
 def _digest_tree(path: Path) -> dict[str, str]:
     """sha256 of every file under ``path`` (or of ``path``), skipping what Hydra rewrites on each run."""
@@ -370,7 +395,17 @@ def _stale_cache_is_rebuilt_not_used(outcome: Outcome, setup: Setup) -> None:
     assert "loaded reference features" not in outcome.done.stdout + outcome.done.stderr
 
 
+def _records_are_kept(outcome: Outcome, setup: Setup) -> None:
+    for name in outcome.row.placeholders:
+        path = Path(outcome.values[name])
+        if path in setup.records:
+            assert _records(path) == setup.records[path], f"{{{name}}}'s config.yaml or .hydra/ changed"
+
+
 EXTRA_CHECKS: dict[str, Callable[[Outcome, Setup], None]] = {
+    "finished-attack-run-other-settings-in-its-directory": _records_are_kept,
+    "finished-training-rerun-with-another-learning-rate": _records_are_kept,
+    "finished-attack-run-the-same-settings-again-nothing-to-do-nothing-rewritten": _records_are_kept,
     "loss-becomes-nan-after-a-good-epoch": _nan_run_keeps_its_last_good_epoch,
     "stale-feature-cache-from-another-checkpoint-detected-rebuilt-not-used": _stale_cache_is_rebuilt_not_used,
 }

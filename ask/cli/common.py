@@ -140,7 +140,8 @@ def _record_failure(output_dir: Path, error: BaseException, trace: str | None = 
 
 
 def unknown_group_options(arguments: list[str], conf: Path) -> str | None:
-    """The first ``group=option`` argument naming an option that ``conf/<group>/`` lacks, as a message.
+    """The first ``group=option`` argument naming an option that ``conf/<group>/`` lacks, or one option
+    twice (``attack=[pgd,pgd]``), as a message.
 
     Hydra reports such a typo with its search path but without the choices, and not at all
     helpfully for lists (``attack=[ask,cw]``); this says what exists instead.
@@ -153,7 +154,7 @@ def unknown_group_options(arguments: list[str], conf: Path) -> str | None:
         overrides = OverridesParser.create().parse_overrides(candidates)
     except Exception:  # malformed input: Hydra's own parser will explain it
         return None
-    for override in overrides:
+    for argument, override in zip(candidates, overrides, strict=True):
         group = override.key_or_group.lstrip("+~")
         folder = conf / group
         # hydra/* groups also take the plugins' options (hydra/launcher=joblib), which live outside conf/.
@@ -167,6 +168,11 @@ def unknown_group_options(arguments: list[str], conf: Path) -> str | None:
         for option in flat:
             if isinstance(option, str) and option not in available and option != "null":
                 return f"unknown {group} '{option}'; available: {', '.join(available)}"
+        repeated = next((o for i, o in enumerate(flat) if o in flat[:i]), None)
+        if repeated is not None and not isinstance(value, ChoiceSweep):
+            # Hydra merges the repeat away: the run would have fewer attacks than the command says.
+            once = ",".join(str(o) for o in dict.fromkeys(flat))
+            return f"{argument} names '{repeated}' twice; name each {group} once, e.g. {group}=[{once}]"
     return None
 
 

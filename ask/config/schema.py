@@ -167,6 +167,10 @@ class EvalConfig:
         self.amp = _amp_setting(self.amp, "eval.amp")
         for victim in self.victims:
             _check_choice(victim, VICTIMS, "eval.victims entry")
+        repeated = next((v for i, v in enumerate(self.victims) if v in self.victims[:i]), None)
+        # Listed twice, a victim is evaluated twice and its rows look like two replicates in a report.
+        _require(repeated is None, f"eval.victims names '{repeated}' twice; name each victim once, e.g. "
+                                   f"eval.victims=[{','.join(dict.fromkeys(self.victims))}]")
         _require(self.n_points is None or self.n_points > 0,
                  f"eval.n_points={self.n_points} must be positive, or null for the whole test split")
         _require(self.batch_size > 0, f"eval.batch_size={self.batch_size} must be positive")
