@@ -589,3 +589,106 @@ def test_ask_margin_is_fp32_under_autocast(metric: str, kind: str, shared: bool)
     torch.testing.assert_close(margin, reference, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------- class-wise cosine: summed unit references
+
+
+def direct_class_cosine_loss(feats, refs, labels, temperature, self_feats=None):
+    """SPEC's class-wise loss with one cosine per reference (F.cosine_similarity), differentiable.
+
+    ``refs`` [B, C, k, D] or [C, k, D] (shared); the self reference joins R_y, so |R_y| = k + 1.
+    """
+    refs = refs.expand(feats.shape[0], *refs.shape) if refs.dim() == 3 else refs
+    sims = F.cosine_similarity(feats[:, None, None, :], refs, dim=-1)  # [B, C, k]
+    totals = sims.sum(dim=2)
+    counts = torch.full_like(totals, refs.shape[2])
+    if self_feats is not None:
+        onehot = F.one_hot(labels, refs.shape[1]).to(totals.dtype)
+        totals = totals + onehot * F.cosine_similarity(feats, self_feats, dim=-1)[:, None]
+        counts = counts + onehot
+    return F.cross_entropy(totals / (counts * temperature), labels, reduction="none")
+
+
+def _loss_and_grads(fn, *tensors):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    loss = fn(*leaves)
+    return (loss.detach(), *torch.autograd.grad(loss.sum(), leaves))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_self", [False, True])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-example-refs", "shared-refs"])
+def test_summed_unit_references_give_the_direct_class_wise_loss_and_gradients(dtype, with_self, shared):
+    """z_c from <h/|h|, sum_j r_j/|r_j|> equals the mean of k cosines: values, input gradients and
+    (ASK-Def's references carry gradient) reference gradients, as summed once or on the fly."""
+    from ask.attacks.ask_loss import ClassSums, sum_unit_references
+
+    gen = torch.Generator().manual_seed(7)
+    B, C, k, D = 5, 4, 3, 16
+    feats = torch.randn(B, D, generator=gen, dtype=dtype)
+    refs = torch.randn(*(() if shared else (B,)), C, k, D, generator=gen, dtype=dtype) * 3
+    self_feats = torch.randn(B, D, generator=gen, dtype=dtype) if with_self else None
+    labels = torch.tensor([0, 3, 2, 1, 3])
+    temperature = 0.1
+    want = _loss_and_grads(lambda f, r: direct_class_cosine_loss(f.double(), r.double(), labels, temperature,
+                                                                 None if self_feats is None else self_feats.double()),
+                           feats, refs)
+    options = dict(metric="cosine", temperature=temperature, kind="class", self_features=self_feats)
+    on_the_fly = _loss_and_grads(lambda f, r: ask_loss(f, r, labels, **options), feats, refs)
+    summed_once = _loss_and_grads(lambda f, r: ask_loss(f, sum_unit_references(r), labels, **options), feats, refs)
+    tolerance = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for got in (on_the_fly, summed_once):
+        assert got[0].dtype == dtype
+        for g, w in zip(got, want, strict=True):
+            assert float(w.abs().max()) > 1e-3  # gradients that a wrong formula would change
+            torch.testing.assert_close(g.double(), w.double(), **tolerance)
+    sums = sum_unit_references(refs)
+    assert isinstance(sums, ClassSums) and sums.count == k
+    assert sums.sums.shape == (*(() if shared else (B,)), C, D)
+
+
+def test_summed_references_serve_the_class_wise_cosine_loss_only():
+    from ask.attacks.ask_loss import sum_unit_references
+
+    sums = sum_unit_references(torch.rand(2, 3, 2, 4))
+    for kind, metric in (("instance", "cosine"), ("class", "l2")):
+        with pytest.raises(ValueError, match="class-wise cosine"):
+            ask_loss(torch.rand(2, 4), sums, torch.tensor([0, 1]), metric=metric, temperature=0.1, kind=kind)
+
+
+@pytest.mark.parametrize("include_self", [False, True])
+def test_multi_layer_objective_on_summed_references_is_the_direct_kappa_sum(include_self):
+    """What ASK-Atk's steps compute (summed references from step_references) against the direct
+    formula over the [B, C, k, D] references of references(), on two layers, values and gradients."""
+    from ask.attacks.ask_loss import ClassSums, multi_layer_ask_objective
+
+    model, store, x, y = make_setup("cosine")
+    attack = ASKAttack(model, ThreatModel(eps=8 / 255, steps=1), store=store, layers=["block1", "block2"],
+                       kappa=[0.5, 2.0], temperature=0.05, k=2, include_self=include_self)
+    refs, clean = attack.references(x)
+    summed, clean_again = attack.step_references(x)
+    for layer in attack.layers:
+        assert isinstance(summed[layer], ClassSums) and summed[layer].count == 2
+        torch.testing.assert_close(clean_again[layer], clean[layer], rtol=0, atol=0)
+    self_feats = clean if include_self else None
+    x_adv = (x + 0.03 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
+
+    def ours(images):
+        feats = model.forward_features(images, attack.layers)
+        return multi_layer_ask_objective(feats, summed, y, kappa=attack.kappa, metric="cosine", temperature=0.05,
+                                         kind="class", self_features=self_feats)[0]
+
+    def direct(images):
+        feats = model.forward_features(images.double(), attack.layers)
+        return sum(attack.kappa[layer] * direct_class_cosine_loss(
+            feats[layer].flatten(1), refs[layer].double(), y, 0.05,
+            None if self_feats is None else self_feats[layer].double()) for layer in attack.layers)
+
+    model.double()
+    want = _loss_and_grads(direct, x_adv.double())
+    model.float()
+    got = _loss_and_grads(ours, x_adv)
+    assert float(want[1].abs().max()) > 1e-3
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6)

@@ -13,14 +13,31 @@ import torch
 from torch import Tensor, nn
 
 from ask.attacks._common import check_int, check_knn_layers, check_labels, check_positive, smallest_class
-from ask.attacks.ask_loss import KINDS, multi_layer_ask_objective
+from ask.attacks.ask_loss import KINDS, ClassSums, multi_layer_ask_objective
 from ask.attacks.base import Attack, ThreatModel, register_attack
 from ask.errors import ConfigError
 from ask.knn.similarity import l2_normalize
 
-__all__ = ["ASKAttack", "ASKInstanceAttack"]
+__all__ = ["ASKAttack", "ASKInstanceAttack", "gather_references"]
 
 METRICS = ("cosine", "l2")
+
+
+def gather_references(pool: Tensor, rows: Tensor, *, device: torch.device, unit: bool = False,
+                      summed: bool = False) -> Tensor:
+    """The pool rows ``rows`` [B, C, k] as reference features on ``device``, in at least float32.
+
+    Returns [B, C, k, D], or with ``summed`` the per-class sums [B, C, D] (:class:`ClassSums`'
+    tensor); ``unit`` l2-normalises every reference first (cosine).
+    """
+    batch, num_classes, k = rows.shape
+    dim = pool.shape[1]
+    dtype = torch.promote_types(pool.dtype, torch.float32)
+    gathered = pool.index_select(0, rows.reshape(-1).to(pool.device)).to(device=device, dtype=dtype)
+    gathered = gathered.view(batch, num_classes, k, dim)
+    if unit:
+        gathered = l2_normalize(gathered)
+    return gathered.sum(dim=2) if summed else gathered
 
 
 @register_attack
@@ -39,6 +56,12 @@ class ASKAttack(Attack):
     class, eps 8/255, step 2/255, 20 steps. At T = 0.01 the instance-wise loss makes a much weaker
     attack (:class:`ASKInstanceAttack` keeps it available beside the default); at T = 0.1 both
     are weaker than PGD on cross-entropy for an undefended model.
+
+    Cost of a step: the backbone only up to the deepest attacked layer (``forward_features``
+    stops there), then the similarities. With the class-wise cosine loss the references enter
+    only as their per-class sums of unit vectors, formed once per batch (:class:`ClassSums`), so
+    the similarities are a [B, C, D] product; the instance-wise and L2 losses hold all
+    [B, C, k, D] references and compare against each one.
 
     Hyperparameters:
         layers: the attacked layer names (each must be in the store).
@@ -116,16 +139,18 @@ class ASKAttack(Attack):
         self.keep_best = keep_best
         self.metric = resolved_metric
 
-    @torch.no_grad()
-    def references(self, images: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """The in-class references of clean ``images`` and their clean features, per layer.
+    @property
+    def summed(self) -> bool:
+        """The steps use per-class sums of unit references (the class-wise cosine loss)."""
+        return self.kind == "class" and self.metric == "cosine"
 
-        Returns ``(references, clean_features)``: references[l] is [B, C, k, D] on the images'
-        device (the k nearest pool points of every class to h_l(x), gathered from
-        ``store.features[l]``), clean_features[l] is the flattened h_l(x), [B, D].
-        """
+    @torch.no_grad()
+    def neighbours(self, images: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(rows, clean_features)`` per layer: the pool rows [B, C, k] of the in-class references
+        of clean ``images`` (the k nearest pool points of every class to h_l(x)) and the flattened
+        h_l(x), [B, D]."""
         feats = self.model.forward_features(images, self.layers)
-        refs: dict[str, Tensor] = {}
+        rows: dict[str, Tensor] = {}
         clean: dict[str, Tensor] = {}
         for layer in self.layers:
             query = feats[layer].flatten(1).detach()
@@ -137,28 +162,48 @@ class ASKAttack(Attack):
                 )
             # Queries stay on their device: the store picks a GPU index for CUDA queries.
             _, idx = self.store.search_per_class(layer, query, self.k)
-            idx = torch.as_tensor(idx).long()
-            batch, num_classes, k = idx.shape
-            gathered = pool.index_select(0, idx.reshape(-1).to(pool.device))
-            refs[layer] = gathered.view(batch, num_classes, k, -1).to(device=images.device, dtype=query.dtype)
+            rows[layer] = torch.as_tensor(idx).long()
             clean[layer] = query
+        return rows, clean
+
+    @torch.no_grad()
+    def references(self, images: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The in-class references of clean ``images`` and their clean features, per layer.
+
+        Returns ``(references, clean_features)``: references[l] is [B, C, k, D] on the images'
+        device (the k nearest pool points of every class to h_l(x), gathered from
+        ``store.features[l]``), clean_features[l] is the flattened h_l(x), [B, D]. The attack's
+        steps use :meth:`step_references`, the same references in the form the loss needs.
+        """
+        rows, clean = self.neighbours(images)
+        refs = {layer: gather_references(self.store.features[layer], rows[layer], device=images.device)
+                for layer in self.layers}
+        return refs, clean
+
+    @torch.no_grad()
+    def step_references(self, images: Tensor) -> tuple[dict[str, Tensor | ClassSums], dict[str, Tensor]]:
+        """:meth:`references` as the steps use them, formed once per batch: for the class-wise
+        cosine loss the per-class sums of unit references (:class:`ClassSums`, [B, C, D]), for the
+        instance-wise cosine loss the unit references, for L2 the references as they are."""
+        rows, clean = self.neighbours(images)
+        refs: dict[str, Tensor | ClassSums] = {}
+        for layer in self.layers:
+            gathered = gather_references(self.store.features[layer], rows[layer], device=images.device,
+                                         unit=self.metric == "cosine", summed=self.summed)
+            refs[layer] = ClassSums(gathered, self.k) if self.summed else gathered
         return refs, clean
 
     def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
-        refs, clean = self.references(images)
-        check_labels(labels, next(iter(refs.values())).shape[1])
+        refs, clean = self.step_references(images)
+        check_labels(labels, self.store.num_classes)
         self_features = clean if self.include_self else None
-        # The references stay fixed for the whole ascent: normalise them once, not at every step.
-        unit = self.metric == "cosine"
-        if unit:
-            refs = {layer: l2_normalize(r) for layer, r in refs.items()}
         sign = -1.0 if self.targeted else 1.0
 
         def objective(x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             feats = self.model.forward_features(x_adv, self.layers)
             loss, direction = multi_layer_ask_objective(
                 feats, refs, y, kappa=self.kappa, metric=self.metric, temperature=self.temperature,
-                kind=self.kind, self_features=self_features, references_normalized=unit,
+                kind=self.kind, self_features=self_features, references_normalized=self.metric == "cosine",
             )
             # Steps follow `direction` (same sign steps as the loss, no float32 underflow).
             return sign * loss, sign * direction

@@ -7,7 +7,11 @@ input), with similarities s_j = s(h(x'), r_j) and temperature T:
   classes; loss = -log(p_y + eps). Computed as -logaddexp(logsigmoid(lse_{R_y} - lse_{not R_y}),
   log eps), which never forms a probability that could underflow.
 - class-wise: z_c = (1 / (T |R_c|)) sum_{j in R_c} s_j; loss = cross_entropy(z, y), computed by
-  :func:`margin_cross_entropy`.
+  :func:`margin_cross_entropy`. With cosine similarity the sum is one dot product,
+  sum_j cos(h, r_j) = <h / |h|, sum_j r_j / |r_j|>, so the loss needs of the references only
+  their per-class sums of unit vectors (:class:`ClassSums`): a [B, C, D] product instead of
+  [B, C, k, D]. Every class-wise cosine margin is computed that way; an attack whose references
+  stay fixed sums them once (:func:`sum_unit_references`) instead of at every step.
 
 Why the own-versus-other form: at T = 0.01 a well-separated clean point has p_y = 1 - 1e-20.
 Written as lse_own - lse_all (or as F.cross_entropy), the gradient is a difference of two nearly
@@ -24,16 +28,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ask.knn.similarity import pairwise_similarity, rowwise_similarity
+from ask.knn.similarity import l2_normalize, pairwise_similarity, rowwise_similarity
 
 __all__ = [
     "KINDS",
+    "ClassSums",
     "ask_loss",
     "ask_margin",
     "log_slope",
@@ -42,9 +47,34 @@ __all__ = [
     "margin_cross_entropy",
     "multi_layer_ask_loss",
     "multi_layer_ask_objective",
+    "sum_unit_references",
 ]
 
 KINDS = ("instance", "class")
+
+
+class ClassSums(NamedTuple):
+    """Per class, the sum of its references' unit vectors: all the class-wise cosine loss needs.
+
+    Attributes:
+        sums: [B, C, D] (per-example references) or [C, D] (one set shared by the batch).
+        count: the references summed per class (k), the divisor of z_c.
+    """
+
+    sums: Tensor
+    count: int
+
+
+def sum_unit_references(references: Tensor, *, normalized: bool = False) -> ClassSums:
+    """``references`` [..., C, k, D] as :class:`ClassSums`, in at least float32.
+
+    Differentiable: ASK-Def's references may carry gradient back to the weights, and the sum of
+    unit vectors passes it on exactly as the k separate similarities would. ``normalized``: the
+    references are already unit vectors.
+    """
+    full = _full(references)
+    unit = full if normalized else l2_normalize(full)
+    return ClassSums(unit.sum(dim=-2), int(references.shape[-2]))
 
 
 def logit_margin(logits: Tensor, labels: Tensor) -> Tensor:
@@ -66,7 +96,7 @@ def margin_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 def ask_margin(
     features: Tensor,
-    references: Tensor,
+    references: Tensor | ClassSums,
     labels: Tensor,
     *,
     metric: str,
@@ -84,7 +114,8 @@ def ask_margin(
         features: h(x') of the perturbed inputs, [B, D] (anything [B, ...] is flattened).
         references: reference features, [B, C, k, D] (per-example references, as ASK-Atk
             finds them) or [C, k, D] (one reference set shared by the batch, as in ASK-Def);
-            ``references[..., c, :, :]`` are the references of class c.
+            ``references[..., c, :, :]`` are the references of class c. For the class-wise
+            cosine loss they may come already summed as :class:`ClassSums`.
         labels: [B] class indices in [0, C); the class whose references count as "own".
         metric: ``"cosine"`` or ``"l2"`` (minus the Euclidean distance).
         temperature: T > 0.
@@ -103,12 +134,19 @@ def ask_margin(
         raise ValueError(f"temperature={temperature} must be > 0")
     feats = features.flatten(1)
     batch, dim = feats.shape
-    shared = references.dim() == 3
-    if references.shape[-1] != dim or not (shared or (references.dim() == 4 and references.shape[0] == batch)):
-        raise ValueError(
-            f"references must be [B={batch}, C, k, D={dim}] or [C, k, D={dim}], got {tuple(references.shape)}"
-        )
-    num_classes = references.shape[-3]
+    summed = isinstance(references, ClassSums)
+    if summed and (kind, metric) != ("class", "cosine"):
+        raise ValueError(f"summed references serve the class-wise cosine loss only, not kind={kind!r} "
+                         f"metric={metric!r}; pass the [B, C, k, D] references")
+    if summed:
+        shape, shared = references.sums.shape, references.sums.dim() == 2
+        if shape[-1] != dim or not (shared or (len(shape) == 3 and shape[0] == batch)):
+            raise ValueError(f"summed references must be [B={batch}, C, D={dim}] or [C, D={dim}], got {tuple(shape)}")
+    else:
+        shape, shared = references.shape, references.dim() == 3
+        if shape[-1] != dim or not (shared or (references.dim() == 4 and shape[0] == batch)):
+            raise ValueError(f"references must be [B={batch}, C, k, D={dim}] or [C, k, D={dim}], got {tuple(shape)}")
+    num_classes = shape[-2] if summed else shape[-3]
     if labels.shape != (batch,):
         raise ValueError(f"labels must have shape [{batch}], got {tuple(labels.shape)}")
     labels = labels.to(device=feats.device, dtype=torch.long)
@@ -120,6 +158,11 @@ def ask_margin(
     # margin is computed with autocast off, on at-least-fp32 copies (the gradient flows back through
     # the casts in the features' own dtype).
     with torch.autocast(device_type=feats.device.type, enabled=False):
+        if kind == "class" and metric == "cosine":
+            sums = references if summed else sum_unit_references(references, normalized=references_normalized)
+            return _class_cosine_margin(_full(feats), ClassSums(_full(sums.sums), sums.count), labels,
+                                        temperature=temperature,
+                                        self_features=None if self_features is None else _full(self_features))
         return _margin(_full(feats), _full(references), labels, metric=metric, temperature=temperature,
                        kind=kind, self_features=None if self_features is None else _full(self_features),
                        references_normalized=references_normalized)
@@ -128,6 +171,28 @@ def ask_margin(
 def _full(tensor: Tensor) -> Tensor:
     """``tensor`` in float32, or float64 if it already is."""
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _class_cosine_margin(feats: Tensor, references: ClassSums, labels: Tensor, *, temperature: float,
+                         self_features: Tensor | None) -> Tensor:
+    """The class-wise cosine margin from summed unit references (full-precision, checked inputs)."""
+    unit = l2_normalize(feats)
+    sums = references.sums
+    totals = unit @ sums.T if sums.dim() == 2 else torch.bmm(sums, unit.unsqueeze(2)).squeeze(2)
+    self_sim = None
+    if self_features is not None:
+        self_sim = rowwise_similarity(feats, self_features.flatten(1).unsqueeze(1), "cosine")[:, 0]
+    return _class_margin(totals, references.count, labels, self_sim, temperature)
+
+
+def _class_margin(totals: Tensor, k: int, labels: Tensor, self_sim: Tensor | None, temperature: float) -> Tensor:
+    """Class-wise margin from per-class similarity totals [B, C]; the self reference counts in R_y (|R_y| = k + 1)."""
+    counts = torch.full_like(totals, float(k))
+    if self_sim is not None:
+        onehot = F.one_hot(labels, totals.shape[1]).to(totals.dtype)
+        totals = totals + onehot * self_sim.unsqueeze(1)
+        counts = counts + onehot
+    return logit_margin(totals / (counts * temperature), labels)
 
 
 def _margin(feats: Tensor, references: Tensor, labels: Tensor, *, metric: str, temperature: float, kind: str,
@@ -157,14 +222,7 @@ def _margin(feats: Tensor, references: Tensor, labels: Tensor, *, metric: str, t
             own_logits = torch.cat([own_logits, (self_sim / temperature).unsqueeze(1)], dim=1)
         return torch.logsumexp(other_logits, dim=1) - torch.logsumexp(own_logits, dim=1)
 
-    # class-wise: mean similarity per class, the self reference counted in R_y (|R_y| = k + 1).
-    totals = sims.view(batch, num_classes, k).sum(dim=2)
-    counts = torch.full_like(totals, float(k))
-    if self_sim is not None:
-        onehot = F.one_hot(labels, num_classes).to(totals.dtype)
-        totals = totals + onehot * self_sim.unsqueeze(1)
-        counts = counts + onehot
-    return logit_margin(totals / (counts * temperature), labels)
+    return _class_margin(sims.view(batch, num_classes, k).sum(dim=2), k, labels, self_sim, temperature)
 
 
 def loss_from_margin(margin: Tensor, kind: str, log_eps: float = 1e-12) -> Tensor:
@@ -186,7 +244,7 @@ def log_slope(margin: Tensor, kind: str, log_eps: float = 1e-12) -> Tensor:
 
 def ask_loss(
     features: Tensor,
-    references: Tensor,
+    references: Tensor | ClassSums,
     labels: Tensor,
     *,
     metric: str,
@@ -207,7 +265,7 @@ def ask_loss(
 
 def multi_layer_ask_objective(
     features: Mapping[str, Tensor],
-    references: Mapping[str, Tensor],
+    references: Mapping[str, Tensor | ClassSums],
     labels: Tensor,
     *,
     kappa: Mapping[str, float] | None = None,
@@ -224,6 +282,7 @@ def multi_layer_ask_objective(
     sum_l kappa_l * w_l * grad m_l with w_l = slope_l / max_l' slope_l (slopes d loss_l / d m_l,
     formed in log space). Sign and normalised steps are unchanged by that factor, while the raw
     loss gradient of a confidently classified point (slope ~1e-44 at T = 0.01) underflows float32.
+    Other arguments as for :func:`ask_margin`, per layer.
     """
     if not references:
         raise ValueError("references is empty; give the reference features of at least one layer")
