@@ -467,6 +467,8 @@ def test_ask_attack_configuration_errors():
         ASKAttack(model, threat, store=store, layers=["block2"], k=7)
     with pytest.raises(ConfigError, match="temperature"):
         ASKAttack(model, threat, store=store, layers=["block2"], temperature=0)
+    with pytest.raises(ConfigError, match="chunk_mb=-1 must be a finite number > 0"):
+        ASKAttack(model, threat, store=store, layers=["block2"], chunk_mb=-1)
 
 
 # ------------------------------------------------------------------------------- registry
@@ -692,3 +694,61 @@ def test_multi_layer_objective_on_summed_references_is_the_direct_kappa_sum(incl
     assert float(want[1].abs().max()) > 1e-3
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------- ASK-Atk in memory-bounded pieces
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_rowwise_similarity_in_pieces_equals_one_piece(metric):
+    from ask.knn.similarity import rowwise_similarity
+
+    gen = torch.Generator().manual_seed(4)
+    a = torch.rand(3, 6, generator=gen)
+    b = torch.rand(3, 7, 6, generator=gen)
+    weights = torch.rand(3, 7, generator=gen)
+    results = []
+    for max_chunk_bytes in (None, 3 * 6 * 4 * 2):  # two references a piece: four pieces
+        x = a.clone().requires_grad_(True)
+        sims = rowwise_similarity(x, b, metric, max_chunk_bytes=max_chunk_bytes)
+        results.append((sims.detach(), *torch.autograd.grad((sims * weights).sum(), x)))
+    for whole, pieces in zip(*results, strict=True):
+        torch.testing.assert_close(pieces, whole, rtol=1e-6, atol=1e-7)
+
+
+def test_references_are_gathered_in_pieces_exactly():
+    from ask.attacks.ask import gather_references
+
+    gen = torch.Generator().manual_seed(5)
+    pool = torch.randn(30, 8, generator=gen).half()  # a float16 feature cache comes back in float32
+    rows = torch.randint(0, 30, (4, 3, 2), generator=gen)
+    for unit, summed in ((False, False), (True, False), (True, True)):
+        whole = gather_references(pool, rows, device=torch.device("cpu"), unit=unit, summed=summed)
+        one_group = gather_references(pool, rows, device=torch.device("cpu"), unit=unit, summed=summed,
+                                      chunk_bytes=1)
+        assert whole.dtype == torch.float32 and torch.equal(whole, one_group)
+    plain = pool[rows].float()
+    torch.testing.assert_close(gather_references(pool, rows, device=torch.device("cpu")), plain, rtol=0, atol=0)
+    unit_sums = (plain / plain.norm(dim=-1, keepdim=True)).sum(dim=2)
+    torch.testing.assert_close(whole, unit_sums)
+
+
+@pytest.mark.parametrize(("kind", "metric"), [("class", "cosine"), ("instance", "cosine"), ("instance", "l2"),
+                                              ("class", "l2")])
+def test_ask_attack_in_tiny_pieces_equals_the_attack_in_one_piece(kind, metric):
+    """chunk_mb small enough that every (example, class) group is gathered alone and every per-step
+    L2 similarity runs one reference at a time: the same adversarial images and loss trace."""
+    model, store, x, y = make_setup(metric)
+    threat = ThreatModel(eps=16 / 255, steps=4, step_size=2 / 255)
+    temperature = 0.05 if metric == "cosine" else 1.0
+    results = []
+    for chunk_mb in (1024, 1e-6):
+        attack = ASKAttack(model, threat, store=store, layers=["block1", "block2"], k=2, kind=kind, metric=metric,
+                           temperature=temperature, include_self=True, chunk_mb=chunk_mb,
+                           generator=torch.Generator().manual_seed(0))
+        assert attack.chunk_bytes == (1 if chunk_mb < 1 else 1024 * 1024 * 1024)
+        results.append((attack(x, y), attack.last_result.objective))
+    (x_whole, trace_whole), (x_pieces, trace_pieces) = results
+    assert float((x_whole - x).abs().max()) > 10 / 255
+    torch.testing.assert_close(x_pieces, x_whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(trace_pieces, trace_whole, rtol=1e-5, atol=1e-6)

@@ -104,6 +104,7 @@ def ask_margin(
     kind: str = "instance",
     self_features: Tensor | None = None,
     references_normalized: bool = False,
+    max_chunk_bytes: int | None = None,
 ) -> Tensor:
     """Per-example margin m of one layer; the ASK loss is an increasing function of it.
 
@@ -123,6 +124,9 @@ def ask_margin(
         self_features: optional clean h(x), [B, D]; joins R_y as one more reference.
         references_normalized: the per-example ``references`` are already unit vectors (cosine
             only; see :func:`ask.knn.similarity.rowwise_similarity`).
+        max_chunk_bytes: the largest [B, m, D] temporary the per-example similarity may form
+            (``rowwise_similarity``'s chunking; None: no limit). The class-wise cosine margin and
+            shared references form none.
 
     Returns:
         [B] margins, differentiable with respect to ``features``; float32 (float64 for float64
@@ -165,7 +169,7 @@ def ask_margin(
                                         self_features=None if self_features is None else _full(self_features))
         return _margin(_full(feats), _full(references), labels, metric=metric, temperature=temperature,
                        kind=kind, self_features=None if self_features is None else _full(self_features),
-                       references_normalized=references_normalized)
+                       references_normalized=references_normalized, max_chunk_bytes=max_chunk_bytes)
 
 
 def _full(tensor: Tensor) -> Tensor:
@@ -196,7 +200,7 @@ def _class_margin(totals: Tensor, k: int, labels: Tensor, self_sim: Tensor | Non
 
 
 def _margin(feats: Tensor, references: Tensor, labels: Tensor, *, metric: str, temperature: float, kind: str,
-            self_features: Tensor | None, references_normalized: bool) -> Tensor:
+            self_features: Tensor | None, references_normalized: bool, max_chunk_bytes: int | None) -> Tensor:
     """:func:`ask_margin` on checked, full-precision inputs (``feats`` already flattened to [B, D])."""
     batch, dim = feats.shape
     shared = references.dim() == 3
@@ -207,7 +211,7 @@ def _margin(feats: Tensor, references: Tensor, labels: Tensor, *, metric: str, t
         sims = pairwise_similarity(feats, references.reshape(num_classes * k, dim), metric)
     else:
         sims = rowwise_similarity(feats, references.reshape(batch, num_classes * k, dim), metric,
-                                  b_normalized=references_normalized)
+                                  b_normalized=references_normalized, max_chunk_bytes=max_chunk_bytes)
     self_sim = None
     if self_features is not None:
         self_sim = rowwise_similarity(feats, self_features.flatten(1).unsqueeze(1), metric)[:, 0]
@@ -275,6 +279,7 @@ def multi_layer_ask_objective(
     self_features: Mapping[str, Tensor] | None = None,
     log_eps: float = 1e-12,
     references_normalized: bool = False,
+    max_chunk_bytes: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(loss, direction)``: sum_l kappa_l * ask_loss_l, and an ascent surrogate for attacks.
 
@@ -294,7 +299,7 @@ def multi_layer_ask_objective(
         margin = ask_margin(
             features[layer], refs, labels, metric=metric, temperature=temperature, kind=kind,
             self_features=None if self_features is None else self_features[layer],
-            references_normalized=references_normalized,
+            references_normalized=references_normalized, max_chunk_bytes=max_chunk_bytes,
         )
         losses.append(weight * loss_from_margin(margin, kind, log_eps))
         margins.append(weight * margin)

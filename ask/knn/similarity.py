@@ -8,8 +8,11 @@ ASK loss into NaN and silently disables the attack (SPEC, pitfalls).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ask.errors import ConfigError
 
@@ -72,7 +75,8 @@ def pairwise_similarity(a: Tensor, b: Tensor, metric: str) -> Tensor:
     return -_safe_sqrt(squared)
 
 
-def rowwise_similarity(a: Tensor, b: Tensor, metric: str, *, b_normalized: bool = False) -> Tensor:
+def rowwise_similarity(a: Tensor, b: Tensor, metric: str, *, b_normalized: bool = False,
+                       max_chunk_bytes: int | None = None) -> Tensor:
     """Similarity of each row ``a[i]`` [D] to its own references ``b[i]`` [M, D]; returns [B, M].
 
     This is the one the ASK loss differentiates. For ``"l2"`` the distance comes from the explicit
@@ -82,12 +86,29 @@ def rowwise_similarity(a: Tensor, b: Tensor, metric: str, *, b_normalized: bool 
     ``b_normalized`` (cosine only) says ``b`` is already ``l2_normalize``-d: an attack whose
     references stay fixed normalises them once instead of at every step, which would otherwise
     cost several passes over B×M×D per step, more than the similarity itself.
+
+    ``max_chunk_bytes`` bounds that B×M×D temporary (the differences for ``"l2"``, the normalised
+    copy of ``b`` for cosine): larger products run over slices of the M axis, each recomputed in
+    the backward pass rather than kept for it, so the temporaries of one slice are all that is
+    alive at once. Cosine against normalised ``b`` forms no such temporary and is never split.
     """
     check_metric(metric)
     if a.dim() != 2 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
         raise ValueError(
             f"rowwise_similarity needs [B, D] and [B, M, D]; got {tuple(a.shape)} and {tuple(b.shape)}"
         )
+    batch, refs, dim = b.shape
+    per_ref = batch * dim * _work_dtype(a, b).itemsize
+    if max_chunk_bytes is None or (metric == "cosine" and b_normalized) or refs * per_ref <= max_chunk_bytes:
+        return _rowwise(a, b, metric, b_normalized)
+    width = max(1, max_chunk_bytes // per_ref)
+    piece = partial(_rowwise, metric=metric, b_normalized=b_normalized)
+    return torch.cat([checkpoint(piece, a, b[:, start:start + width], use_reentrant=False)
+                      for start in range(0, refs, width)], dim=1)
+
+
+def _rowwise(a: Tensor, b: Tensor, metric: str, b_normalized: bool) -> Tensor:
+    """:func:`rowwise_similarity` on checked shapes, in one piece."""
     dtype = _work_dtype(a, b)
     a, b = a.to(dtype), b.to(dtype)
     if metric == "cosine":
