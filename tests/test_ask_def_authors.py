@@ -377,3 +377,55 @@ def test_cycle_walks_each_class_without_repeats_and_resumes_exactly() -> None:
     fresh = ReferenceSampler(split, NUM_CLASSES, N_REF, "cycle")  # without the state: another walk
     torch.set_rng_state(rng)
     assert not all(torch.equal(a, b) for a, b in zip(straight, [fresh.draw() for _ in range(5)], strict=True))
+
+
+# ----------------------------------------------------------------------------- memory-bounded passes
+def record_batch_sizes(model: nn.Module) -> list[int]:
+    """Wrap ``model.forward_features`` (every pass goes through it) to record each batch's size."""
+    sizes: list[int] = []
+    forward_features = model.forward_features
+
+    def recording(images, *args, **kwargs):
+        sizes.append(len(images))
+        return forward_features(images, *args, **kwargs)
+
+    model.forward_features = recording
+    return sizes
+
+
+@pytest.mark.parametrize("name", ["ask_def", "ask_def_authors"])
+def test_reference_passes_in_pieces_change_nothing(name: str) -> None:
+    """reference_chunk=1 (each reference image alone through its PGD copy and, in eval mode, its
+    feature pass) against one pass for all: the same references, inner points, loss and gradients,
+    and the same random numbers consumed (the PGD start is drawn once for the whole set)."""
+    split = make_split()
+    x, y = make_batch()
+    base = TinyNet(NUM_CLASSES, seed=0).train()
+    outcomes = {}
+    for chunk in (1, 1000):
+        model = copy.deepcopy(base)
+        sizes = record_batch_sizes(model)
+        defense = make_defense(model, split, name=name, reference_chunk=chunk)
+        torch.manual_seed(5)
+        points = defense.inner(x, y)
+        loss, _ = defense.loss(x, y)
+        loss.backward()
+        outcomes[chunk] = (points, loss.detach(), [p.grad.clone() for p in model.parameters()], torch.rand(3), sizes)
+    (pieces, loss_pieces, grads_pieces, rng_pieces, sizes_pieces) = outcomes[1]
+    (whole, loss_whole, grads_whole, rng_whole, sizes_whole) = outcomes[1000]
+    references = 2 * NUM_CLASSES * N_REF
+    assert 1 in sizes_pieces and max(sizes_pieces) == (references if name == "ask_def_authors" else len(x))
+    assert references in sizes_whole  # the feature pass of all references at once
+    assert torch.equal(rng_pieces, rng_whole)
+    for got, want in zip(pieces, whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_pieces, loss_whole, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads_pieces, grads_whole, strict=True):
+        assert float(want.abs().max()) > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_chunk_must_be_a_positive_integer() -> None:
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ConfigError, match="reference_chunk"):
+            make_defense(TinyNet(NUM_CLASSES), make_split(), reference_chunk=bad)

@@ -43,6 +43,7 @@ __all__ = [
     "project",
     "random_init",
     "register_attack",
+    "start_point",
     "warn_about",
 ]
 
@@ -154,6 +155,17 @@ def random_init(x: Tensor, eps: float, norm: str, generator: torch.Generator | N
     return (x + delta).clamp(0.0, 1.0) if clip else x + delta
 
 
+def start_point(images: Tensor, threat: ThreatModel, generator: torch.Generator | None = None,
+                clip: bool = True) -> Tensor:
+    """The ascent's first iterate: a uniform random point of the ball, projected into it and [0, 1]
+    unless ``clip=False``; the images themselves without a random start or with ``eps = 0``."""
+    x_clean = images.detach()
+    if not (threat.random_start and threat.eps > 0):
+        return x_clean.clone()
+    start = random_init(x_clean, threat.eps, threat.norm, generator, clip=clip)
+    return project(start, x_clean, threat.eps, threat.norm) if clip else start
+
+
 def ascent_step(x_adv: Tensor, grad: Tensor, step_size: float, norm: str) -> Tensor:
     """One ascent step (not yet projected): ``sign(grad)`` for L-inf, ``grad / ||grad||`` for L2.
 
@@ -197,6 +209,7 @@ def pgd_maximise(
     keep_best: bool = False,
     generator: torch.Generator | None = None,
     clip_start: bool = True,
+    start: Tensor | None = None,
 ) -> AscentResult:
     """Projected gradient ascent of a per-example objective inside the threat ball.
 
@@ -220,15 +233,13 @@ def pgd_maximise(
         clip_start: project the random start into the ball and [0, 1] before the first step
             (``False``: the authors' ASK-Def start, x + U(-eps, eps) as drawn; every step still
             projects).
+        start: the first iterate, already drawn (:func:`start_point`) instead of drawing one: a
+            caller that splits a batch draws the start of the whole batch once, so that the
+            pieces begin where one call would have.
     """
     x_clean = images.detach()
     eps, norm = threat.eps, threat.norm
-    if threat.random_start and eps > 0 and not clip_start:
-        x_adv = random_init(x_clean, eps, norm, generator, clip=False)
-    elif threat.random_start and eps > 0:
-        x_adv = project(random_init(x_clean, eps, norm, generator), x_clean, eps, norm)
-    else:
-        x_adv = x_clean.clone()
+    x_adv = start_point(x_clean, threat, generator, clip_start) if start is None else start.detach().clone()
 
     batch = x_clean.shape[0]
     device = x_clean.device

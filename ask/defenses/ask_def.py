@@ -219,6 +219,11 @@ class ASKDefense(Defense):
         norm: ``linf`` or ``l2``.
         reference_draw, augment_references, reference_mode, reference_grad, ask_mode, pgd_mode,
         ask_start_clip, clean_pass: the switches of the module docstring.
+        reference_chunk: reference images per forward/backward pass of their PGD copies and of
+            the reference-feature pass (null: the batch's size, which the batch's own PGD shows
+            to fit). Only eval-mode passes are split, where examples are independent and the
+            pieces give what one pass would; a train-mode pass (the authors' reference features)
+            takes all 2 * C * n_ref images at once, since its batch statistics are the method.
 
     Context from the trainer: ``train_split`` (the reference source), ``knn_layers`` and
     ``augment`` (the training augmentation, for ``augment_references``).
@@ -259,6 +264,7 @@ class ASKDefense(Defense):
         pgd_mode: str | None = None,
         ask_start_clip: bool | None = None,
         clean_pass: bool | None = None,
+        reference_chunk: int | None = None,
         **unknown: Any,
     ) -> None:
         super().__init__(model, label_smoothing=label_smoothing, **unknown)
@@ -299,6 +305,9 @@ class ASKDefense(Defense):
         self.temperature = check_number(self.name, "temperature", temperature, strict=True)
         self.beta = check_number(self.name, "beta", beta)
         n_ref = check_number(self.name, "n_ref", n_ref, minimum=1, integer=True)
+        if reference_chunk is not None:
+            reference_chunk = check_number(self.name, "reference_chunk", reference_chunk, minimum=1, integer=True)
+        self.reference_chunk = reference_chunk
         self.pgd_threat = make_threat(self.name, eps=eps_pgd, step_size=step_size, steps=steps, norm=norm,
                                       eps_name="eps_pgd")
         self.ask_threat = make_threat(self.name, eps=eps_ask, step_size=step_size, steps=steps, norm=norm,
@@ -330,14 +339,20 @@ class ASKDefense(Defense):
         return ask_margin(features, references, labels, metric=self.metric,
                           temperature=self.temperature, kind=self.kind)
 
-    def reference_set(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """``(images, labels, features [C, 2 * n_ref, D])``: the references, their PGD copies, h_l of both."""
+    def reference_set(self, device: torch.device, dtype: torch.dtype,
+                      chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(images, labels, features [C, 2 * n_ref, D])``: the references, their PGD copies, h_l of both.
+
+        ``chunk``: images per eval-mode pass (None: all at once; see ``reference_chunk``).
+        """
         ref_clean, ref_y = self.sampler.sample(device)
         ref_clean = augment_batch(ref_clean.to(dtype), self.augment)
-        ref_pgd = pgd_ce(self.model, ref_clean, ref_y, self.pgd_threat, training=self.pgd_train)
+        ref_pgd = pgd_ce(self.model, ref_clean, ref_y, self.pgd_threat, training=self.pgd_train, chunk=chunk)
         ref_images, ref_labels = mix_references(ref_clean, ref_pgd, ref_y)
+        step = len(ref_images) if self.reference_train or chunk is None else chunk
         with module_mode(self.model, self.reference_train), torch.set_grad_enabled(self.reference_grad):
-            features = self.features(ref_images)
+            pieces = [self.features(ref_images[i:i + step]) for i in range(0, len(ref_images), step)]
+        features = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return ref_images, ref_labels, group_by_class(features, ref_labels, self.num_classes)
 
     def ask_maximise(self, images: Tensor, labels: Tensor, references: Tensor) -> Tensor:
@@ -358,7 +373,8 @@ class ASKDefense(Defense):
 
     def inner(self, images: Tensor, labels: Tensor) -> InnerPoints:
         """The reference set and both inner maximisations, in the authors' order (modes restored)."""
-        ref_images, ref_labels, references = self.reference_set(images.device, images.dtype)
+        chunk = self.reference_chunk or len(images)
+        ref_images, ref_labels, references = self.reference_set(images.device, images.dtype, chunk)
         x_ask = self.ask_maximise(images, labels, references.detach())
         x_pgd = pgd_ce(self.model, images, labels, self.pgd_threat, training=self.pgd_train)
         return InnerPoints(x_pgd, x_ask, ref_images, ref_labels, references)

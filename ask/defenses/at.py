@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ask.attacks.ask_loss import logit_margin
-from ask.attacks.base import NORMS, ThreatModel, pgd_maximise
+from ask.attacks.base import NORMS, ThreatModel, pgd_maximise, start_point
 from ask.config.schema import parse_size
 from ask.defenses.base import Defense, register_defense
 from ask.errors import ConfigError
@@ -99,13 +100,19 @@ def make_threat(defense: str, *, eps: Any, step_size: Any, steps: Any, norm: str
     )
 
 
-def pgd_ce(model: nn.Module, images: Tensor, labels: Tensor, threat: ThreatModel, training: bool = False) -> Tensor:
+def pgd_ce(model: nn.Module, images: Tensor, labels: Tensor, threat: ThreatModel, training: bool = False,
+           chunk: int | None = None) -> Tensor:
     """PGD on the cross-entropy (Madry et al. 2018), in eval mode (or train mode); returns detached x_PGD.
 
     Steps follow the logit margin ``lse_{c != y} z_c - z_y``, whose gradient is the
     cross-entropy's divided by a positive per-example factor: the same sign steps, without the
     float32 underflow of a saturated softmax. The random start draws from torch's global
     generator, whose state the trainer's checkpoints carry, so a resumed run repeats it.
+
+    ``chunk``: in eval mode, at most this many images per forward/backward pass (ASK-Def's
+    C * n_ref references: 5,000 images a step on ImageNet-1k). Eval-mode examples are
+    independent and the start is drawn once for all, so the pieces give what one pass would. In
+    train mode batch statistics couple the images, so they always go through together.
     """
     if threat.is_trivial:
         return images.detach()
@@ -117,7 +124,13 @@ def pgd_ce(model: nn.Module, images: Tensor, labels: Tensor, threat: ThreatModel
         return loss, loss if training else margin
 
     with inner_mode(model, training):
-        return pgd_maximise(objective, images, labels, threat).adversarial
+        if training or chunk is None or len(images) <= chunk:
+            return pgd_maximise(objective, images, labels, threat).adversarial
+        start = start_point(images, threat)
+        return torch.cat([
+            pgd_maximise(objective, images[i:i + chunk], labels[i:i + chunk], threat, start=start[i:i + chunk]).adversarial
+            for i in range(0, len(images), chunk)
+        ])
 
 
 @register_defense
