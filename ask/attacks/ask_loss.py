@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ask.knn.similarity import l2_normalize, pairwise_similarity, rowwise_similarity
+from ask.knn.similarity import l2_normalize, pairwise_similarity, rowwise_similarity, safe_norm
 
 __all__ = [
     "KINDS",
@@ -180,9 +180,13 @@ def _full(tensor: Tensor) -> Tensor:
 def _class_cosine_margin(feats: Tensor, references: ClassSums, labels: Tensor, *, temperature: float,
                          self_features: Tensor | None) -> Tensor:
     """The class-wise cosine margin from summed unit references (full-precision, checked inputs)."""
-    unit = l2_normalize(feats)
     sums = references.sums
-    totals = unit @ sums.T if sums.dim() == 2 else torch.bmm(sums, unit.unsqueeze(2)).squeeze(2)
+    # <h / |h|, S_c> as <h, S_c> / |h|: the division acts on [B, C], not [B, D], which spares the
+    # step (and its backward pass) several passes over the features. einsum, not
+    # bmm(sums, h[..., None]): torch's CPU batched matrix-vector product took 25 ms here for a
+    # CIFAR-10 batch at 8,192-d, the einsum's layout 1.5 ms.
+    dots = feats @ sums.T if sums.dim() == 2 else torch.einsum("bd,bcd->bc", feats, sums)
+    totals = dots / safe_norm(feats, dim=1, keepdim=True)
     self_sim = None
     if self_features is not None:
         self_sim = rowwise_similarity(feats, self_features.flatten(1).unsqueeze(1), "cosine")[:, 0]
