@@ -38,8 +38,10 @@ def test_bench_json_has_environment_settings_and_targets(report: dict) -> None:
     # The 2x training target holds only where bf16 runs in hardware; elsewhere the row has no target.
     native = {"bf16 + channels_last / fp32 per training step"} if report["results"]["train"]["native_bf16"] else set()
     assert set(targeted) == {
-        "ASK-Atk / PGD-CE per step", "store cached / fresh", "faiss search / forward", "torch brute force / forward",
+        "ASK-Atk / PGD-CE per step", "ASK-Atk instance-wise / PGD-CE per step", "store cached / fresh",
+        "faiss search / forward", "torch brute force / forward",
     } | native
+    assert targeted["ASK-Atk / PGD-CE per step"]["target"] == 1.0
     for row in targeted.values():
         assert row["passed"] == (row["value"] <= row["target"])
 
@@ -48,15 +50,17 @@ def test_attack_ratio_comes_from_the_raw_timings(report: dict) -> None:
     a = report["results"]["attack"]
     wall = a["raw"]["wall_s"]
     assert a["store_from_cache"] is True  # the attack reused the pool cache the store worker wrote
-    for name in ("ask", "pgd"):
+    for name in ("ask", "ask_instance", "pgd"):
         t1, t2 = wall[f"{name}_steps1"], wall[f"{name}_steps2"]
         assert len(t1) == len(t2) == 2
         per_step = [b - c for c, b in zip(t1, t2, strict=True)]  # S2 - S1 = 1 step
         assert a[f"{name}_step_s"] == pytest.approx(statistics.median(per_step))
-    assert a["ask_over_pgd_step"] == pytest.approx(a["ask_step_s"] / a["pgd_step_s"])
-    assert a["ask_references_s"] > 0 and a["search_per_class_s"] > 0
+    for name in ("ask", "ask_instance"):
+        assert a[f"{name}_over_pgd_step"] == pytest.approx(a[f"{name}_step_s"] / a["pgd_step_s"])
+        assert a[f"{name}_references_s"] > 0
+    assert a["search_per_class_s"] > 0
     assert a["torch_threads"] == 1
-    for label in ("ask_steps2", "pgd_steps2", "ask_references"):
+    for label in ("ask_steps2", "ask_instance_steps2", "pgd_steps2", "ask_references", "ask_instance_references"):
         assert a["peak_memory"][label]["host_delta_mb"] >= 0
 
 
