@@ -31,9 +31,11 @@ def gather_references(pool: Tensor, rows: Tensor, *, device: torch.device, unit:
     Returns [B, C, k, D], or with ``summed`` the per-class sums [B, C, D] (:class:`ClassSums`'
     tensor); ``unit`` l2-normalises every reference first (cosine). The rows are gathered
     ``chunk_bytes`` of features at a time, whole (example, class) groups of k, so what exists
-    beside the result is one piece on the host and one on the device, never the whole
+    beside the result is a piece and its temporaries (about two pieces), never the whole
     [B, C, k, D] tensor: for a batch of 128 on ImageNet-1k at ResNet18's layer4 (25,088-d) that
-    tensor is 64 GB, while the summed result is 13 GB.
+    tensor is 64 GB, while the summed result is 13 GB. Measured on the CPU for a CIFAR-10 batch
+    at 8,192-d (a 200 MiB [B, C, k, D]): the summed references peaked 404 MiB above the start in
+    one piece and about 100 MiB in pieces of 16 MiB.
     """
     batch, num_classes, k = rows.shape
     dim = pool.shape[1]
@@ -87,9 +89,10 @@ class ASKAttack(Attack):
         keep_best: return per point the iterate with the highest loss rather than the last.
         metric: similarity of the loss; default the store's metric (the references are always
             the store's nearest under its own metric).
-        chunk_mb: the most reference features, in MiB, gathered or compared at once: the
-            per-batch gathering runs in pieces of this size, and so do the per-step L2 (or
-            un-normalised) similarities, recomputed piece by piece in the backward pass. The
+        chunk_mb: the most reference features, in MiB, gathered or compared at once (a piece's
+            temporaries come to about twice that): the per-batch gathering runs in pieces of
+            this size, and so do the per-step L2 (or un-normalised cosine) similarities,
+            recomputed piece by piece in the backward pass. The
             references the steps use are held whole: [B, C, D] for the class-wise cosine loss,
             [B, C, k, D] otherwise (lower the evaluation batch if those do not fit).
     """
