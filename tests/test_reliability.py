@@ -409,3 +409,19 @@ EXTRA_CHECKS: dict[str, Callable[[Outcome, Setup], None]] = {
     "loss-becomes-nan-after-a-good-epoch": _nan_run_keeps_its_last_good_epoch,
     "stale-feature-cache-from-another-checkpoint-detected-rebuilt-not-used": _stale_cache_is_rebuilt_not_used,
 }
+# ------------------------------------------------------------------------ beside the table
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_atomic_writes_follow_the_umask_not_mkstemps_0600(tmp_path: Path, mask: int) -> None:
+    import torch
+
+    from ask.utils.io import atomic_save, atomic_write_text, current_umask
+
+    previous = os.umask(mask)
+    try:
+        assert current_umask() == mask
+        written = [atomic_write_text(tmp_path / "metrics.json", "{}\n"),
+                   atomic_save({"w": torch.zeros(2)}, tmp_path / "last.pt")]
+    finally:
+        os.umask(previous)
+    for path in written:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path

@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import statistics
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Any
 import yaml
 
 from ask.errors import AskError
+from ask.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -695,15 +695,7 @@ def render_csv(rows: list[dict[str, Any]], out_dir: Path) -> str:
 
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write ``path`` through a temporary file so that a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def default_out_dir(paths: Sequence[str | os.PathLike[str]]) -> Path:

@@ -12,8 +12,9 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 class LoadError(Exception):
@@ -37,16 +38,22 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
 
     The data goes to a temporary file in the same directory (so ``os.replace`` is a rename on one
     file system), is flushed and fsynced, then replaces ``path`` in one step. Parent directories
-    are created.
+    are created. The file gets the permissions of any other file the process creates (the umask).
     """
-    path = Path(path).expanduser()
+    import torch  # here, not at the top: the console scripts check their arguments first
+
+    return _atomic_write(Path(path).expanduser(), lambda handle: torch.save(obj, handle))
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Run ``write`` on a temporary file beside ``path``, fsync it and rename it onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600 files; results and checkpoints are for the whole group to read.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
-            import torch  # here, not at the top: the console scripts check their arguments first
-
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -58,6 +65,20 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the platform allows (Linux's /proc)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, briefly
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(directory: Path) -> None:
@@ -129,19 +150,9 @@ def _classify(path: Path, exc: Exception) -> tuple[str, str]:
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write a text file (results, reports) so that readers never see half of it."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` as :func:`atomic_save` does (temporary file, fsync, rename, umask)."""
+    return _atomic_write(Path(path).expanduser(), lambda handle: handle.write(data))
