@@ -34,6 +34,11 @@ ALLOWED_AFTER_FAILURE = (".hydra", "config.yaml", ".lock")
 WORKERS = int(os.environ.get("ASK_TEST_WORKERS", "2"))
 TINY_TRAIN = ["dataset.train_per_class=20", "train.epochs=1", "train.batch_size=32", "model.width=8"]
 # The NaN row's command without train.epochs and hydra.run.dir: the setup runs its first epoch.
+# The damaged auto-trained model row's command without cache_dir: the setup runs it first, to train the model.
+BROKEN_MODEL = ["dataset.train_per_class=20", "train.epochs=1", "train.batch_size=32", "model.width=8", "attack=[pgd]",
+                "eval.victims=[knn]", "eval.n_points=5"]
+# Placeholders that the row changes on purpose (rebuilt caches), or that cannot be read (a loop of links).
+UNWATCHED = {"tmp", "run", "stale_cache", "stale_entry", "broken_model_cache", "broken_model", "loop"}
 NAN_TRAIN = ["dataset.train_per_class=20", "train.batch_size=256", "train.lr=1e30", "train.schedule=constant",
              "model.width=8"]
 
@@ -194,6 +199,79 @@ class Setup:
         path.write_bytes(b"")
         return path
 
+    def _edited_ckpt(self, name: str, edit: Callable[[dict], None]) -> Path:
+        import torch
+
+        payload = torch.load(self.get("ckpt"), weights_only=True)
+        edit(payload)
+        path = self.root / name
+        torch.save(payload, path)
+        return path
+
+    def make_nan_ckpt(self) -> Path:
+        """What a diverged training saves: the first weight tensor is NaN."""
+        return self._edited_ckpt("nan.pt", lambda p: p["state_dict"]["stages.block1.0.weight"].fill_(float("nan")))
+
+    def make_headless_ckpt(self) -> Path:
+        return self._edited_ckpt("headless.pt", lambda p: p["model"].pop("width"))
+
+    def make_renamed_ckpt(self) -> Path:
+        def rename(payload: dict) -> None:
+            weights = payload["state_dict"]
+            weights["stages.block1.0.renamed"] = weights.pop("stages.block1.0.weight")
+
+        return self._edited_ckpt("renamed.pt", rename)
+
+    # Paths the operating system refuses --------------------------------------------------------
+    def make_loop(self) -> Path:
+        path = self.root / "loop"
+        path.symlink_to(path.name)
+        return path
+
+    def make_a_file(self) -> Path:
+        path = self.root / "a_file"
+        path.write_text("not a folder\n")
+        return path
+
+    def make_metrics_folder_run(self) -> Path:
+        path = self.root / "metrics_folder_run"
+        (path / "metrics.json").mkdir(parents=True)
+        return path
+
+    def _full_disk(self, name: str) -> Path:
+        """A run directory whose lock and log files are /dev/full: every write to them fails with ENOSPC."""
+        path = self.root / name
+        path.mkdir()
+        for file in (".lock", "common.log"):  # common.log: Hydra names the log after hydra_entry's module
+            (path / file).symlink_to("/dev/full")
+        return path
+
+    def make_full_disk(self) -> Path:
+        return self._full_disk("full_disk")
+
+    def make_full_disk_2(self) -> Path:  # a second one: two runs on one lock file would refuse each other
+        return self._full_disk("full_disk_2")
+
+    # Reports ---------------------------------------------------------------------------------
+    def make_report_folder(self) -> Path:
+        path = self.root / "report_folder"
+        (path / "report.md").mkdir(parents=True)
+        return path
+
+    def make_broken_model_cache(self) -> Path:
+        """A cache whose auto-trained model (the BROKEN_MODEL recipe) was cut in half after training."""
+        cache = self.root / "broken_model_cache"
+        _ok(_cli(["ask-attack", *BROKEN_MODEL, "progress=false", f"cache_dir={cache}",
+                  f"hydra.run.dir={self.root / 'broken_model_run'}"], self.root, cache))
+        (best,) = (cache / "models").glob("*/best.pt")
+        best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+        self.values["broken_model"] = best
+        return cache
+
+    def make_broken_model(self) -> Path:
+        self.get("broken_model_cache")
+        return self.values["broken_model"]
+
     # Dataset folders -----------------------------------------------------------------------
     def make_folder3(self) -> Path:
         return _png_tree(self.root / "folder3", {"train": ["a", "b", "c"], "test": ["a", "b", "c"]})
@@ -304,12 +382,13 @@ def _run_row(row: Row, setup: Setup, index: int) -> Outcome:
     for name in row.placeholders - {"tmp", "run"}:
         values[name] = str(setup.get(name))
     args = shlex.split(row.command.format(**values))
-    if not any(a.startswith("hydra.run.dir=") for a in args):
-        args.append(f"hydra.run.dir={values['run']}")
-    run_dir = Path(next(a for a in args if a.startswith("hydra.run.dir=")).split("=", 1)[1])
-    args.append("progress=false")
-    # The stale cache is meant to change; everything else a placeholder names must not.
-    watched = {n: Path(values[n]) for n in row.placeholders - {"tmp", "run", "stale_cache", "stale_entry"}}
+    if args[0] != "ask-report":  # not a Hydra application: it takes paths and options
+        if not any(a.startswith("hydra.run.dir=") for a in args):
+            args.append(f"hydra.run.dir={values['run']}")
+        args.append("progress=false")
+    run_dir = Path(next((a for a in args if a.startswith("hydra.run.dir=")), f"={values['run']}").split("=", 1)[1])
+    # Rebuilt caches are meant to change; everything else a placeholder names must not.
+    watched = {n: Path(values[n]) for n in row.placeholders - UNWATCHED}
     before = {n: _digest_tree(p) for n, p in watched.items()}
     done = _cli(args, tmp, setup.cache)
     after = {n: _digest_tree(p) for n, p in watched.items()}
@@ -402,13 +481,38 @@ def _records_are_kept(outcome: Outcome, setup: Setup) -> None:
             assert _records(path) == setup.records[path], f"{{{name}}}'s config.yaml or .hydra/ changed"
 
 
+def _damaged_model_is_retrained(outcome: Outcome, setup: Setup) -> None:
+    from ask.training.checkpoint import load_checkpoint
+
+    assert load_checkpoint(setup.get("broken_model"))["epoch"] == 1
+
+
+def _full_disk_says_it_once(outcome: Outcome, setup: Setup) -> None:
+    # Before, every log record failed on its own with a traceback ("--- Logging error ---").
+    assert "Logging error" not in outcome.done.stderr
+    assert len([line for line in outcome.done.stderr.splitlines() if line.strip()]) == 1, outcome.done.stderr
+
+
+def _results_are_readable_by_the_group(outcome: Outcome, setup: Setup) -> None:
+    from ask.utils.io import current_umask
+
+    for name in ("metrics.json", "config.yaml"):
+        assert (outcome.run_dir / name).stat().st_mode & 0o777 == 0o666 & ~current_umask(), name
+
+
 EXTRA_CHECKS: dict[str, Callable[[Outcome, Setup], None]] = {
     "finished-attack-run-other-settings-in-its-directory": _records_are_kept,
     "finished-training-rerun-with-another-learning-rate": _records_are_kept,
     "finished-attack-run-the-same-settings-again-nothing-to-do-nothing-rewritten": _records_are_kept,
     "loss-becomes-nan-after-a-good-epoch": _nan_run_keeps_its_last_good_epoch,
     "stale-feature-cache-from-another-checkpoint-detected-rebuilt-not-used": _stale_cache_is_rebuilt_not_used,
+    "cached-auto-trained-model-damaged-retrained-not-refused": _damaged_model_is_retrained,
+    "disk-full-ask-attack-its-run-lock-and-log": _full_disk_says_it_once,
+    "disk-full-ask-train-its-run-lock-and-log": _full_disk_says_it_once,
+    "eval-n-points-above-the-test-split-evaluates-all-of-it": _results_are_readable_by_the_group,
 }
+
+
 # ------------------------------------------------------------------------ beside the table
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
 def test_atomic_writes_follow_the_umask_not_mkstemps_0600(tmp_path: Path, mask: int) -> None:
@@ -425,3 +529,22 @@ def test_atomic_writes_follow_the_umask_not_mkstemps_0600(tmp_path: Path, mask: 
         os.umask(previous)
     for path in written:
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+
+
+def test_a_write_that_fails_names_the_file_it_was_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from ask.errors import os_error_message
+    from ask.utils.io import atomic_write_text
+
+    def full_disk(fd: int) -> None:  # what a full disk makes fsync raise: ENOSPC, naming no file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    target = tmp_path / "metrics.json"
+    with pytest.raises(OSError) as raised:
+        atomic_write_text(target, "{}\n")
+    assert os_error_message(raised.value) == (
+        f"no space left on the device holding '{target}'; free some space or point hydra.run.dir "
+        "(or ASK_CACHE_DIR) at another disk")
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone too

@@ -32,7 +32,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ask.config import RunConfig, config_dir, register_configs, resolve
-from ask.errors import AskError, ConfigError, RunDirectoryError
+from ask.errors import AskError, ConfigError, RunDirectoryError, os_error_message
 from ask.training.preemption import TrainingStopped
 from ask.utils.io import atomic_write_text
 
@@ -64,19 +64,20 @@ def run_task(task: Callable[[RunConfig, Path], Any], cfg: DictConfig, program: s
         # Pre-emption is not a failure: the checkpoint is written and the same command resumes.
         print(f"{program}: {stopped}", file=sys.stderr)
         sys.exit(EXIT_STOPPED)
-    except AskError as error:
-        message = f"{program}: error: {error}"
-        if _is_multirun():
-            log.error(message)
-            if not isinstance(error, RunDirectoryError):  # the directory is another run's
-                _record_failure(output_dir, error)
-            return None
-        print(message, file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print(f"{program}: interrupted; completed epochs and written files are kept", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as error:
+        problem = user_problem(error)
+        if problem is not None:
+            message = f"{program}: error: {problem}"
+            if _is_multirun():
+                log.error(message)
+                if not isinstance(error, RunDirectoryError):  # the directory is another run's
+                    _record_failure(output_dir, error)
+                return None
+            print(message, file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
         if not _is_multirun():
             raise
         # One crashed job must not take the rest of a week-long sweep with it.
@@ -100,7 +101,7 @@ def _own_run_directory(output_dir: Path, cfg: DictConfig, run: RunConfig, group:
         yield
         return
     with ExitStack() as held:
-        error: AskError | None = None
+        error: AskError | OSError | None = None
         try:
             held.enter_context(run_lock(output_dir, reentrant=True))
             config = OmegaConf.to_container(cfg, resolve=True)
@@ -109,7 +110,7 @@ def _own_run_directory(output_dir: Path, cfg: DictConfig, run: RunConfig, group:
                                                                      run.overwrite)
             if not finished:  # a finished run's records describe its results: they stay as they are
                 _write_records(output_dir, cfg)
-        except AskError as problem:
+        except (AskError, OSError) as problem:  # OSError: a full disk under the lock; the other ranks must hear
             error = problem
         group.broadcast(str(error) if error else None)
         if error is not None:
@@ -129,6 +130,19 @@ def _write_records(output_dir: Path, cfg: DictConfig) -> None:
     if hydra_config is not None:
         atomic_write_text(records / "hydra.yaml", OmegaConf.to_yaml(hydra_config))
         atomic_write_text(records / "overrides.yaml", OmegaConf.to_yaml(hydra_config.hydra.overrides.task))
+
+
+def user_problem(error: BaseException) -> str | None:
+    """The one line to print for ``error`` when the user can fix it, else None (a bug: a traceback).
+
+    Besides :class:`AskError`, the operating system's refusals that come from the user's paths or
+    disks: a full disk, a folder where a file belongs (or the other way round), a symbolic link loop.
+    """
+    if isinstance(error, AskError):
+        return str(error)
+    if isinstance(error, OSError):
+        return os_error_message(error)
+    return None
 
 
 def _record_failure(output_dir: Path, error: BaseException, trace: str | None = None) -> None:
@@ -271,10 +285,14 @@ def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, progra
     """Run ``task`` as a Hydra application over the packaged config tree."""
     register_configs()
     conf = Path(config_dir())
-    problem = unknown_group_options(sys.argv[1:], conf) or bad_settings(sys.argv[1:], conf)
+    problem = (unknown_group_options(sys.argv[1:], conf) or bad_settings(sys.argv[1:], conf)
+               or unusable_output_dir(sys.argv[1:]))
     if problem:
         print(f"{program}: error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    # A log file on a full disk would print a traceback for every record ("--- Logging error ---"),
+    # burying the one line that says what failed; the write that matters still fails with that line.
+    logging.raiseExceptions = False
 
     def _main(cfg: DictConfig) -> Any:
         return run_task(task, cfg, program)
@@ -309,6 +327,26 @@ def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, progra
         traceback.print_exc()
         status = status or 1
     _end_worker(status)
+
+
+def unusable_output_dir(arguments: list[str]) -> str | None:
+    """The first ``hydra.run.dir=`` / ``hydra.sweep.dir=`` argument whose path runs into a file, as a message.
+
+    Hydra would fail creating it with a traceback; the nearest existing ancestor must be a folder.
+    """
+    for argument in arguments:
+        key, _, value = argument.partition("=")
+        if key not in ("hydra.run.dir", "hydra.sweep.dir") or not value or "${" in value:
+            continue
+        path = Path(value).expanduser()
+        for candidate in (path, *path.parents):
+            if candidate.is_dir():
+                break
+            if candidate.is_symlink() and not candidate.exists():
+                return f"{key}={value}: '{candidate}' is a broken link or a loop of links; fix the link or choose another {key}"
+            if candidate.exists():
+                return f"{key}={value}: '{candidate}' is a file, not a folder; choose another {key}"
+    return None
 
 
 def _exit_status(code: Any) -> int:

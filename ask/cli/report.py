@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ask.errors import AskError
+from ask.errors import AskError, os_error_message
 
 EXIT_USER_ERROR = 2
 
@@ -38,8 +38,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         report = write_report(args.paths, args.out, plots=not args.no_plots)
-    except AskError as error:
-        print(f"ask-report: error: {error}", file=sys.stderr)
+    except (AskError, OSError) as error:
+        problem = str(error) if isinstance(error, AskError) else os_error_message(error)
+        if problem is None:
+            raise
+        print(f"ask-report: error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     collection = report.collection
     print(f"{len(collection.runs)} runs, {len(collection.failures)} failed jobs, "

@@ -9,6 +9,7 @@ Perturbation sizes (``eps``, ``step_size``) accept numbers or fractions such as 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -31,6 +32,11 @@ def parse_size(value: Any, name: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{name}={value!r} is not a number; give a value such as 8/255 or 0.03")
     if isinstance(value, (int, float)):
+        # nan passes every comparison's negation (nan >= 0 is False, but so is nan < 0): say what it is.
+        if math.isnan(value):
+            raise ConfigError(f"{name}=nan is not a number; give a value such as 8/255 or 0.03")
+        if math.isinf(value):
+            raise ConfigError(f"{name}={value} is infinite; give a finite value such as 8/255 or 0.03")
         return float(value)
     try:
         return float(Fraction(str(value).strip()))
@@ -165,6 +171,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         self.amp = _amp_setting(self.amp, "eval.amp")
+        _require(len(self.victims) > 0, f"eval.victims is empty; name at least one, e.g. eval.victims=[knn] "
+                                        f"(available: {', '.join(VICTIMS)})")
         for victim in self.victims:
             _check_choice(victim, VICTIMS, "eval.victims entry")
         repeated = next((v for i, v in enumerate(self.victims) if v in self.victims[:i]), None)
@@ -223,6 +231,9 @@ class TrainConfig:
         _require(self.val_points != 0 or self.select_metric == "val_acc",
                  f"train.select_metric={self.select_metric} needs robust val metrics; set train.val_points > 0 or null")
         # Checked here, before any data is loaded: a mistyped resume path should not cost a dataset decode.
+        resume = Path(self.resume).expanduser() if self.resume else None
+        _require(resume is None or not resume.is_symlink() or resume.exists(),
+                 f"train.resume='{self.resume}' is a broken link or a loop of links; point it at a real last.pt")
         _require(not self.resume or Path(self.resume).expanduser().is_file(),
                  f"train.resume='{self.resume}' does not exist; point it at a last.pt written by ask-train, "
                  "or drop train.resume to start afresh")

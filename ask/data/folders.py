@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ask.data.splits import ImageSplit
-from ask.errors import DataError
+from ask.errors import DataError, os_error_message
 from ask.utils.diskarrays import (
     allocate_npy,
     open_mapped,
@@ -81,7 +81,7 @@ def list_split(directory: Path, layout: str) -> SplitListing:
             key=lambda e: e.name,
         )
     except OSError as exc:
-        raise DataError(f"cannot read '{directory}' ({exc}); check its permissions") from exc
+        raise DataError(os_error_message(exc) or f"cannot read '{directory}' ({exc}); check its permissions") from exc
     if not class_entries:
         raise DataError(
             f"'{directory}' has no class sub-folders; put each class's images in its own "
@@ -270,7 +270,11 @@ def load_folder_splits(
             f"dataset.root is not set for {name}; set dataset.root=/path/to/data, a folder "
             f"laid out as {layout}"
         )
-    root_path = Path(root).expanduser().resolve()
+    try:
+        root_path = Path(root).expanduser().resolve()
+    except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError for a loop of links
+        raise DataError(f"dataset.root '{root}' is a loop of symbolic links; point dataset.root at the real folder, "
+                        f"laid out as {layout}") from None
     if not root_path.is_dir():
         raise DataError(
             f"dataset.root '{root_path}' does not exist; point dataset.root at the folder laid "
@@ -279,7 +283,8 @@ def load_folder_splits(
     try:
         visible = [e.name for e in os.scandir(root_path) if not e.name.startswith(".")]
     except OSError as exc:
-        raise DataError(f"cannot read dataset.root '{root_path}' ({exc.strerror}); check its permissions") from exc
+        raise DataError(os_error_message(exc)
+                        or f"cannot read dataset.root '{root_path}' ({exc.strerror}); check its permissions") from exc
     if not visible:
         # Said apart from a missing split folder: an empty root usually means a wrong path or an unfinished copy.
         raise DataError(f"dataset.root '{root_path}' is empty; put the images there, laid out as {layout}")

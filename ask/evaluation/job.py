@@ -15,15 +15,15 @@ from omegaconf import OmegaConf
 
 from ask.config.schema import RunConfig
 from ask.data import DataBundle, balanced_indices, load_dataset
-from ask.errors import ConfigError
+from ask.errors import CheckpointError, ConfigError
 from ask.evaluation.evaluate import ANY_ATTACK, evaluate, evaluation_key, select_points
 from ask.knn import ReferenceStore, store_cache_key
 from ask.models import FeatureModel
 from ask.reporting import format_results_table
-from ask.training.checkpoint import check_compatible, load_checkpoint
+from ask.training.checkpoint import check_compatible, load_checkpoint, load_weights
 from ask.training.trainer import build_model_for, train
 from ask.utils import precision
-from ask.utils.io import atomic_write_text
+from ask.utils.io import atomic_write_text, require_file_slot
 from ask.utils.rundir import run_lock
 from ask.utils.runtime import configure_backends, float32_precision, seed_everything, select_device
 
@@ -60,8 +60,17 @@ def auto_checkpoint(run: RunConfig, data: DataBundle) -> Path:
     # Parallel sweep jobs wanting the same model: the first trains it, the others wait and reuse it.
     with run_lock(directory, wait=True, name=".auto_train.lock"):
         if best.exists() and (directory / "train_summary.json").exists():
-            log.info("using the cached %s model %s", run.dataset.name, best)
-            return best
+            try:
+                load_checkpoint(best)
+            except CheckpointError as error:
+                # A cache entry is rebuilt, not repaired by the user: model.checkpoint is not theirs to fix.
+                log.warning("the cached %s model %s is damaged; training it again", run.dataset.name, best)
+                log.debug("why the cached model was refused: %s", error)
+                for name in ("best.pt", "last.pt", "train_summary.json", "metrics.jsonl"):
+                    (directory / name).unlink(missing_ok=True)
+            else:
+                log.info("using the cached %s model %s", run.dataset.name, best)
+                return best
         log.info("no model.checkpoint given: training a %s on %s once (cached in %s)",
                  run.model.name, run.dataset.name, directory)
         train(replace(run, train=replace(run.train, resume=None)), directory, data=data)
@@ -79,12 +88,7 @@ def load_model(path: str | Path, run: RunConfig, data: DataBundle, device: torch
     # normalize was recorded, so the architecture's default, which those runs all used).
     built = replace(run.model, width=spec["width"], normalize=spec.get("normalize"))
     model = build_model_for(replace(run, model=built), data)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise ConfigError(
-            f"checkpoint '{path}' does not fit model={run.model.name}: {str(error).splitlines()[0]}"
-        ) from None
+    load_weights(model, checkpoint["state_dict"], path)
     return model.to(device).eval()
 
 
@@ -157,6 +161,7 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     """Evaluate ``run.attack.methods`` x ``run.eval.victims``; write and return ``metrics.json``."""
     assert run.attack is not None and run.eval is not None
     output_dir = Path(output_dir)
+    require_file_slot(output_dir / "metrics.json", output_dir / "eval_state.pt")
     device = select_device(run.device)
     seed_everything(run.seed, run.deterministic)
     fp32_mode = configure_backends(device, run.deterministic, run.tf32)
@@ -180,6 +185,10 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     checkpoint_digest = file_digest(checkpoint)  # keys both the feature cache and the evaluation state
     store = build_store(run, model, data, checkpoint_digest, layers, device)
     points = select_points(data.test, run.eval.n_points, run.seed)
+    if run.eval.n_points is not None and run.eval.n_points > len(points):
+        # Not an error: "as many as there are" is a fair reading, and metrics.json records n_points.
+        log.warning("eval.n_points=%d but the test split has %d points; evaluating all %d",
+                    run.eval.n_points, len(points), len(points))
     # Per-batch progress: the same command in the same output directory resumes an interrupted run.
     state_path = output_dir / "eval_state.pt"
     state_key = evaluation_key(run, checkpoint_digest, points, device)

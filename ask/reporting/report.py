@@ -48,7 +48,7 @@ from typing import Any
 import yaml
 
 from ask.errors import AskError
-from ask.utils.io import atomic_write_bytes
+from ask.utils.io import atomic_write_bytes, require_file_slot
 
 log = logging.getLogger(__name__)
 
@@ -720,6 +720,7 @@ def write_report(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike
         raise ReportError(f"no runs found under {where}: expected metrics.json files written by ask-attack")
     out_dir = Path(out).expanduser() if out is not None else default_out_dir(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
+    require_file_slot(*(out_dir / name for name in ("report.md", "report.csv", "robust_vs_eps.png", "asr_bars.png")))
     rows = aggregate(collection.runs, collection.notes)
 
     written: list[Path] = []

@@ -17,6 +17,9 @@ from ask.utils.io import LoadError, atomic_save, safe_load
 FORMAT = "ask-checkpoint"
 VERSION = 1
 _PREFIXES = ("module.", "_orig_mod.")
+# What rebuilding the network takes (see model_spec); mean, std and normalize have fallbacks.
+MODEL_FIELDS = ("name", "width", "num_classes", "in_channels", "image_size")
+RESUME_FIELDS = ("optimizer", "scheduler", "epoch", "best_metric", "order_rng", "config")
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -28,9 +31,16 @@ def load_checkpoint(path: str | Path, setting: str = "model.checkpoint") -> dict
     """Read a checkpoint written by :func:`save_checkpoint`; every failure is a :class:`CheckpointError`.
 
     ``setting`` is the config key that named the file (``model.checkpoint`` or ``train.resume``),
-    so the message says what to change.
+    so the message says what to change; with ``train.resume`` the training state must be there too.
+    A checkpoint whose header lacks a field, or whose weights hold NaN or Inf, is refused.
     """
     path = Path(path).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(
+            f"checkpoint '{path}' is a broken link or a loop of links; point it (or {setting}) at a real file"
+        )
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a folder; point {setting} at the best.pt or last.pt in it")
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint '{path}' does not exist; train one with ask-train or fix {setting}"
@@ -49,8 +59,50 @@ def load_checkpoint(path: str | Path, setting: str = "model.checkpoint") -> dict
             f"checkpoint '{path}' lacks its weights or model description; {setting} must name a best.pt or "
             "last.pt written by ask-train"
         )
+    missing = [key for key in MODEL_FIELDS if key not in payload["model"]]
+    if setting == "train.resume":  # resuming also needs the training state
+        missing += [key for key in RESUME_FIELDS if key not in payload]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint '{path}' lacks {', '.join(missing)} in its header; it was not written by "
+            f"ask-train (or was edited): point {setting} at a best.pt or last.pt written by ask-train"
+        )
     payload["state_dict"] = strip_prefixes(payload["state_dict"])
+    broken = next((key for key, value in payload["state_dict"].items()
+                   if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()),
+                  None)
+    if broken is not None:
+        # What a diverged training saves: every prediction would be NaN, and the kNN search fails on it.
+        raise CheckpointError(
+            f"checkpoint '{path}' holds NaN or Inf weights (first in '{broken}'): its training diverged; "
+            f"point {setting} at an earlier checkpoint or retrain with a lower train.lr"
+        )
     return payload
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path,
+                 setting: str = "model.checkpoint") -> None:
+    """``model.load_state_dict(state_dict)``, or one line saying which tensors are missing, extra or misshaped.
+
+    torch's own message lists every tensor over many lines; the first of them says nothing.
+    """
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    misshaped = [f"{key} {tuple(state_dict[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items()
+                 if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)]
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected),
+                       ("shape in the checkpoint vs the model", misshaped)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            problems.append(f"{what}: {shown}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint '{path}' does not fit the model built from its description ({'; '.join(problems)}); "
+            f"point {setting} at a best.pt or last.pt written by ask-train"
+        )
+    model.load_state_dict(state_dict)
 
 
 def _unreadable(path: Path, error: LoadError, setting: str) -> str:

@@ -38,7 +38,13 @@ from ask.evaluation.evaluate import attack_seed, select_points
 from ask.knn import KNNClassifier, ReferenceStore
 from ask.models import FeatureModel, build_model
 from ask.training import distributed
-from ask.training.checkpoint import check_compatible, load_checkpoint, model_spec, save_checkpoint
+from ask.training.checkpoint import (
+    check_compatible,
+    load_checkpoint,
+    load_weights,
+    model_spec,
+    save_checkpoint,
+)
 from ask.training.preemption import StopRequest, TrainingStopped
 from ask.utils import precision
 from ask.utils.io import atomic_write_text
@@ -345,7 +351,7 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
                 f"{resume_from} follows a {saved_train['schedule']} schedule{saved}, not {run.train.schedule}{current}; "
                 f"set {settings} to resume it, or {fresh} to start afresh"
             )
-        model.load_state_dict(state["state_dict"])
+        load_weights(model, state["state_dict"], resume_from, "train.resume")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         order_rng.set_state(state["order_rng"])

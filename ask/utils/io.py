@@ -8,6 +8,7 @@ failure into :class:`LoadError` for the caller to translate into a user-facing m
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -57,14 +58,33 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         try:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
+        if isinstance(error, OSError) and error.filename is None:
+            # A failed write or flush (a full disk) names no file; the caller's message needs it.
+            raise with_filename(error, path) from error
         raise
     fsync_dir(path.parent)
     return path
+
+
+def require_file_slot(*paths: str | os.PathLike[str]) -> None:
+    """Raise ``IsADirectoryError`` for the first of ``paths`` that is a folder.
+
+    For the files a long job writes at its end (``metrics.json``, ``report.md``): checked first, the
+    problem costs seconds rather than the whole job.
+    """
+    for path in paths:
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+
+
+def with_filename(error: OSError, path: str | os.PathLike[str]) -> OSError:
+    """``error`` again, naming ``path`` (``OSError(errno, strerror, path)`` of the same class)."""
+    return type(error)(error.errno, error.strerror or os.strerror(error.errno or 0), os.fspath(path))
 
 
 def current_umask() -> int:

@@ -28,6 +28,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ask.errors import RunDirectoryError
+from ask.utils.io import require_file_slot, with_filename
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ def run_lock(directory: Path, *, wait: bool = False, name: str = LOCK_FILE, reen
         finally:
             _HELD[held] -= 1
         return
-    handle = open(directory / name, "w")
+    # Unbuffered: a write that fails (a full disk) fails here, not again when the file is closed.
+    handle = open(directory / name, "wb", buffering=0)
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -84,8 +86,10 @@ def run_lock(directory: Path, *, wait: bool = False, name: str = LOCK_FILE, reen
             raise RunDirectoryError(
                 f"another ask run is still working in {directory}; wait for it or choose another hydra.run.dir"
             ) from None
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        try:
+            handle.write(f"{os.getpid()}\n".encode())
+        except OSError as error:  # a full disk: the message must name the file
+            raise with_filename(error, directory / name) from error
         if reentrant:
             _HELD[held] = 0
         yield
@@ -151,6 +155,8 @@ def claim_run_directory(directory: Path, config: dict[str, Any], files: RunFiles
     directory will hold. Results of the same settings are left for the task to finish or reuse.
     Returns whether the directory holds this run finished already (then there is nothing to write).
     """
+    # A folder where a run file belongs is neither results nor progress: say so, not "no config.yaml".
+    require_file_slot(*(directory / name for name in (files.done, *files.progress)))
     present = [name for name in (files.done, *files.progress) if (directory / name).exists()]
     if not present:
         return False
