@@ -283,3 +283,31 @@ def test_a_deterministic_cuda_evaluation_repeats_and_resumes_to_the_same_metrics
         tmp_path / "resumed")
     assert metrics["device"].startswith("cuda") and metrics["float32_precision"] == "ieee"
     assert len(metrics["results"]) == 7 * 4 and metrics["n_points"] == 40
+
+
+@pytest.mark.parametrize(("signum", "status", "said"), [
+    (signal.SIGTERM, 143, "stopped by SIGTERM; the completed batches (eval_state.pt) in {run} are kept; "
+                          "run the same command to resume"),
+    (signal.SIGINT, 130, "interrupted; the completed batches (eval_state.pt) in {run} are kept; "
+                         "run the same command to continue"),
+])
+def test_a_stop_signal_says_what_is_kept_and_the_same_command_resumes(
+        tmp_path: Path, shared_cache: Path, checkpoint: Path, signum: int, status: int, said: str) -> None:
+    # Before, SIGTERM killed ask-attack without a word, and SIGINT spoke of epochs, not of rerunning.
+    run_dir = tmp_path / "run"
+    args = [f"model.checkpoint={checkpoint}", "attack=[pgd]", "eval.victims=[knn]", "attack.steps=100",
+            f"hydra.run.dir={run_dir}"]
+    process = _cli(tmp_path, shared_cache, args)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "eval_state.pt").exists():  # one batch done: the signal lands mid-evaluation
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+        time.sleep(0.01)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == status, output[-3000:]
+    assert "Traceback" not in output
+    assert output.strip().splitlines()[-1] == f"ask-attack: {said.format(run=run_dir)}"
+    done = safe_load(run_dir / "eval_state.pt")["next_batch"]
+    resumed = finish_cli(_cli(tmp_path, shared_cache, args))
+    assert f"resuming evaluation at batch {done + 1}/10" in resumed
+    assert (run_dir / "metrics.json").is_file() and not (run_dir / "eval_state.pt").exists()

@@ -22,6 +22,7 @@ def _lowest_robust_accuracy(metrics: dict[str, Any]) -> float:
 def attack_task(run: RunConfig, output_dir: Path) -> float:
     from ask.evaluation.job import run_attack_job  # torch-heavy imports after argument parsing
     from ask.training import distributed
+    from ask.training.preemption import stop_on_sigterm
     from ask.utils.rundir import continue_unfinished_run, run_lock
 
     group = distributed.current()
@@ -40,7 +41,13 @@ def attack_task(run: RunConfig, output_dir: Path) -> float:
         log.info("%s already holds the results of these settings; nothing to do (overwrite=true computes them "
                  "again)", output_dir)
         return _lowest_robust_accuracy(json.loads(done.read_text()))
-    with run_lock(output_dir):  # two evaluations in one directory would overwrite each other's state
+
+    def stopped(signal_name: str) -> str:
+        return (f"stopped by {signal_name}; the completed batches (eval_state.pt) in {output_dir} are kept; "
+                "run the same command to resume")
+
+    # Two evaluations in one directory would overwrite each other's state.
+    with run_lock(output_dir), stop_on_sigterm(stopped):
         # The same command after a crash picks up the crashed evaluation's per-batch state.
         continue_unfinished_run(output_dir, "eval_state.pt", "metrics.json", ("eval_state.pt",))
         metrics = run_attack_job(run, output_dir)

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ask.config import RunConfig, config_dir, register_configs, resolve
 from ask.errors import AskError, ConfigError, RunDirectoryError, os_error_message
-from ask.training.preemption import TrainingStopped
+from ask.training.preemption import RunStopped
 from ask.utils.io import atomic_write_text
 
 log = logging.getLogger("ask")
@@ -60,12 +60,13 @@ def run_task(task: Callable[[RunConfig, Path], Any], cfg: DictConfig, program: s
         run = resolve(cfg)
         with _own_run_directory(output_dir, cfg, run, group):
             return task(run, output_dir)
-    except TrainingStopped as stopped:
-        # Pre-emption is not a failure: the checkpoint is written and the same command resumes.
+    except RunStopped as stopped:
+        # Pre-emption is not a failure: the progress is written and the same command resumes.
         print(f"{program}: {stopped}", file=sys.stderr)
         sys.exit(EXIT_STOPPED)
     except KeyboardInterrupt:
-        print(f"{program}: interrupted; completed epochs and written files are kept", file=sys.stderr)
+        print(f"{program}: interrupted; the {_PROGRESS.get(program, 'files written')} in {output_dir} are kept; "
+              "run the same command to continue", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as error:
         problem = user_problem(error)
@@ -130,6 +131,10 @@ def _write_records(output_dir: Path, cfg: DictConfig) -> None:
     if hydra_config is not None:
         atomic_write_text(records / "hydra.yaml", OmegaConf.to_yaml(hydra_config))
         atomic_write_text(records / "overrides.yaml", OmegaConf.to_yaml(hydra_config.hydra.overrides.task))
+
+
+# What an interrupted run leaves for the same command to continue from.
+_PROGRESS = {"ask-train": "completed epochs (last.pt)", "ask-attack": "completed batches (eval_state.pt)"}
 
 
 def user_problem(error: BaseException) -> str | None:

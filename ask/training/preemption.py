@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType, TracebackType
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -53,5 +55,31 @@ class StopRequest:
         self._previous.clear()
 
 
-class TrainingStopped(Exception):
+class RunStopped(Exception):
+    """A run stopped on a signal with its progress on disk; the message says where and how to resume."""
+
+
+class TrainingStopped(RunStopped):
     """Training stopped on a signal after writing a resumable checkpoint; the message says where."""
+
+
+@contextmanager
+def stop_on_sigterm(describe: Callable[[str], str]) -> Iterator[None]:
+    """While active, SIGTERM raises :class:`RunStopped` with ``describe(signal name)`` as Ctrl-C would.
+
+    For work that writes its progress atomically as it goes (``ask-attack``'s per-batch state):
+    stopping it at any point loses at most the unfinished batch, so the exception can land
+    anywhere, and the scheduler gets a message and status 143 instead of a silent kill.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be installed from the main thread
+        return
+
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        raise RunStopped(describe(signal.Signals(signum).name))
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
