@@ -258,6 +258,14 @@ class Setup:
         (path / "report.md").mkdir(parents=True)
         return path
 
+    def make_failed_sweep(self) -> Path:
+        """A sweep directory whose only job failed."""
+        path = self.root / "failed_sweep"
+        (path / "0").mkdir(parents=True)
+        (path / "0" / "failure.json").write_text(json.dumps({"error": "attack.eps=-1.0 must be >= 0",
+                                                             "type": "ConfigError"}) + "\n")
+        return path
+
     def make_broken_model_cache(self) -> Path:
         """A cache whose auto-trained model (the BROKEN_MODEL recipe) was cut in half after training."""
         cache = self.root / "broken_model_cache"
@@ -500,6 +508,12 @@ def _results_are_readable_by_the_group(outcome: Outcome, setup: Setup) -> None:
         assert (outcome.run_dir / name).stat().st_mode & 0o777 == 0o666 & ~current_umask(), name
 
 
+def _failed_sweep_still_ran_the_other_job(outcome: Outcome, setup: Setup) -> None:
+    sweep = Path(outcome.values["tmp"]) / "sweep"
+    assert (sweep / "0" / "metrics.json").is_file()
+    assert json.loads((sweep / "1" / "failure.json").read_text())["type"] == "ConfigError"
+
+
 EXTRA_CHECKS: dict[str, Callable[[Outcome, Setup], None]] = {
     "finished-attack-run-other-settings-in-its-directory": _records_are_kept,
     "finished-training-rerun-with-another-learning-rate": _records_are_kept,
@@ -510,6 +524,7 @@ EXTRA_CHECKS: dict[str, Callable[[Outcome, Setup], None]] = {
     "disk-full-ask-attack-its-run-lock-and-log": _full_disk_says_it_once,
     "disk-full-ask-train-its-run-lock-and-log": _full_disk_says_it_once,
     "eval-n-points-above-the-test-split-evaluates-all-of-it": _results_are_readable_by_the_group,
+    "a-sweep-job-failed": _failed_sweep_still_ran_the_other_job,
 }
 
 

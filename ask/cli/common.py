@@ -40,6 +40,7 @@ log = logging.getLogger("ask")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_SWEEP_FAILED = 1  # some job of a -m sweep failed (its failure.json says why)
 EXIT_STOPPED = 143  # 128 + SIGTERM, what a scheduler expects from a job that stopped on its signal
 
 
@@ -303,7 +304,16 @@ def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, progra
         return run_task(task, cfg, program)
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        from ask.reporting.callback import FAILED_JOBS
+
+        FAILED_JOBS.clear()  # what an earlier sweep in this process left
         hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(_main)()
+        if FAILED_JOBS:  # a sweep: the others finished, but a scheduler must see that it is not all done
+            where = ", ".join(str(path / "failure.json") for path in FAILED_JOBS[:3])
+            more = f" and {len(FAILED_JOBS) - 3} more" if len(FAILED_JOBS) > 3 else ""
+            print(f"{program}: error: {len(FAILED_JOBS)} sweep job(s) failed: see {where}{more}; fix them and "
+                  "rerun those jobs", file=sys.stderr)
+            sys.exit(EXIT_SWEEP_FAILED)
         return
     from ask.training import distributed  # a torchrun worker
 

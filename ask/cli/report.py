@@ -49,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{len(collection.problems)} problems -> {len(report.rows)} rows")
     for path in (report.markdown, report.csv, *report.plots):
         print(f"wrote {path}")
+    if not collection.runs:
+        # The report lists the failures, but a script or a scheduler must not take it for results.
+        print(f"ask-report: error: no usable run under {', '.join(args.paths)} ({len(collection.failures)} failed "
+              f"job(s), {len(collection.problems)} problem(s), listed in {report.markdown}); fix and rerun them",
+              file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 Registered for every console script in ``conf/train.yaml`` (``hydra.callbacks.report``). After an
 ``ask-attack`` sweep it writes the report beside the job directories; after an ``ask-train`` sweep
 there is nothing to report and it returns quietly. It never raises: a sweep whose jobs all
-finished must not end in an error because its summary could not be written.
+finished must not end in an error because its summary could not be written. It also notes the
+jobs that failed (:data:`FAILED_JOBS`), so that the console script can end the sweep non-zero.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+
+#: The job directories of the sweep that just ended that hold a ``failure.json``.
+FAILED_JOBS: list[Path] = []
 
 
 class ReportCallback(Callback):
@@ -28,13 +33,23 @@ class ReportCallback(Callback):
         self.enabled = enabled
         self.plots = plots
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._started = time.time()
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not self.enabled:
-            return
         try:
             sweep_dir = Path(str(config.hydra.sweep.dir))
         except Exception as error:  # an odd config must not fail the sweep
             log.warning("no sweep report: cannot read hydra.sweep.dir (%s)", error)
+            return
+        # Whatever the launcher, a failed job left failure.json; the console script exits non-zero on them.
+        started = getattr(self, "_started", 0.0) - 1.0  # a reused sweep.dir holds older failures
+        try:
+            FAILED_JOBS[:] = sorted(path.parent for path in sweep_dir.glob("**/failure.json")
+                                    if path.stat().st_mtime >= started)
+        except OSError as error:
+            log.warning("cannot look for failed jobs under %s: %s", sweep_dir, error)
+        if not self.enabled:
             return
         try:
             from ask.reporting.report import find_runs, write_report
