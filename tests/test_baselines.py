@@ -201,6 +201,34 @@ def test_advknn_head_agrees_with_the_leave_one_out_vote():
     assert attack.fit_agreement[LAYER] > 0.9
 
 
+def test_advknn_fit_equals_the_plain_full_batch_loop():
+    # The fit standardises the pool once; a loop that runs the whole head at every step, as the
+    # method reads, must end at the very same weights.
+    import torch.nn.functional as F
+
+    from ask.attacks.advknn import VoteHead
+    from ask.knn.similarity import l2_normalize
+
+    store, pts, labels = two_clusters(metric="cosine", per_class=40)
+    attack = make("advknn", ThreatModel(eps=0.1), store, fit_steps=25, weight_decay=0.01)
+    fitted = attack.heads()[LAYER]
+
+    rows = torch.arange(len(labels))
+    target = attack.votes(LAYER, pts, exclude=rows)
+    basis = l2_normalize(pts)
+    std = basis.std(dim=0)
+    head = VoteHead(basis.mean(dim=0), torch.where(std > 1e-8, std, torch.ones_like(std)), 2, True)
+    optimiser = torch.optim.Adam(head.linear.parameters(), lr=0.1)
+    for _ in range(25):
+        optimiser.zero_grad()
+        loss = F.kl_div(head(pts), target, reduction="batchmean") + 0.01 * head.linear.weight.pow(2).sum()
+        loss.backward()
+        optimiser.step()
+    assert torch.equal(fitted.linear.weight, head.linear.weight.detach())
+    assert torch.equal(fitted.linear.bias, head.linear.bias.detach())
+    assert float(fitted.linear.weight.abs().max()) > 0.1  # the loop did move the weights
+
+
 def test_fitted_parts_use_only_the_pool():
     # The fit happens before any evaluated point is seen, and attacking different points leaves
     # it unchanged: the heads and thresholds are functions of the store alone.
