@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ask.attacks._common import POOL_SEED, check_int, check_knn_layers, check_positive, flat_features
 from ask.attacks.base import Attack, ThreatModel, register_attack
 from ask.errors import ConfigError
+from ask.knn.fitted import cached_fit
 from ask.knn.similarity import l2_normalize
 
 __all__ = ["KL_DIRECTIONS", "AdvKNNAttack", "VoteHead"]
@@ -69,8 +70,9 @@ class AdvKNNAttack(Attack):
     distribution p_kNN (vote fractions of their k nearest *other* pool points); a
     :class:`VoteHead` q_l is fitted to them by minimising the mean KL(p_kNN || q_l) plus
     ``weight_decay * ||W||^2`` with full-batch Adam (``fit_steps`` steps, learning rate
-    ``fit_lr``, from zero weights), on the model's device. The heads are cached: evaluated points never
-    enter the fit.
+    ``fit_lr``, from zero weights), on the model's device. Evaluated points never enter the fit, so
+    a head is fitted once per (checkpoint, pool, layer, fit settings) and cached beside the pool's
+    features when the store has a cache directory (:mod:`ask.knn.fitted`).
 
     Attack: for a clean x, p_l(x) is the kNN vote distribution of x at each layer (vote fractions
     of its k nearest pool points). PGD (:meth:`Attack.maximise`: random start, sign steps for
@@ -178,11 +180,31 @@ class AdvKNNAttack(Attack):
             n = len(self.store.labels)
             generator = torch.Generator().manual_seed(POOL_SEED)
             rows = torch.randperm(n, generator=generator)[: min(self.fit_points, n)].sort().values
-            heads = {}
-            for layer in self.layers:
-                heads[layer] = self._fit(layer, rows, device)
-            self._heads = heads
+            self._heads = {layer: self._cached_head(layer, rows, device) for layer in self.layers}
         return self._heads
+
+    def _cached_head(self, layer: str, rows: Tensor, device: torch.device) -> VoteHead:
+        """The head of ``layer``: fitted once per (checkpoint, pool, layer, fit settings), see
+        :mod:`ask.knn.fitted`; the device type is in the key because a GPU fit rounds differently."""
+        settings = {
+            "layer": layer, "k": self.k, "fit_steps": self.fit_steps, "fit_lr": self.fit_lr,
+            "fit_points": self.fit_points, "weight_decay": self.weight_decay, "seed": POOL_SEED,
+            "num_classes": self.num_classes, "device": device.type,
+        }
+
+        def fit() -> dict[str, Any]:
+            head = self._fit(layer, rows, device)
+            state = {name: value.cpu() for name, value in head.state_dict().items()}
+            return {"state": state, "agreement": self.fit_agreement[layer]}
+
+        def build(saved: dict[str, Any]) -> VoteHead:
+            state = saved["state"]
+            head = VoteHead(state["mean"], state["std"], self.num_classes, self.store.metric == "cosine")
+            head.load_state_dict(state)  # RuntimeError for missing or mis-shaped entries
+            self.fit_agreement[layer] = float(saved["agreement"])
+            return head.to(device).requires_grad_(False).eval()
+
+        return cached_fit(self.store, "advknn-head", settings, fit, build)
 
     def _fit(self, layer: str, rows: Tensor, device: torch.device) -> VoteHead:
         pool = self.store.features[layer]

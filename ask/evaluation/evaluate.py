@@ -292,7 +292,7 @@ def _state_dict(key: str, n_batches: int, progress: _Progress, attacks: dict[str
         },
         # The attacks' only random source (random starts). Lazily fitted parts (Adv-kNN's heads,
         # the DkNN attack's eta) are drawn from a fixed seed and the pool alone, so a resumed run
-        # refits them identically and they need no saving.
+        # loads them from the fitted-part cache or refits them identically: no saving here.
         "generators": {name: attack.generator.get_state() for name, attack in attacks.items()
                        if attack.generator is not None},
         # No attack or victim draws from the global generators today; saved anyway so one that

@@ -159,8 +159,10 @@ class ReferenceStore:
     Attributes: ``layers``, ``metric``, ``num_classes``, ``labels`` (int64 [N]), ``features``
     (layer -> float32 or float16 [N, D], possibly a read-only-on-disk memory map: gather rows,
     then ``.float()``), ``pool_indices`` (int64 [N], rows of the split the pool came from),
-    ``feature_dtype``, the index settings ``index`` / ``nlist`` / ``nprobe``, and ``from_cache``
-    (whether :meth:`build` loaded the features from its cache directory).
+    ``feature_dtype``, the index settings ``index`` / ``nlist`` / ``nprobe``, ``from_cache``
+    (whether :meth:`build` loaded the features from its cache directory), and ``cache_path`` /
+    ``cache_key``: the cache directory the features live in and its key, or None for a store
+    held in memory (parts fitted on the pool are cached there, see :mod:`ask.knn.fitted`).
     """
 
     def __init__(
@@ -214,6 +216,8 @@ class ReferenceStore:
         self.nlist = nlist
         self.nprobe = int(nprobe)
         self.from_cache = False
+        self.cache_path: Path | None = None
+        self.cache_key: dict | None = None
         # One stable sort instead of a comparison per class: ImageNet has 1,000 classes.
         order = torch.argsort(self.labels, stable=True)
         counts = torch.bincount(self.labels, minlength=self.num_classes).tolist()
@@ -267,10 +271,13 @@ class ReferenceStore:
         except BaseException:
             writer.abort()
             raise
-        return cls(
+        store = cls(
             layers, metric, num_classes, torch.from_numpy(writer.labels), arrays, torch.from_numpy(pool),
             use_gpu_index=use_gpu_index, index=index, nlist=nlist, nprobe=nprobe,
         )
+        if cache_path is not None:
+            store.cache_path, store.cache_key = Path(cache_path).expanduser(), _plain(cache_key)
+        return store
 
     @classmethod
     def load(
@@ -328,6 +335,7 @@ class ReferenceStore:
             torch.from_numpy(cached_pool), use_gpu_index=use_gpu_index, index=index, nlist=nlist, nprobe=nprobe,
         )
         store.from_cache = True
+        store.cache_path, store.cache_key = path, _plain(cache_key)
         return store
 
     @classmethod
