@@ -149,3 +149,35 @@ def test_a_store_without_a_cache_directory_fits_every_time(digits, count_fits):
     advknn(digits, store).heads()
     advknn(digits, store).heads()
     assert count_fits == [LAYER, LAYER]
+
+
+def test_the_dknn_attack_eta_is_cached_and_a_damaged_file_recomputed(digits, monkeypatch, caplog):
+    from ask.attacks.dknn_attack import DkNNAttack
+
+    searches: list[str] = []
+    measure = DkNNAttack._mean_kth_distance
+
+    def counted(self, layer, rows):
+        searches.append(layer)
+        return measure(self, layer, rows)
+
+    monkeypatch.setattr(DkNNAttack, "_mean_kth_distance", counted)
+    _, _, model = digits
+
+    def dknn(store, **hyper):
+        return build_attack("dknn", model, ThreatModel(eps=0.1), store=store, layers=["block1", LAYER],
+                            **{"m": 5, "k": 5, **hyper})
+
+    store = store_of(digits, checkpoint="ckpt-eta")
+    eta = dknn(store).thresholds()
+    assert searches == ["block1", LAYER] and all(value > 0 for value in eta.values())
+    assert dknn(store_of(digits, checkpoint="ckpt-eta")).thresholds() == eta  # loaded
+    assert len(searches) == 2
+    dknn(store, k=4).thresholds()  # another rank: another eta
+    assert len(searches) == 4
+
+    for path in (store.cache_path / "fitted").glob("dknn-eta-*.pt"):
+        path.write_bytes(b"not a torch file")
+    with caplog.at_level(logging.WARNING, logger="ask.knn.fitted"):
+        assert dknn(store).thresholds() == eta
+    assert len(searches) == 6 and "ignoring the cached dknn-eta" in caplog.text

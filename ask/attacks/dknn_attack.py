@@ -28,11 +28,19 @@ from ask.attacks._common import (
 )
 from ask.attacks.base import Attack, ThreatModel, register_attack, warn_about
 from ask.errors import ConfigError
+from ask.knn.fitted import cached_fit
 from ask.knn.similarity import rowwise_similarity
 
 __all__ = ["DkNNAttack"]
 
 logger = logging.getLogger(__name__)
+
+
+def _positive(saved: object) -> float:
+    """A cached eta back as a float (ValueError for anything but a finite positive number)."""
+    if isinstance(saved, bool) or not isinstance(saved, (int, float)) or not 0 < saved < math.inf:
+        raise ValueError(f"eta {saved!r} is not a finite positive number")
+    return float(saved)
 
 
 # ------------------------------------------------------------------------------ the attack
@@ -49,8 +57,8 @@ class DkNNAttack(Attack):
         sum_l  mean_j  sigmoid(a * (d(h_l(x'), h_l(g_j)) / eta_l - 1)),
 
     a soft count of the guides still outside the radius eta_l, where eta_l is the mean distance
-    from a pool point to its k-th nearest other pool point (estimated once per attack object on
-    ``eta_points`` pool points drawn with a fixed seed, and cached: it depends only on the pool).
+    from a pool point to its k-th nearest other pool point (estimated on ``eta_points`` pool points
+    drawn with a fixed seed, and cached: it depends only on the pool).
     d is the Euclidean distance for a store with metric ``"l2"`` and the cosine distance
     1 - cos for ``"cosine"``; the guides' features are the stored pool features.
 
@@ -122,7 +130,9 @@ class DkNNAttack(Attack):
 
         Uses only the pool: ``eta_points`` rows drawn with a fixed seed, their ``k + 1`` nearest
         pool points (the first being the point itself, or a duplicate at distance 0), and the
-        distance of the last one. Computed on first use and cached.
+        distance of the last one. Computed on first use, kept for the attack object's life and,
+        when the store has a cache directory, cached beside the pool's features
+        (:mod:`ask.knn.fitted`), so a later evaluation of the same checkpoint skips the search.
         """
         if self._eta is None:
             n = len(self.store.labels)
@@ -130,12 +140,17 @@ class DkNNAttack(Attack):
             rows = torch.randperm(n, generator=generator)[: min(self.eta_points, n)]
             eta = {}
             for layer in self.layers:
-                sims, _ = self.store.search(layer, self.store.features[layer][rows], self.k + 1)
-                dist = distance_from_similarity(torch.as_tensor(sims)[:, self.k].float().cpu(), self.metric)
-                eta[layer] = max(float(dist.mean()), 1e-12)
+                settings = {"layer": layer, "k": self.k, "eta_points": self.eta_points, "seed": POOL_SEED}
+                eta[layer] = cached_fit(self.store, "dknn-eta", settings,
+                                        lambda layer=layer: self._mean_kth_distance(layer, rows), _positive)
             self._eta = eta
             logger.info("dknn: eta per layer %s (k=%d, %d pool points)", eta, self.k, len(rows))
         return self._eta
+
+    def _mean_kth_distance(self, layer: str, rows: Tensor) -> float:
+        sims, _ = self.store.search(layer, self.store.features[layer][rows], self.k + 1)
+        dist = distance_from_similarity(torch.as_tensor(sims)[:, self.k].float().cpu(), self.metric)
+        return max(float(dist.mean()), 1e-12)
 
     @torch.no_grad()
     def guides(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
