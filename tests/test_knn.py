@@ -185,6 +185,40 @@ def test_search_per_class_equals_brute_force(metric: str) -> None:
     assert len(store._indexes) == n_indexes == 4
 
 
+@pytest.mark.parametrize("metric", METRICS)
+def test_shared_searches_give_the_same_neighbours_with_one_faiss_search(metric: str, monkeypatch) -> None:
+    store = random_store(metric, n=400)
+    calls: list[int] = []
+    faiss_search = store._faiss_search
+
+    def counted(index, layer, cls, q, k):
+        calls.append(k)
+        return faiss_search(index, layer, cls, q, k)
+
+    # 25 queries take faiss's BLAS path, 5 its direct one.
+    for n_queries in (25, 5):
+        queries = torch.randn(n_queries, 16, generator=torch.Generator().manual_seed(n_queries))
+        other = torch.randn(n_queries, 16, generator=torch.Generator().manual_seed(99))
+        ks = (1, 5, 12, 16, 20)  # 20 is deeper than the block's depth of 16
+        alone = {k: store.search("f", queries, k) for k in ks}
+        alone_per_class = {k: store.search_per_class("f", queries, k) for k in ks}
+        alone_other = store.search("f", other, 5)
+        monkeypatch.setattr(store, "_faiss_search", counted)
+        calls.clear()
+        with store.shared_searches(depth=16):
+            for k in ks:
+                for got, want in ((store.search("f", queries, k), alone[k]),
+                                  (store.search_per_class("f", queries, k), alone_per_class[k])):
+                    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), k
+            got = store.search("f", other, 5)  # other queries are not answered with the first ones'
+            assert torch.equal(got[1], alone_other[1])
+        # Whole pool: depth 16 once, then 20; per class (4 indexes): the same; the other queries once.
+        assert calls == [16, 16, 16, 16, 16, 20, 20, 20, 20, 20, 16]
+        monkeypatch.undo()
+        # After the block nothing is remembered.
+        assert store._shared is None and torch.equal(store.search("f", queries, 5)[1], alone[5][1])
+
+
 def test_zero_features_in_pool_and_queries_are_searchable() -> None:
     feats = torch.randn(20, 6, generator=torch.Generator().manual_seed(2)).relu()
     feats[3] = 0.0

@@ -432,29 +432,32 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
         start = batch * batch_size
         images = to_float(to_device(points.images[start:start + batch_size], device))
         labels = to_device(points.labels[start:start + batch_size], device)
-        with torch.no_grad():
-            clean = {v.name: v.judge(images) for v in victims}
-        for victim in victims:
-            progress.clean_ok[victim.name].append((clean[victim.name][0] == labels).cpu())
-        for name, attack in attacks.items():
-            started = time.perf_counter()
-            with precision.autocast(device, amp_dtype):
-                adversarial = attack(images, labels).float()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            stats[name].seconds += time.perf_counter() - started
-            delta = (adversarial - images).flatten(1)
-            stats[name].linf.append(delta.abs().amax(1).cpu())
-            stats[name].l2.append(delta.norm(dim=1).cpu())
-            if attack.last_result is not None:
-                stats[name].zero_grad_points += int(attack.last_result.zero_grad.sum())
+        # Attacks search the same clean points and victims the same adversarial ones: one faiss
+        # search each, shared for the batch (same neighbours, see ReferenceStore.shared_searches).
+        with store.shared_searches():
             with torch.no_grad():
-                for victim in victims:
-                    clean_pred, clean_cred = clean[victim.name]
-                    adv_pred, adv_cred = victim.judge(adversarial)
-                    tallies[(name, victim.name)].add(clean_pred == labels, adv_pred == labels, clean_cred, adv_cred)
-                    progress.adv_ok[(name, victim.name)].append((adv_pred == labels).cpu())
-            bar.update(1)
+                clean = {v.name: v.judge(images) for v in victims}
+            for victim in victims:
+                progress.clean_ok[victim.name].append((clean[victim.name][0] == labels).cpu())
+            for name, attack in attacks.items():
+                started = time.perf_counter()
+                with precision.autocast(device, amp_dtype):
+                    adversarial = attack(images, labels).float()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                stats[name].seconds += time.perf_counter() - started
+                delta = (adversarial - images).flatten(1)
+                stats[name].linf.append(delta.abs().amax(1).cpu())
+                stats[name].l2.append(delta.norm(dim=1).cpu())
+                if attack.last_result is not None:
+                    stats[name].zero_grad_points += int(attack.last_result.zero_grad.sum())
+                with torch.no_grad():
+                    for victim in victims:
+                        clean_pred, clean_cred = clean[victim.name]
+                        adv_pred, adv_cred = victim.judge(adversarial)
+                        tallies[(name, victim.name)].add(clean_pred == labels, adv_pred == labels, clean_cred, adv_cred)
+                        progress.adv_ok[(name, victim.name)].append((adv_pred == labels).cpu())
+                bar.update(1)
         if state_path is not None:
             progress.next_batch = batch + 1
             atomic_save(_state_dict(state_key, n_batches, progress, attacks, device), state_path)

@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,9 @@ _GPU_MAX_K = 2048
 # Rows per chunk when scanning the pool (index fill, exact scans): about 32 MiB of float32.
 _CHUNK_BYTES = 32 << 20
 RECALL_QUERIES = 1000
+# Neighbours each search fetches inside ReferenceStore.shared_searches(): enough for every
+# attack's per-class search at its default settings (at most 15), about free for a flat index.
+SHARED_DEPTH = 32
 RECALL_SEED = 0
 
 _threads_configured = False
@@ -226,6 +230,9 @@ class ReferenceStore:
         self._index_info: dict[tuple, dict] = {}
         self._recall: dict[tuple[str, int], dict] = {}
         self._gpu_resources: Any = None
+        # Raw faiss answers by (layer, class, queries' digest) while shared_searches() is open.
+        self._shared: dict[tuple, np.ndarray] | None = None
+        self._shared_depth = 0
 
     # ------------------------------------------------------------------ construction
 
@@ -448,6 +455,33 @@ class ReferenceStore:
 
     # ------------------------------------------------------------------ search
 
+    @contextmanager
+    def shared_searches(self, depth: int = SHARED_DEPTH) -> Iterator[None]:
+        """Inside the block, a search of queries already searched is answered from memory.
+
+        An evaluation batch looks the same points up many times: every attack searches the clean
+        points (ASK-Atk's references, the DkNN and minimum-norm attacks' guides and radius,
+        feature adversaries' guide, Adv-kNN's vote) and the kNN victims (knn, dknn, dknn_vote)
+        share a layer, so each attack's output was searched three times. In the block each faiss
+        search fetches ``max(k, depth)`` neighbours (what an exact flat search costs does not
+        depend on k) and is kept by (layer, class, the queries' bytes); a later :meth:`search` or
+        :meth:`search_per_class` of the very same queries with k no larger takes the first k
+        of them in faiss's order, which is what a search for k returns, so the results do not
+        change. (The one exception would be two pool points with exactly equal faiss scores at
+        the k-th place, i.e. duplicate pool features, where faiss may list either first.) With
+        ``index="ivf"`` only a search for the same k is reused, since a deeper IVF search can
+        fall back to exact search where the shallower one does not. Memory: rows of pool
+        indices only, freed when the block ends.
+        """
+        if self._shared is not None:  # nested: the outer block already shares
+            yield
+            return
+        self._shared, self._shared_depth = {}, int(depth)
+        try:
+            yield
+        finally:
+            self._shared, self._shared_depth = None, 0
+
     def search(self, layer: str, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """The ``k`` pool points most similar to each query (exact unless ``index="ivf"``).
 
@@ -465,7 +499,7 @@ class ReferenceStore:
             )
         q = self._prepare_queries(layer, queries)
         index = self._index(layer, None, queries.device, k)
-        rows = self._raw_search(index, layer, None, q, k)
+        rows = self._raw_search(index, layer, None, q, k, self._digest(q))
         sims, rows = self._exact_sorted(layer, q, torch.from_numpy(rows))
         return sims.to(queries.device), rows.to(queries.device)
 
@@ -492,9 +526,10 @@ class ReferenceStore:
         b = q.shape[0]
         sims = torch.empty(b, self.num_classes, k, dtype=torch.float32)
         rows = torch.empty(b, self.num_classes, k, dtype=torch.int64)
+        digest = self._digest(q)
         for c in range(self.num_classes):
             index = self._index(layer, c, queries.device, k)
-            local = torch.from_numpy(self._raw_search(index, layer, c, q, k))
+            local = torch.from_numpy(self._raw_search(index, layer, c, q, k, digest))
             sims[:, c], rows[:, c] = self._exact_sorted(layer, q, self._class_rows[c][local])
         return sims.to(queries.device), rows.to(queries.device)
 
@@ -694,7 +729,29 @@ class ReferenceStore:
         qn = l2_normalize(q.float()) if self.metric == "cosine" else q.float()
         return np.ascontiguousarray(qn.numpy(), dtype=np.float32)
 
-    def _raw_search(self, index: Any, layer: str, cls: int | None, q: Tensor, k: int) -> np.ndarray:
+    def _digest(self, q: Tensor) -> str | None:
+        """The prepared queries' identity for :meth:`shared_searches` (None outside the block)."""
+        if self._shared is None:
+            return None
+        return f"{tuple(q.shape)}:" + hashlib.sha1(q.numpy().data).hexdigest()
+
+    def _raw_search(self, index: Any, layer: str, cls: int | None, q: Tensor, k: int,
+                    digest: str | None = None) -> np.ndarray:
+        """Positions (within the class for ``cls``) of the k nearest, most similar first."""
+        if self._shared is None or digest is None:
+            return self._faiss_search(index, layer, cls, q, k)
+        key = (layer, cls, digest)
+        exact = self._index_info[(layer, cls)]["kind"] != "ivf"
+        found = self._shared.get(key)
+        if found is not None and (found.shape[1] >= k if exact else found.shape[1] == k):
+            return found[:, :k]
+        size = len(self) if cls is None else self._class_rows[cls].numel()
+        depth = min(max(k, self._shared_depth), size) if exact else k
+        found = self._faiss_search(index, layer, cls, q, depth)
+        self._shared[key] = found
+        return found[:, :k]
+
+    def _faiss_search(self, index: Any, layer: str, cls: int | None, q: Tensor, k: int) -> np.ndarray:
         _, rows = index.search(self._faiss_queries(q), k)
         missing = (rows < 0).any(axis=1)  # faiss pads with -1 when it finds fewer than k points
         if missing.any():
