@@ -285,6 +285,39 @@ def test_minnorm_returns_a_small_successful_perturbation():
     assert bool((store.labels[guide_rows[:, :5]] == 0).all() and (store.labels[guide_rows[:, 5:]] == 1).all())
 
 
+def test_smallest_success_skips_only_lookups_that_could_not_change_it():
+    # Against the plain rule (ask about every point at every iterate): the same iterates kept,
+    # with fewer questions. Iterates wander in size; "fooled" is a fixed function of the iterate.
+    from ask.attacks.minnorm import SmallestSuccess
+
+    gen = torch.Generator().manual_seed(3)
+    x_clean = torch.rand(64, 1, 2, 2, generator=gen)
+    direction = torch.randn(64, 1, 2, 2, generator=gen)
+    iterates = [x_clean + (0.05 * t + 0.1 * torch.rand(64, 1, 1, 1, generator=gen)) * direction for t in range(12)]
+
+    robust = torch.arange(64) % 4 == 0  # a quarter of the points are never fooled
+
+    def fooled_all(x: torch.Tensor) -> torch.Tensor:
+        return (torch.sin(40 * x.flatten(1).sum(1)) > 0.3) & ~robust
+
+    plain_best, plain_norm = x_clean.clone(), torch.full((64,), math.inf)
+    plain_found = torch.zeros(64, dtype=torch.bool)
+    smallest = SmallestSuccess(x_clean)
+    for x in iterates:
+        size = (x - x_clean).flatten(1).norm(dim=1)
+        success = fooled_all(x)
+        better = success & (size < plain_norm)
+        plain_norm = torch.where(better, size, plain_norm)
+        plain_found |= success
+        plain_best = torch.where(better.view(-1, 1, 1, 1), x, plain_best)
+        smallest.update(x, lambda points, x=x: fooled_all(x)[points])
+    fallback = iterates[-1]
+    assert torch.equal(smallest.result(fallback), torch.where(plain_found.view(-1, 1, 1, 1), plain_best, fallback))
+    assert 0.5 < float(plain_found.float().mean()) <= 0.75
+    assert not torch.equal(plain_best[~robust], x_clean[~robust])
+    assert smallest.lookups < 0.8 * 64 * len(iterates)
+
+
 # ----------------------------------------------------------------------- shared machinery
 
 

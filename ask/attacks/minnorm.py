@@ -7,7 +7,7 @@ Security and Privacy Workshops (DLS) 2020, arXiv:2003.06559.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -26,10 +26,10 @@ from ask.attacks._common import (
 )
 from ask.attacks.base import Attack, ThreatModel, register_attack, warn_about
 from ask.errors import ConfigError
-from ask.knn.similarity import rowwise_similarity
+from ask.knn.similarity import l2_normalize, rowwise_similarity
 from ask.knn.victims import vote
 
-__all__ = ["MinNormAttack"]
+__all__ = ["MinNormAttack", "SmallestSuccess"]
 
 # Guards the radius normalisation when k pool points coincide with the clean point.
 _TINY = 1e-12
@@ -38,6 +38,41 @@ _TINY = 1e-12
 def squared_distance(sim: Tensor, metric: str) -> Tensor:
     """Squared distance behind a similarity: d^2 for ``"l2"``; |n(a) - n(b)|^2 = 2 (1 - cos) for cosine."""
     return sim.pow(2) if metric == "l2" else 2.0 * distance_from_similarity(sim, metric)
+
+
+class SmallestSuccess:
+    """Per point, the successful iterate with the smallest L2 perturbation among those observed.
+
+    :meth:`update` asks ``fooled(points)`` (a boolean mask of the batch -> whether each masked
+    point's iterate fools the victim) only about the points the iterate could still improve:
+    those not yet successful, and those whose perturbation is smaller than their best success.
+    For any other point the answer could change nothing, and each answer is a kNN lookup over
+    the whole pool; after the first successes most points need none.
+    """
+
+    def __init__(self, x_clean: Tensor) -> None:
+        self.x_clean = x_clean
+        self.best = x_clean.clone()
+        self.best_norm = torch.full((x_clean.shape[0],), math.inf, device=x_clean.device)
+        self.found = torch.zeros(x_clean.shape[0], dtype=torch.bool, device=x_clean.device)
+        #: Points asked about so far (at most one per point and iterate).
+        self.lookups = 0
+
+    def update(self, x: Tensor, fooled: Callable[[Tensor], Tensor]) -> None:
+        size = (x - self.x_clean).flatten(1).norm(dim=1)
+        open_points = ~self.found | (size < self.best_norm)
+        success = torch.zeros_like(self.found)
+        if bool(open_points.any()):
+            success[open_points] = fooled(open_points)
+        self.lookups += int(open_points.sum())
+        better = success & (size < self.best_norm)
+        self.best_norm.copy_(torch.where(better, size, self.best_norm))
+        self.found.logical_or_(success)
+        self.best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x, self.best)
+
+    def result(self, fallback: Tensor) -> Tensor:
+        """The smallest success where there was one, ``fallback`` elsewhere."""
+        return torch.where(self.found.view(-1, *([1] * (fallback.dim() - 1))), self.best, fallback)
 
 
 @register_attack
@@ -65,10 +100,10 @@ class MinNormAttack(Attack):
     penalty constant is fixed instead of binary-searched, and eps is a hard limit (Adam on the
     tanh-parameterised ball, :func:`adam_minimise`, ``threat.steps`` steps, starting at the
     clean image as the paper does); guides and radius are found once, as the paper does within
-    its first 100 steps. As in the paper, every iterate is checked against the kNN at the first
+    its first 100 steps. As in the paper, the iterates are checked against the kNN at the first
     attacked layer (k neighbours, majority vote) and the successful iterate with the smallest
-    L2 norm is returned: success is reported within eps. A point never misclassified gets the
-    final iterate.
+    L2 norm is returned (:class:`SmallestSuccess`, which skips the checks that could not change
+    it): success is reported within eps. A point never misclassified gets the final iterate.
 
     Hyperparameters:
         layers: the attacked layer names (each must be in the store).
@@ -118,6 +153,8 @@ class MinNormAttack(Attack):
         if self.k > len(store.labels):
             raise ConfigError(f"attack 'minnorm' k={k} but the reference pool has {len(store.labels)} points")
         self.metric: str = store.metric
+        #: Points whose iterates the success checks looked up in the kNN, over every call so far.
+        self.lookups = 0
 
     @torch.no_grad()
     def setup(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -157,6 +194,8 @@ class MinNormAttack(Attack):
     def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
         guide_rows, signs, radius2 = self.setup(images, labels)
         guides = {layer: gather_pool(self.store, layer, guide_rows, images) for layer in self.layers}
+        if self.metric == "cosine":  # fixed for the whole attack: normalised once, not at every step
+            guides = {layer: l2_normalize(g) for layer, g in guides.items()}
         x_clean = images.detach()
         dim = x_clean[0].numel()
         full = self.threat.eps**2 * (dim if self.threat.norm == "linf" else 1)
@@ -167,24 +206,18 @@ class MinNormAttack(Attack):
             last_first_layer["features"] = feats[self.layers[0]].detach()
             total = 0.0
             for layer in self.layers:
-                sim = rowwise_similarity(feats[layer], guides[layer], self.metric)
+                sim = rowwise_similarity(feats[layer], guides[layer], self.metric,
+                                         b_normalized=self.metric == "cosine")
                 rel = squared_distance(sim, self.metric) / radius2[layer].view(-1, 1) - 1.0
                 total = total + torch.relu(signs * rel + self.margin).mean(dim=1)
             penalty = (x_adv - x_clean).flatten(1).pow(2).sum(1) / full
             return total + self.c * penalty
 
-        best = x_clean.clone()
-        best_norm = torch.full((x_clean.shape[0],), math.inf, device=x_clean.device)
-        found = torch.zeros(x_clean.shape[0], dtype=torch.bool, device=x_clean.device)
+        smallest = SmallestSuccess(x_clean)
 
         def observe(x: Tensor, _: Tensor) -> None:
-            nonlocal best
-            success = self.knn_predict(last_first_layer["features"]) != labels
-            size = (x - x_clean).flatten(1).norm(dim=1)
-            better = success & (size < best_norm)
-            best_norm.copy_(torch.where(better, size, best_norm))
-            found.logical_or_(success)
-            best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x, best)
+            features = last_first_layer["features"]
+            smallest.update(x, lambda points: self.knn_predict(features[points]) != labels[points])
 
         result = adam_minimise(
             loss_fn, images, labels, self.threat, lr=self.lr, random_start=False,
@@ -192,4 +225,5 @@ class MinNormAttack(Attack):
         )
         self.last_result = result
         warn_about(result, self.name)
-        return torch.where(found.view(-1, *([1] * (x_clean.dim() - 1))), best, result.adversarial)
+        self.lookups += smallest.lookups
+        return smallest.result(result.adversarial)
