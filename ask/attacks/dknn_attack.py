@@ -29,7 +29,7 @@ from ask.attacks._common import (
 from ask.attacks.base import Attack, ThreatModel, register_attack, warn_about
 from ask.errors import ConfigError
 from ask.knn.fitted import cached_fit
-from ask.knn.similarity import rowwise_similarity
+from ask.knn.similarity import l2_normalize, rowwise_similarity
 
 __all__ = ["DkNNAttack"]
 
@@ -180,12 +180,15 @@ class DkNNAttack(Attack):
         eta = self.thresholds()
         _, guide_rows = self.guides(images, labels)
         guide_feats = {layer: gather_pool(self.store, layer, guide_rows, images) for layer in self.layers}
+        cosine = self.metric == "cosine"
+        if cosine:  # fixed for the whole attack: normalised once, not at every step
+            guide_feats = {layer: l2_normalize(g) for layer, g in guide_feats.items()}
 
         def loss_fn(x_adv: Tensor, _: Tensor) -> Tensor:
             feats = flat_features(self.model, x_adv, self.layers)
             total = 0.0
             for layer in self.layers:
-                sim = rowwise_similarity(feats[layer], guide_feats[layer], self.metric)
+                sim = rowwise_similarity(feats[layer], guide_feats[layer], self.metric, b_normalized=cosine)
                 dist = distance_from_similarity(sim, self.metric)
                 # float64: the sigmoid saturates (zero gradient) at an argument of ~17 in float32.
                 ratio = dist.double() / eta[layer]
