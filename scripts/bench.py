@@ -5,6 +5,10 @@ Usage::
     python scripts/bench.py                         # full run: smallcnn width 32, batch 128, CPU or CUDA
     python scripts/bench.py --model vgg16 --device cuda --out results/
     python scripts/bench.py --quick --out /tmp/b    # seconds: the smoke test's settings
+    python scripts/bench.py --eval-against REF --eval-args OVERRIDE...  # ask-attack, this tree vs REF
+
+``--eval-against`` is a measurement of its own, the whole ``ask-attack`` evaluation timed in this
+tree and in an older commit's; see ``scripts/bench_eval.py``.
 
 Four measurements, each in a fresh subprocess of this script (so the peak memory of one never
 hides inside another's), each ratio's two sides timed in that one process on the same model,
@@ -704,6 +708,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also write profile_ask.txt, profile_ask_instance.txt, profile_pgd.txt, "
                              "profile_search.txt to --out")
     parser.add_argument("--out", default=".", help="folder for bench.json (default: the current one)")
+    parser.add_argument("--eval-against", metavar="REF",
+                        help="instead: full-evaluation wall time of this tree against commit REF "
+                             "(scripts/bench_eval.py; --threads and --out apply)")
+    parser.add_argument("--eval-args", nargs="*", default=[], metavar="OVERRIDE",
+                        help="with --eval-against: the ask-attack overrides both trees run (default: the digits demo)")
+    parser.add_argument("--eval-repeats", type=int, default=1, help="with --eval-against: timed rounds")
     parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-settings", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
@@ -744,6 +754,15 @@ def _run_kind(kind: str, settings_path: Path, scratch: Path) -> dict[str, Any]:
     return json.loads(result_path.read_text())
 
 
+def _eval_against(args: argparse.Namespace) -> int:
+    """The full-evaluation comparison with an older commit (scripts/bench_eval.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_eval import run_eval_benchmark
+
+    return run_eval_benchmark(args.eval_against, args.eval_args, out=Path(args.out), repeats=args.eval_repeats,
+                              threads=args.threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -752,6 +771,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         run_worker(args.worker, args.worker_settings, args.worker_result)
         return 0
+    if args.eval_against:
+        return _eval_against(args)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -90,3 +91,53 @@ def test_training_variants_side_by_side(report: dict) -> None:
         assert t["images_per_second"][name] == pytest.approx(8 / t["step_s"][name])
     # train.amp=auto's choice: bf16 only on bf16 hardware, channels-last always
     assert t["default_variant"] == ("bf16_channels_last" if t["native_bf16"] else "channels_last")
+
+
+# ------------------------------------------------------------------ --eval-against (bench_eval.py)
+sys.path.insert(0, str(REPO / "scripts"))
+import bench_eval  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def eval_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    # This tree against its own HEAD on a tiny digits run: the mechanics, not a speed-up.
+    out = tmp_path_factory.mktemp("bench-eval")
+    args = ["train.epochs=1", "model.width=8", "eval.n_points=8", "attack=[pgd,advknn,dknn]", "attack.steps=2",
+            "attack.methods.advknn.fit_steps=5", "eval.victims=[dnn,knn]"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--eval-against", "HEAD", "--threads", "1",
+         "--out", str(out), "--eval-args", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "ASK_CACHE_DIR": str(out / "cache")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "new-cold" in proc.stdout and "vs old" in proc.stdout
+    return json.loads((out / "bench_eval.json").read_text()), out
+
+
+def test_eval_against_times_both_trees_and_compares_their_results(eval_report: tuple[dict, Path]) -> None:
+    report, out = eval_report
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert report["against"]["sha"] == head
+    assert (Path(report["against"]["tree"]) / "ask" / "attacks" / "advknn.py").is_file()
+    assert [r["variant"] for r in report["runs"]] == ["old", "new-cold", "new"]
+    summary = report["summary"]
+    for variant in ("new-cold", "new"):
+        assert summary[variant]["differences"] == []  # the same code gives the same numbers
+        assert summary[variant]["over_old"] == pytest.approx(summary[variant]["wall_s"] / summary["old"]["wall_s"])
+    for run in report["runs"]:
+        assert set(run["attack_seconds"]) == {"pgd", "advknn", "dknn"} and run["wall_s"] > 0
+    entry = summary["old"]
+    assert entry["other_s"] == pytest.approx(entry["wall_s"] - sum(entry["attack_seconds"].values()))
+    # The new tree fitted Adv-kNN's head and cached it beside the pool's features.
+    assert list((out / "cache" / "features").glob("*/fitted/advknn-head-*.pt"))
+
+
+def test_eval_differences_name_each_changed_number(tmp_path: Path) -> None:
+    row = {"attack": "pgd", "victim": "knn", "robust_acc": 0.5, "asr": 0.25, "mean_linf": 0.03, "seconds": 9.0}
+    old = {"results": [row, {**row, "victim": "dnn"}]}
+    new = {"results": [{**row, "seconds": 1.0}, {**row, "victim": "dnn", "asr": 0.3}]}
+    assert bench_eval.differences(old, new) == ["pgd/dnn asr: 0.25 -> 0.3"]  # timings are not compared
+    assert bench_eval.differences(old, {"results": [row]}) == ["different rows: [('pgd', 'dnn')]"]
+    (tmp_path / "data").mkdir()
+    assert bench_eval.absolute_paths(["dataset.root=data", "eval.n_points=8", "x=/abs"], tmp_path) == [
+        f"dataset.root={tmp_path / 'data'}", "eval.n_points=8", "x=/abs"]
