@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ask.attacks import Attack, ThreatModel, build_attack
@@ -58,9 +58,53 @@ def _labels_only(predict: Callable[[Tensor], Tensor]) -> Callable[[Tensor], tupl
     return lambda x: (predict(x), None)
 
 
+class _OneForwardPerInput(nn.Module):
+    """The victims' view of the network: one forward pass per input serves every victim.
+
+    Scoring a batch, the DNN wants the logits, the kNN its layer and both DkNN victims their
+    layers: four passes through the same network on the same images. The first request runs
+    through every layer a victim taps (and the logits, with ``logits``), and later requests for
+    the same tensor (same memory, shape, strides and version) are answered from that pass. The
+    values are those of a pass of their own, since a stage's output does not depend on where
+    the pass stops. Only without gradients (victims need none); one input is kept at a time.
+    """
+
+    def __init__(self, model: FeatureModel, layers: list[str], logits: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = list(dict.fromkeys(layers))
+        self.logits = logits
+        self._last: tuple[tuple, Tensor, dict[str, Tensor]] | None = None
+        # Victims restore the training flag they found on this wrapper, and that reaches the model.
+        self.train(model.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x, [], with_logits=True)["logits"]
+
+    def forward_features(self, x: Tensor, layers: str | list[str], with_logits: bool = False) -> dict[str, Tensor]:
+        wanted = [layers] if isinstance(layers, str) else list(layers)
+        if torch.is_grad_enabled() or not set(wanted) <= set(self.layers) or (with_logits and not self.logits):
+            return self.model.forward_features(x, wanted, with_logits=with_logits)
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version, self.model.training)
+        if self._last is None or self._last[0] != key:
+            # Holding x keeps its memory alive, so no other tensor can come with the same key.
+            self._last = (key, x, self.model.forward_features(x, self.layers, with_logits=self.logits))
+        out = self._last[2]
+        return {name: out[name] for name in wanted + (["logits"] if with_logits else [])}
+
+    def check_layers(self, layers: str | list[str]) -> None:
+        self.model.check_layers(layers)
+
+
 def build_victims(names: list[str], model: FeatureModel, store: ReferenceStore, run: RunConfig,
                   calibration: ImageSplit | None = None) -> list[Victim]:
-    """The classifiers to score. DkNN is calibrated on ``calibration``, a split held out from the pool."""
+    """The classifiers to score. DkNN is calibrated on ``calibration``, a split held out from the pool.
+
+    They share one forward pass per scored batch (:class:`_OneForwardPerInput`).
+    """
+    tapped = ([run.knn.layers[0]] if "knn" in names else []) + (
+        list(run.knn.dknn_layers) if {"dknn", "dknn_vote"} & set(names) else [])
+    model = _OneForwardPerInput(model, tapped, logits="dnn" in names)
     victims = []
     for name in names:
         if name == "dnn":
