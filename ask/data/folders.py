@@ -58,8 +58,11 @@ class SplitListing:
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         digest.update(f"{len(self.paths)}\n".encode())
+        # Every path is "<directory>/<class>/<file>" as os.scandir built it, so the relative part
+        # is a suffix; os.path.relpath cost 0.7 s of every CIFAR-10 run (60,000 files), this 0.06 s.
+        prefix = len(os.path.join(str(self.directory), ""))
         for path, size in zip(self.paths, self.sizes, strict=True):
-            digest.update(f"{os.path.relpath(path, self.directory)}\t{size}\n".encode())
+            digest.update(f"{path[prefix:]}\t{size}\n".encode())
         return digest.hexdigest()
 
 
