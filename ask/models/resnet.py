@@ -13,7 +13,6 @@ import logging
 from collections.abc import Sequence
 
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from ask.models.base import LOGITS, FeatureModel, GlobalAvgPool, check_positive_int, init_weights
 
@@ -27,6 +26,10 @@ STANDARD_WIDTH = 64
 
 
 def _make_layer(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    # Imported here: importing torchvision costs every process about 3.5 s, and only a ResNet
+    # needs it (ask.models is imported by every console script, whatever the model).
+    from torchvision.models.resnet import BasicBlock
+
     downsample = None
     if stride != 1 or in_planes != planes:
         downsample = nn.Sequential(
