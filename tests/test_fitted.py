@@ -181,3 +181,47 @@ def test_the_dknn_attack_eta_is_cached_and_a_damaged_file_recomputed(digits, mon
     with caplog.at_level(logging.WARNING, logger="ask.knn.fitted"):
         assert dknn(store).thresholds() == eta
     assert len(searches) == 6 and "ignoring the cached dknn-eta" in caplog.text
+
+
+def test_dknn_calibration_is_cached_per_split_and_model(digits, monkeypatch, caplog):
+    from ask.knn import DkNNClassifier
+
+    run, data, model = digits
+    calls: list[int] = []
+    nonconformity = DkNNClassifier._nonconformity_cpu
+
+    def counted(self, x, labels=None):
+        calls.append(x.shape[0])
+        return nonconformity(self, x, labels)
+
+    monkeypatch.setattr(DkNNClassifier, "_nonconformity_cpu", counted)
+    store = store_of(digits, checkpoint="ckpt-calibration")
+    images, labels = data.test.images[:120], data.test.labels[:120]  # any labelled split held out of the pool
+
+    def calibrated(images=images, labels=labels, model=model) -> DkNNClassifier:
+        return DkNNClassifier(model, store, ["block1", LAYER], 5, images, labels, batch_size=50)
+
+    first = calibrated()
+    assert calls == [50, 50, 20] and int(first.calibration_scores.max()) > 0
+    again = calibrated()
+    assert calls == [50, 50, 20]  # loaded
+    assert torch.equal(again.calibration_scores, first.calibration_scores)
+    x = to_float(data.test.images[200:230])
+    assert torch.equal(again.predict_with_confidence(x)[1], first.predict_with_confidence(x)[1])
+
+    changed = labels.clone()
+    changed[0] = (changed[0] + 1) % 10
+    other_model = build_model_for(run, data).eval()  # other weights
+    for split in (dict(images=images[:100], labels=labels[:100]), dict(labels=changed), dict(model=other_model)):
+        calls.clear()
+        calibrated(**split)
+        assert len(calls) >= 2  # calibrated anew
+
+    for path in (store.cache_path / "fitted").glob("dknn-calibration-*.pt"):
+        saved = torch.load(path, weights_only=True)
+        saved["value"] = saved["value"].flip(0)  # no longer sorted
+        torch.save(saved, path)
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="ask.knn.fitted"):
+        assert torch.equal(calibrated().calibration_scores, first.calibration_scores)
+    assert calls == [50, 50, 20] and "malformed" in caplog.text

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ask.errors import ConfigError
+from ask.knn.fitted import cached_fit, content_digest
 from ask.knn.store import ReferenceStore, _model_device, _to_float_images
 from ask.knn.victims import vote
 
@@ -198,14 +199,33 @@ class DkNNClassifier(_MultiLayerKNN):
                 f"calibration labels must lie in [0, {self.num_classes}); "
                 f"got {int(labels.min())}..{int(labels.max())}"
             )
-        scores = []
-        with tqdm(total=n, disable=not progress, desc="DkNN calibration", unit="img", leave=False) as bar:
-            for lo in range(0, n, self.batch_size):
-                batch = calibration_images[lo : lo + self.batch_size]
-                alpha = self._nonconformity_cpu(batch)
-                scores.append(alpha.gather(1, labels[lo : lo + self.batch_size, None]).squeeze(1))
-                bar.update(batch.shape[0])
-        self.calibration_scores: Tensor = torch.cat(scores).sort().values
+
+        def calibrate() -> Tensor:
+            scores = []
+            with tqdm(total=n, disable=not progress, desc="DkNN calibration", unit="img", leave=False) as bar:
+                for lo in range(0, n, self.batch_size):
+                    batch = calibration_images[lo : lo + self.batch_size]
+                    alpha = self._nonconformity_cpu(batch)
+                    scores.append(alpha.gather(1, labels[lo : lo + self.batch_size, None]).squeeze(1))
+                    bar.update(batch.shape[0])
+            return torch.cat(scores).sort().values
+
+        def checked(saved: object) -> Tensor:
+            top = len(self.layers) * self.k
+            if not (isinstance(saved, Tensor) and saved.dtype == torch.int64 and saved.shape == (n,)):
+                raise ValueError(f"expected {n} int64 scores")
+            if n and (int(saved[0]) < 0 or int(saved[-1]) > top or not bool((saved[1:] >= saved[:-1]).all())):
+                raise ValueError(f"the scores are not sorted values in [0, {top}]")
+            return saved
+
+        # A function of the network, the pool and the calibration split only: computed once per
+        # checkpoint, then read from beside the pool's features (ask.knn.fitted).
+        settings = {
+            "layers": list(self.layers), "k": self.k, "batch_size": self.batch_size,
+            "images": content_digest(torch.as_tensor(calibration_images)), "labels": content_digest(labels),
+            "model": content_digest(*model.state_dict().values()), "device": _model_device(model).type,
+        }
+        self.calibration_scores: Tensor = cached_fit(store, "dknn-calibration", settings, calibrate, checked)
         log.info(
             "DkNN calibrated on %d points: nonconformity %d..%d (of at most %d)",
             n,

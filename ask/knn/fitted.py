@@ -1,9 +1,11 @@
-"""Parts fitted on a reference pool (Adv-kNN's heads, the DkNN attack's eta), cached beside its features.
+"""Parts fitted on a reference pool, cached beside its features.
 
-Such a part is a function of the pool's features and of the fit's settings alone, never of the
-evaluated points, so it is fitted once per (checkpoint, pool, layer, settings) and every later
-evaluation of that checkpoint (an eps sweep, a rerun, a resumed run) loads it. Adv-kNN's head fit
-was most of a CIFAR-10 evaluation's wall time (docs/RESULTS.md).
+Adv-kNN's heads, the DkNN attack's eta and the DkNN victim's calibration scores are functions of
+the network, the pool and the fit's settings (which name any other data the fit reads, such as
+the calibration split), never of the evaluated points. So each is fitted once per (checkpoint,
+pool, layer, settings) and every later evaluation of that checkpoint (an eps sweep, a rerun, a
+resumed run) loads it. Adv-kNN's head fit was most of a CIFAR-10 evaluation's wall time
+(docs/RESULTS.md).
 
 The files live in the store's feature-cache directory, under ``fitted/``: when the features go
 stale and that directory is replaced, the parts fitted on them go with it, and a store held in
@@ -21,16 +23,35 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+from torch import Tensor
+
 from ask.utils.io import LoadError, atomic_save, safe_load
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FITTED_FORMAT", "cached_fit", "fitted_path"]
+__all__ = ["FITTED_FORMAT", "cached_fit", "content_digest", "fitted_path"]
 
 #: Bump when what a cached part holds, or how it is fitted, changes.
 FITTED_FORMAT = 1
 
 Part = TypeVar("Part")
+
+
+def content_digest(*tensors: Tensor) -> str:
+    """sha1 of the tensors' dtypes, shapes and bytes, read in slices (no copy of a large split)."""
+    sha = hashlib.sha1()
+    for t in tensors:
+        t = t.detach()
+        sha.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel() == 0:
+            continue
+        rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
+        step = max(1, (64 << 20) // (rows.shape[1] * t.element_size()))
+        for lo in range(0, rows.shape[0], step):
+            part = rows[lo : lo + step].to("cpu").contiguous()
+            sha.update(part.view(torch.uint8).numpy().data)
+    return sha.hexdigest()[:16]
 
 
 def _full_key(store: Any, name: str, key: Mapping[str, Any]) -> dict[str, Any]:
