@@ -24,8 +24,10 @@ Relative paths among those values are made absolute first, since each run starts
 4. Every new run's ``metrics.json`` is compared with the old run's: clean and robust accuracy,
    ASR, perturbation norms, zero-gradient counts and the worst-case breakdown must be equal.
 
-The table gives the median wall time per side, its ratio to the old one (target <= 1/3 for
-``new``), and each attack's seconds as ``metrics.json`` reports them (the time of its calls,
+The table gives the median wall time per side and its ratio to the old one (target <= 1/3 for
+``new``), the same for the runs' CPU time (user + system of the ``ask-attack`` process: with
+``--threads 1`` it is the work done, which other programs on the machine do not inflate as they
+do wall time), and each attack's seconds as ``metrics.json`` reports them (the time of its calls,
 including any one-off fit in its first batch); ``other`` is the rest of the wall time: start-up,
 loading, DkNN calibration and scoring the victims. ``bench_eval.json`` in ``--out`` holds the
 environment, the commands and every run's numbers.
@@ -165,6 +167,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for variant, entry in summary.items():
         if old is not None and variant != "old":
             entry["over_old"] = entry["wall_s"] / old["wall_s"]
+            entry["cpu_over_old"] = entry["cpu_s"] / old["cpu_s"]
             entry["differences"] = sorted({d for r in by_variant[variant]
                                            for d in differences(reference["metrics"], r["metrics"])})
     return summary
@@ -172,14 +175,16 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(summary: dict[str, Any]) -> str:
     attacks = list(next(iter(summary.values()))["attack_seconds"])
-    head = ["variant", "runs", "wall s", "vs old", *attacks, "other", "results"]
+    head = ["variant", "runs", "wall s", "vs old", "cpu s", "vs old", *attacks, "other", "results"]
     lines = ["  ".join(f"{h:>8}" for h in head)]
     for variant, entry in summary.items():
         ratio = entry.get("over_old")
         verdict = "" if ratio is None else ("pass" if ratio <= TARGET else "MISS") if variant == "new" else ""
         ratio_text = "" if ratio is None else f"{ratio:.3f}{' ' + verdict if verdict else ''}"
         same = "" if "differences" not in entry else ("equal" if not entry["differences"] else "DIFFER")
-        cells = [variant, str(entry["runs"]), f"{entry['wall_s']:.0f}", ratio_text,
+        cpu_ratio = entry.get("cpu_over_old")
+        cells = [variant, str(entry["runs"]), f"{entry['wall_s']:.0f}", ratio_text, f"{entry['cpu_s']:.0f}",
+                 "" if cpu_ratio is None else f"{cpu_ratio:.3f}",
                  *(f"{entry['attack_seconds'][a]:.1f}" for a in attacks), f"{entry['other_s']:.1f}", same]
         lines.append("  ".join(f"{c:>8}" for c in cells))
     return "\n".join(lines)

@@ -124,8 +124,9 @@ def test_eval_against_times_both_trees_and_compares_their_results(eval_report: t
     for variant in ("new-cold", "new"):
         assert summary[variant]["differences"] == []  # the same code gives the same numbers
         assert summary[variant]["over_old"] == pytest.approx(summary[variant]["wall_s"] / summary["old"]["wall_s"])
+        assert summary[variant]["cpu_over_old"] == pytest.approx(summary[variant]["cpu_s"] / summary["old"]["cpu_s"])
     for run in report["runs"]:
-        assert set(run["attack_seconds"]) == {"pgd", "advknn", "dknn"} and run["wall_s"] > 0
+        assert set(run["attack_seconds"]) == {"pgd", "advknn", "dknn"} and run["wall_s"] > 0 and run["cpu_s"] > 0
     entry = summary["old"]
     assert entry["other_s"] == pytest.approx(entry["wall_s"] - sum(entry["attack_seconds"].values()))
     # The new tree fitted Adv-kNN's head and cached it beside the pool's features.
