@@ -55,7 +55,13 @@ def cifar10_root() -> Path:
     return CIFAR10_JPEG
 
 
-def run_cli(program: str, args: list[str], cwd: Path, cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+# A guard against a hung command, not a speed limit: whichever command first needs the digits model
+# trains it (30 epochs), which took over 600 s on the 2-core machine at a load of 4.
+CLI_TIMEOUT_S = 1800
+
+
+def run_cli(program: str, args: list[str], cwd: Path, cache: Path,
+            timeout: int = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
     """Run an installed console script the way a user would."""
     env = {**os.environ, "ASK_CACHE_DIR": str(cache), "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
@@ -70,7 +76,7 @@ def start_cli(program: str, args: list[str], cwd: Path, cache: Path) -> subproce
                             stderr=subprocess.STDOUT, text=True)
 
 
-def finish_cli(process: subprocess.Popen, timeout: int = 600) -> str:
+def finish_cli(process: subprocess.Popen, timeout: int = CLI_TIMEOUT_S) -> str:
     """Wait for a process from :func:`start_cli` and insist it succeeded; its output."""
     output, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, output[-3000:]
