@@ -132,6 +132,38 @@ def test_unknown_attack_lists_the_available_ones(tmp_path: Path, shared_cache: P
     _fails_cleanly(done, "unknown model 'alexnet'", "smallcnn, vgg16")
 
 
+def _user_config_dir(tmp_path: Path) -> Path:
+    """A user's config folder holding one dataset of their own (the digits, under another option name)."""
+    from ask.config import config_dir
+
+    folder = tmp_path / "my-conf"
+    (folder / "dataset").mkdir(parents=True)
+    digits = (Path(config_dir()) / "dataset" / "digits.yaml").read_text()
+    (folder / "dataset" / "mine.yaml").write_text(digits)
+    return folder
+
+
+@pytest.mark.parametrize("how", ["--config-dir", "hydra.searchpath"])
+def test_a_users_config_dir_is_composed(demo: dict, tmp_path: Path, shared_cache: Path, how: str) -> None:
+    folder = _user_config_dir(tmp_path)
+    where = ["--config-dir", str(folder)] if how == "--config-dir" else [f"hydra.searchpath=[file://{folder}]"]
+    checkpoint = demo["metrics"]["checkpoint"]
+    done = run_cli("ask-attack", [*where, "dataset=mine", f"model.checkpoint={checkpoint}", "attack=pgd",
+                                  "eval.victims=[dnn]", "eval.n_points=20", "progress=false", "hydra.run.dir=run"],
+                   tmp_path, shared_cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["dataset"] == "digits" and metrics["n_points"] == 20
+    assert "pgd" in {row["attack"] for row in metrics["results"]}
+
+
+def test_a_typo_beside_a_users_config_dir_lists_both_kinds_of_option(tmp_path: Path, shared_cache: Path) -> None:
+    folder = _user_config_dir(tmp_path)
+    done = run_cli("ask-attack", ["-cd", str(folder), "dataset=mnie"], tmp_path, shared_cache)
+    line = _fails_cleanly(done, "unknown dataset 'mnie'")
+    assert "cifar10, cifar10_folder, digits, imagenet, imagenette, mine" in line, line
+
+
 def test_an_ivf_index_records_its_recall_in_the_metrics(demo: dict, shared_cache: Path) -> None:
     done = run_cli("ask-attack", ["progress=false", "hydra.run.dir=ivf", "attack=[pgd]", "eval.n_points=40",
                                   "eval.victims=[knn]", "knn.index=ivf", "knn.nprobe=2", "knn.feature_dtype=float16"],

@@ -159,12 +159,54 @@ def _record_failure(output_dir: Path, error: BaseException, trace: str | None = 
     (output_dir / "failure.json").write_text(json.dumps(record) + "\n")
 
 
-def unknown_group_options(arguments: list[str], conf: Path) -> str | None:
-    """The first ``group=option`` argument naming an option that ``conf/<group>/`` lacks, or one option
-    twice (``attack=[pgd,pgd]``), as a message.
+def config_search_path(arguments: list[str], conf: Path) -> list[Path]:
+    """The config folders Hydra composes from: ``conf`` and the user's own, in Hydra's order.
+
+    A user's folder comes from ``--config-dir DIR`` (``-cd``), ``--config-path DIR`` (``-cp``) or a
+    ``hydra.searchpath=[file://DIR, pkg://module]`` override; its groups and options count as much
+    as the shipped ones.
+    """
+    folders: list[Path] = []
+    flags = ("--config-dir", "-cd", "--config-path", "-cp")
+    for i, argument in enumerate(arguments):
+        name, has_value, value = argument.partition("=")
+        if name in flags:
+            value = value if has_value else (arguments[i + 1] if i + 1 < len(arguments) else "")
+            if value:
+                folders.append(Path(value).expanduser())
+        elif name.lstrip("+") == "hydra.searchpath" and has_value:
+            entries = value.strip().removeprefix("[").removesuffix("]").split(",")
+            for entry in entries:
+                found = _search_path_entry(entry.strip().strip("'\""))
+                if found is not None:
+                    folders.append(found)
+    return [*folders, conf]
+
+
+def _search_path_entry(entry: str) -> Path | None:
+    """The folder a ``hydra.searchpath`` entry names (``file://DIR``, ``pkg://module.path`` or a bare path)."""
+    if entry.startswith("pkg://"):
+        import importlib.util
+
+        module, _, rest = entry.removeprefix("pkg://").partition("/")
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            return None
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return Path(next(iter(spec.submodule_search_locations))) / rest
+    path = entry.removeprefix("file://")
+    return Path(path).expanduser() if path else None
+
+
+def unknown_group_options(arguments: list[str], folders: list[Path]) -> str | None:
+    """The first ``group=option`` argument naming an option that no ``<folder>/<group>/`` holds, or one
+    option twice (``attack=[pgd,pgd]``), as a message.
 
     Hydra reports such a typo with its search path but without the choices, and not at all
-    helpfully for lists (``attack=[ask,cw]``); this says what exists instead.
+    helpfully for lists (``attack=[ask,cw]``); this says what exists instead. ``folders`` is
+    :func:`config_search_path`: options in a user's ``--config-dir`` are as good as shipped ones.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep
@@ -176,15 +218,15 @@ def unknown_group_options(arguments: list[str], conf: Path) -> str | None:
         return None
     for argument, override in zip(candidates, overrides, strict=True):
         group = override.key_or_group.lstrip("+~")
-        folder = conf / group
+        group_folders = [folder / group for folder in folders if (folder / group).is_dir()]
         # hydra/* groups also take the plugins' options (hydra/launcher=joblib), which live outside conf/.
-        if (override.package or "." in group or group.startswith("hydra/") or not folder.is_dir()
+        if (override.package or "." in group or group.startswith("hydra/") or not group_folders
                 or override.is_delete()):
             continue
         value = override.value()
         values = value.list if isinstance(value, ChoiceSweep) else [value]
         flat = [item for v in values for item in (v if isinstance(v, list) else [v])]
-        available = sorted(path.stem for path in folder.glob("*.yaml"))
+        available = sorted({path.stem for folder in group_folders for path in folder.glob("*.yaml")})
         for option in flat:
             if isinstance(option, str) and option not in available and option != "null":
                 return f"unknown {group} '{option}'; available: {', '.join(available)}"
@@ -199,7 +241,7 @@ def unknown_group_options(arguments: list[str], conf: Path) -> str | None:
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def bad_settings(arguments: list[str], conf: Path) -> str | None:
+def bad_settings(arguments: list[str], folders: list[Path]) -> str | None:
     """The first ``key=value`` argument naming a setting the schema lacks, or a value of the wrong type.
 
     Hydra refuses both too, but after several lines of OmegaConf detail and with exit status 1;
@@ -217,7 +259,8 @@ def bad_settings(arguments: list[str], conf: Path) -> str | None:
     for argument, override in zip(candidates, overrides, strict=True):
         key = override.key_or_group
         if (override.package or override.is_delete() or override.is_add() or override.is_force_add()
-                or key.startswith("hydra") or "/" in key or ("." not in key and (conf / key).is_dir())):
+                or key.startswith("hydra") or "/" in key
+                or ("." not in key and any((folder / key).is_dir() for folder in folders))):
             continue
         value = override.value()
         if override.is_sweep_override() and not isinstance(value, ChoiceSweep):
@@ -290,8 +333,8 @@ def _default(cls: Any, name: str) -> Any:
 def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, program: str) -> None:
     """Run ``task`` as a Hydra application over the packaged config tree."""
     register_configs()
-    conf = Path(config_dir())
-    problem = (unknown_group_options(sys.argv[1:], conf) or bad_settings(sys.argv[1:], conf)
+    folders = config_search_path(sys.argv[1:], Path(config_dir()))
+    problem = (unknown_group_options(sys.argv[1:], folders) or bad_settings(sys.argv[1:], folders)
                or unusable_output_dir(sys.argv[1:]))
     if problem:
         print(f"{program}: error: {problem}", file=sys.stderr)
