@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,cpu]'
 	touch $@
 
 demo: $(VENV)/.installed  ## train the digits model (once, cached) and attack it: ASK-Atk and PGD on DNN and kNN

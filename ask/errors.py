@@ -29,6 +29,10 @@ class ModelError(AskError):
     """An unknown architecture or a layer name the model does not have."""
 
 
+class DependencyError(AskError):
+    """A package ask needs is missing, or two installed builds clash."""
+
+
 class NonFiniteLossError(AskError):
     """A loss became NaN or Inf during training."""
 

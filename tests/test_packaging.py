@@ -63,3 +63,21 @@ def test_wheel_install_finds_configs(tmp_path: Path) -> None:
     shown = subprocess.run([sys.executable, "-c", compose_slurm], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert shown.stdout.startswith(str(site)) and "SlurmLauncher" in shown.stdout
+
+
+def test_faiss_comes_from_one_extra_and_torch_is_capped_at_a_minor_release() -> None:
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    base = [Requirement(line) for line in project["dependencies"]]
+    # faiss-cpu and a GPU build both install the module faiss: the base install must pull neither.
+    assert not [r.name for r in base if r.name.startswith("faiss")]
+    extras = project["optional-dependencies"]
+    assert [Requirement(line).name for line in extras["cpu"]] == ["faiss-cpu"]
+    assert [Requirement(line).name for line in extras["gpu"]] == ["faiss-gpu-cu12"]
+    assert "-e '.[dev,cpu]'" in (REPO / "Makefile").read_text()  # the README's two commands get faiss
+    for name in ("torch", "torchvision"):
+        (requirement,) = [r for r in base if r.name == name]
+        caps = [spec for spec in requirement.specifier if spec.operator in ("<", "<=")]
+        # "<2.15", not "<=2.14.1": a patch release of the tested minor version must install.
+        assert [(spec.operator, spec.version.count(".")) for spec in caps] == [("<", 1)], requirement

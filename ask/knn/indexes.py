@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 
-import faiss
 import numpy as np
+
+from ask.knn.faiss_build import faiss
 
 INDEX_KINDS = ("flat", "ivf")
 # faiss warns below this many training points per k-means cell (the clustering is then poor).

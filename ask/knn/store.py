@@ -29,13 +29,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from ask.errors import ConfigError, ModelError
+from ask.knn.faiss_build import faiss, gpu_index_problem
 from ask.knn.features import (
     CACHE_FORMAT,
     FEATURE_DTYPES,
@@ -729,7 +729,8 @@ class ReferenceStore:
             return None
         if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
             return None
-        return query_device.index if query_device.index is not None else torch.cuda.current_device()
+        device = query_device.index if query_device.index is not None else torch.cuda.current_device()
+        return None if gpu_index_problem(device) else device
 
     def _faiss_queries(self, q: Tensor) -> np.ndarray:
         qn = l2_normalize(q.float()) if self.metric == "cosine" else q.float()
