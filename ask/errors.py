@@ -41,6 +41,30 @@ class RunDirectoryError(ConfigError):
     """The run directory belongs to another run: a live one, or results of other settings."""
 
 
+def require_named_layers(who: str, model: object) -> None:
+    """Raise :class:`ModelError` unless ``model`` has ask's ``forward_features(x, layers)``.
+
+    A plain ``nn.Module`` has none; a timm model has ``forward_features(x)``, one argument with
+    another meaning, which would fail later with a TypeError. Either is told to use ``ask.wrap``.
+    """
+    import inspect
+
+    method = getattr(model, "forward_features", None)
+    takes_layers = callable(method)
+    if takes_layers:
+        try:
+            parameters = list(inspect.signature(method).parameters.values())
+        except (TypeError, ValueError):  # a builtin without a signature: trust it
+            parameters = None
+        if parameters is not None:
+            takes_layers = len(parameters) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
+    if not takes_layers:
+        raise ModelError(
+            f"{who} needs a model whose hidden layers are named; {type(model).__name__} is a plain module: "
+            "wrap it first, model = ask.wrap(model, layers=[...], mean=[...], std=[...])"
+        )
+
+
 # What the operating system said, as the cause and the fix a user can act on. Raised by a write or
 # a read anywhere (a checkpoint, metrics.json, the run lock, a report), so the console scripts
 # translate them in one place rather than at every call site.

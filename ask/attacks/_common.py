@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ask.attacks.base import AscentResult, LossFn, ThreatModel, _check_objective, project, random_init
-from ask.errors import ConfigError, ModelError
+from ask.errors import ConfigError, require_named_layers
 
 __all__ = [
     "POOL_SEED",
@@ -63,10 +63,7 @@ def check_knn_layers(attack: str, model: nn.Module, store: Any, layers: str | Se
         raise ConfigError(f"attack '{attack}' needs at least one layer; set layers=[block3] (a layer of the model)")
     if len(set(layer_list)) != len(layer_list):
         raise ConfigError(f"attack '{attack}' layers={layer_list} names a layer twice; list each layer once")
-    if not hasattr(model, "forward_features"):
-        raise ModelError(
-            f"attack '{attack}' needs a model with forward_features(x, layers); got {type(model).__name__}"
-        )
+    require_named_layers(f"attack '{attack}'", model)
     check_layers = getattr(model, "check_layers", None)
     if callable(check_layers):
         check_layers(layer_list)

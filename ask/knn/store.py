@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ask.errors import ConfigError, ModelError
+from ask.errors import ConfigError, ModelError, require_named_layers
 from ask.knn.faiss_build import faiss, gpu_index_problem
 from ask.knn.features import (
     CACHE_FORMAT,
@@ -388,6 +388,7 @@ class ReferenceStore:
         layers = tuple(layers)
         if not layers:
             raise ConfigError("knn.layers is empty; name at least one layer, e.g. [block3]")
+        require_named_layers("the reference store", model)
         if hasattr(model, "check_layers"):
             model.check_layers(layers)
         if batch_size < 1:
