@@ -49,7 +49,9 @@ def content_digest(*tensors: Tensor) -> str:
         rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
         step = max(1, (64 << 20) // (rows.shape[1] * t.element_size()))
         for lo in range(0, rows.shape[0], step):
-            part = rows[lo : lo + step].to("cpu").contiguous()
+            # Flattened: a [n, 1] slice counts as contiguous with any stride (a 1x1 convolution's
+            # weight in channels_last), and view(torch.uint8) needs a unit last stride.
+            part = rows[lo : lo + step].to("cpu").contiguous().reshape(-1)
             sha.update(part.view(torch.uint8).numpy().data)
     return sha.hexdigest()[:16]
 
