@@ -25,11 +25,17 @@ def test_every_group_option_composes(group: str, cache_dir: Path) -> None:
     assert options, f"conf/{group} has no options"
     for option in options:
         override = f"{group}=[{option}]" if group == "attack" else f"{group}={option}"
-        run = compose_run("attack", [override, "dataset.root=/some/where"], cache_dir)
+        required = ["model.target=package.module.Net", "knn.layers=[fc]"] if (group, option) == ("model", "module") else []
+        run = compose_run("attack", [override, "dataset.root=/some/where", *required], cache_dir)
         if group == "attack":
             assert list(run.attack.methods) == [option]
         elif group in ("dataset", "model"):
             assert getattr(run, group).name == option
+
+
+def test_model_module_without_its_target_is_refused(cache_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="model=module needs model.target"):
+        compose_run("attack", ["model=module"], cache_dir)
 
 
 def test_defaults_follow_the_authors(cache_dir: Path) -> None:

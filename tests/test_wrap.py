@@ -64,7 +64,7 @@ def test_the_extractors_share_the_networks_weights_and_mode() -> None:
     model.eval()
     model.forward_features(torch.rand(4, 3, 32, 32), ["layer1"])
     assert torch.equal(net.bn1.running_mean, after)
-    assert list(model.state_dict()) == ["module." + key for key in net.state_dict()]  # one set of weights
+    assert list(model.state_dict()) == ["network." + key for key in net.state_dict()]  # one set of weights
 
 
 def test_ask_atk_moves_the_wrapped_networks_features_within_the_ball() -> None:

@@ -86,17 +86,43 @@ class DatasetConfig:
         _require(self.calib_per_class >= 0, "dataset.calib_per_class must be >= 0")
 
 
+# Model options that wrap a network ask did not define (ask.models.external): a torchvision
+# architecture by name, or any importable nn.Module class.
+EXTERNAL_MODELS = ("torchvision", "module")
+
+
 @dataclass
 class ModelConfig:
     name: str = "smallcnn"
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # a best.pt / last.pt written by ask-train
     width: int = 64  # base channel count; 64 is the standard VGG16 / ResNet18, smallcnn uses 32 on CPU
     default_layers: list[str] = field(default_factory=lambda: ["block3"])
     # (x - mean) / std inside the network; null = the architecture's default (false only for vgg16_authors)
     normalize: bool | None = None
+    # model=torchvision: the architecture (torchvision.models.get_model's name, e.g. resnet50)
+    arch: str | None = None
+    # model=module: the class to build, "package.module.Class", with its keyword arguments
+    target: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # A plain state_dict file (torch.save(model.state_dict())), or a dict holding one under
+    # state_dict_key; keys starting with strip_prefix (DataParallel's "module.") lose it.
+    weights: str | None = None
+    state_dict_key: str | None = None
+    strip_prefix: str = "module."
+    # The normalisation the network was trained with; null = the dataset's statistics
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
     def __post_init__(self) -> None:
         _require(self.width > 0, f"model.width={self.width} must be positive")
+        _require(not (self.checkpoint and self.weights),
+                 "model.checkpoint and model.weights are both set; give one (checkpoint: a file written by "
+                 "ask-train; weights: a plain state_dict)")
+        _require((self.mean is None) == (self.std is None), "give model.mean and model.std together, or neither")
+        if self.name == "torchvision":
+            _require(bool(self.arch), "model=torchvision needs model.arch, e.g. model.arch=resnet18")
+        if self.name == "module":
+            _require(bool(self.target), "model=module needs model.target, e.g. model.target=mypackage.nets.Net")
 
 
 @dataclass

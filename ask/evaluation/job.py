@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from ask.config.schema import RunConfig
+from ask.config.schema import EXTERNAL_MODELS, RunConfig
 from ask.data import DataBundle, balanced_indices, load_dataset
 from ask.errors import CheckpointError, ConfigError
 from ask.evaluation.evaluate import ANY_ATTACK, evaluate, evaluation_key, select_points
@@ -86,7 +86,14 @@ def load_model(path: str | Path, run: RunConfig, data: DataBundle, device: torch
                      in_channels=data.in_channels, image_size=data.image_size)
     # The checkpoint, not the config, says how its network was built (None: written before
     # normalize was recorded, so the architecture's default, which those runs all used).
-    built = replace(run.model, width=spec["width"], normalize=spec.get("normalize"))
+    built = replace(run.model, width=spec["width"], normalize=spec.get("normalize"), weights=None)
+    if spec["name"] in EXTERNAL_MODELS:
+        for field in ("arch", "target"):
+            if getattr(run.model, field) and spec.get(field) and getattr(run.model, field) != spec[field]:
+                raise CheckpointError(f"checkpoint '{path}' holds a {spec[field]} but model.{field}="
+                                      f"{getattr(run.model, field)}; set model.{field}={spec[field]}")
+        built = replace(built, arch=spec.get("arch"), target=spec.get("target"), kwargs=spec.get("kwargs") or {},
+                        mean=spec["mean"], std=spec["std"])
     model = build_model_for(replace(run, model=built), data)
     load_weights(model, checkpoint["state_dict"], path)
     return model.to(device).eval()
@@ -173,8 +180,12 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
             "victim 'dknn' needs a calibration split; set dataset.calib_per_class=N (e.g. 100) "
             "or use eval.victims=[dknn_vote]"
         )
-    checkpoint = Path(run.model.checkpoint).expanduser() if run.model.checkpoint else auto_checkpoint(run, data)
-    model = load_model(checkpoint, run, data, device, given)
+    if run.model.weights:  # a plain state_dict: the network is built from the config, then loaded
+        checkpoint = Path(run.model.weights).expanduser()
+        model = build_model_for(run, data).to(device).eval()
+    else:
+        checkpoint = Path(run.model.checkpoint).expanduser() if run.model.checkpoint else auto_checkpoint(run, data)
+        model = load_model(checkpoint, run, data, device, given)
 
     dknn_layers = list(run.knn.dknn_layers) if {"dknn", "dknn_vote"} & set(run.eval.victims) else []
     layers = list(dict.fromkeys(

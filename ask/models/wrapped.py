@@ -38,8 +38,9 @@ _LISTED_DEPTH = 2
 class WrappedModel(FeatureModel):
     """A classifier ``nn.Module`` whose hidden layers are addressed by module path.
 
-    Built by :func:`wrap`. ``module`` is kept as the submodule ``module`` (its ``state_dict`` keys
-    are prefixed ``module.``); ``name`` is its class name.
+    Built by :func:`wrap`. ``module`` is kept as the submodule ``network``, so its ``state_dict``
+    keys are prefixed ``network.`` (not ``module.``, which checkpoints strip as DataParallel's);
+    ``name`` is its class name.
     """
 
     name = "wrapped"
@@ -61,7 +62,7 @@ class WrappedModel(FeatureModel):
             raise ModelError(f"ask.wrap needs a torch.nn.Module; got {type(module).__name__}")
         super().__init__(num_classes or 1, in_channels, image_size, mean, std, normalize)
         self.name = type(module).__name__
-        self.module = module
+        self.network = module
         try:
             _, eval_nodes = get_graph_node_names(module)
         except Exception as error:  # torch.fx could not trace it: say which model and why, in one line
@@ -103,7 +104,7 @@ class WrappedModel(FeatureModel):
                 raise ModelError(f"model '{self.name}' has no layer '{layer}'; its module paths include: {shown}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.module(self.normalize(x))
+        out = self.network(self.normalize(x))
         if not isinstance(out, torch.Tensor):
             raise ModelError(f"{self.name}'s forward returned {type(out).__name__}, not a tensor of logits; "
                              "wrap a module whose forward returns the logits")
@@ -128,17 +129,17 @@ class WrappedModel(FeatureModel):
         if extractor is None:
             from torchvision.models.feature_extraction import create_feature_extractor
 
-            extractor = create_feature_extractor(self.module, return_nodes=list(nodes))
+            extractor = create_feature_extractor(self.network, return_nodes=list(nodes))
             self._extractors[nodes] = extractor
         return extractor
 
     @torch.no_grad()
     def _dummy_logits(self) -> torch.Tensor:
-        ref = next(self.module.parameters(), None)
+        ref = next(self.network.parameters(), None)
         x = torch.zeros(1, self.in_channels, self.image_size, self.image_size,
                         device=None if ref is None else ref.device)
-        was_training = self.module.training
-        self.module.eval()
+        was_training = self.network.training
+        self.network.eval()
         try:
             out = self.forward(x)
         except ModelError:
@@ -149,7 +150,7 @@ class WrappedModel(FeatureModel):
                 f"({type(error).__name__}: {_first_line(error)}); give the in_channels and image_size it was built for"
             ) from None
         finally:
-            self.module.train(was_training)
+            self.network.train(was_training)
         if out.dim() != 2:
             raise ModelError(f"{self.name}'s forward returned shape {tuple(out.shape)} for one image, not "
                              "[1, classes] logits; wrap a module whose forward returns the logits")

@@ -52,7 +52,7 @@ def load_checkpoint(path: str | Path, setting: str = "model.checkpoint") -> dict
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"'{path}' is not an ask checkpoint (no '{FORMAT}' header); point {setting} at a file "
-            "written by ask-train"
+            "written by ask-train" + ("; a plain state_dict goes in model.weights" if setting == "model.checkpoint" else "")
         )
     if not isinstance(payload.get("state_dict"), dict) or not isinstance(payload.get("model"), dict):
         raise CheckpointError(
@@ -80,8 +80,36 @@ def load_checkpoint(path: str | Path, setting: str = "model.checkpoint") -> dict
     return payload
 
 
+def load_plain_weights(model: torch.nn.Module, path: str | Path, key: str | None = None,
+                       strip_prefix: str = "module.") -> None:
+    """Load a plain ``torch.save(model.state_dict())`` file (or a dict holding one under ``key``)
+    into ``model``; every failure is one line naming ``model.weights`` and the fix."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"model.weights '{path}' is not a file; point model.weights at a saved state_dict")
+    try:
+        payload = safe_load(path)
+    except LoadError as error:
+        raise CheckpointError(_unreadable(path, error, "model.weights")) from None
+    if key is not None:
+        if not isinstance(payload, dict) or key not in payload:
+            found = ", ".join(list(payload)[:8]) if isinstance(payload, dict) else type(payload).__name__
+            raise CheckpointError(f"model.weights '{path}' has no '{key}' entry (it has: {found}); "
+                                  "fix model.state_dict_key")
+        payload = payload[key]
+    if not isinstance(payload, dict) or not all(torch.is_tensor(v) for v in payload.values()):
+        hint = next((k for k in ("state_dict", "model", "model_state_dict", "net")
+                     if isinstance(payload, dict) and isinstance(payload.get(k), dict)), None)
+        fix = f"set model.state_dict_key={hint}" if hint else "save it with torch.save(model.state_dict())"
+        raise CheckpointError(f"model.weights '{path}' is not a state_dict of tensors; {fix}")
+    if strip_prefix:
+        payload = {k[len(strip_prefix):] if k.startswith(strip_prefix) else k: v for k, v in payload.items()}
+    load_weights(model, payload, path, setting="model.weights",
+                 fix="check model.arch (or model.target) and the dataset's class count")
+
+
 def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path,
-                 setting: str = "model.checkpoint") -> None:
+                 setting: str = "model.checkpoint", fix: str | None = None) -> None:
     """``model.load_state_dict(state_dict)``, or one line saying which tensors are missing, extra or misshaped.
 
     torch's own message lists every tensor over many lines; the first of them says nothing.
@@ -100,7 +128,7 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], pa
     if problems:
         raise CheckpointError(
             f"checkpoint '{path}' does not fit the model built from its description ({'; '.join(problems)}); "
-            f"point {setting} at a best.pt or last.pt written by ask-train"
+            + (fix or f"point {setting} at a best.pt or last.pt written by ask-train")
         )
     model.load_state_dict(state_dict)
 

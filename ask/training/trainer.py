@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ask.attacks import ThreatModel, build_attack
-from ask.config.schema import RunConfig
+from ask.config.schema import EXTERNAL_MODELS, RunConfig
 from ask.data import DataBundle, ImageSplit, augment_batch, balanced_indices, load_dataset, to_float
 from ask.defenses import DEFENSES, build_defense
 from ask.errors import ConfigError, NonFiniteLossError
@@ -41,6 +41,7 @@ from ask.training import distributed
 from ask.training.checkpoint import (
     check_compatible,
     load_checkpoint,
+    load_plain_weights,
     load_weights,
     model_spec,
     save_checkpoint,
@@ -65,16 +66,31 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def build_model_for(run: RunConfig, data: DataBundle) -> FeatureModel:
-    return build_model(
-        run.model.name,
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        image_size=data.image_size,
-        mean=data.mean,
-        std=data.std,
-        width=run.model.width,
-        normalize=run.model.normalize,
-    )
+    """The untrained network ``run.model`` names, for ``data``'s classes and images; with
+    ``model.weights``, loaded from that plain state_dict."""
+    if run.model.name in EXTERNAL_MODELS:
+        from ask.models.external import build_external
+
+        model = build_external(
+            run.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
+            image_size=data.image_size, mean=run.model.mean or data.mean, std=run.model.std or data.std,
+            normalize=run.model.normalize, arch=run.model.arch, target=run.model.target, kwargs=run.model.kwargs,
+        )
+    else:
+        model = build_model(
+            run.model.name,
+            num_classes=data.num_classes,
+            in_channels=data.in_channels,
+            image_size=data.image_size,
+            mean=run.model.mean or data.mean,
+            std=run.model.std or data.std,
+            width=run.model.width,
+            normalize=run.model.normalize,
+        )
+    if run.model.weights:
+        load_plain_weights(getattr(model, "network", model), run.model.weights, run.model.state_dict_key,
+                           run.model.strip_prefix)
+    return model
 
 
 @torch.no_grad()
@@ -330,7 +346,9 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
     last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
     metrics_path = output_dir / METRICS_FILE
     spec = model_spec(run.model.name, run.model.width, data.num_classes, data.in_channels,
-                      data.image_size, data.mean, data.std, normalize=model.input_normalized)
+                      data.image_size, model.config.get("mean", data.mean), model.config.get("std", data.std),
+                      normalize=model.input_normalized)
+    spec.update({key: model.config[key] for key in ("arch", "target", "kwargs") if key in model.config})
     start_epoch, best_metric = 0, -math.inf
     partial: dict[str, Any] | None = None
     previous_record: dict[str, Any] = {}
