@@ -91,3 +91,40 @@ def kill_when_it_prints(script: str, marker: str) -> None:
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def zero_in_place(path: Path, start: int, stop: int | None = None) -> None:
+    """Overwrite bytes ``start:stop`` of ``path`` with zeros, keeping its size and inode.
+
+    What a bad disk, a stray ``dd`` or a truncate-and-extend leaves behind: the size checks of
+    the caches cannot see it, only their checksums can.
+    """
+    size = path.stat().st_size
+    stop = size if stop is None else stop
+    assert 0 <= start < stop <= size
+    with open(path, "r+b") as handle:
+        handle.seek(start)
+        handle.write(bytes(stop - start))
+    assert path.stat().st_size == size
+
+
+def npy_data_offset(path: Path) -> int:
+    """Where the array's bytes start in a ``.npy`` file (after its header)."""
+    import numpy as np
+
+    return int(np.load(path, mmap_mode="r").offset)
+
+
+def zero_torch_record(path: Path) -> str:
+    """Zero the largest tensor record of a ``torch.save`` zip file in place; returns its name."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        record = max((r for r in archive.infolist() if "/data/" in r.filename), key=lambda r: r.file_size)
+    with open(path, "rb") as handle:
+        handle.seek(record.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", handle.read(4))
+    start = record.header_offset + 30 + name_length + extra_length
+    zero_in_place(path, start, start + record.file_size)
+    return record.filename

@@ -19,7 +19,7 @@ from ask.data import load_dataset, to_float
 from ask.evaluation.job import build_store
 from ask.knn.fitted import fitted_path
 from ask.training.trainer import build_model_for
-from tests.conftest import compose_run
+from tests.conftest import compose_run, zero_torch_record
 
 LAYER = "block2"
 FIT = {"fit_steps": 15, "fit_points": 400}  # small: the cache, not the fit, is under test
@@ -140,6 +140,13 @@ def test_a_damaged_or_stale_head_cache_is_refitted_with_a_warning(digits, count_
     with caplog.at_level(logging.WARNING, logger="ask.knn.fitted"):
         head = advknn(digits, store).heads()[LAYER]
     assert len(count_fits) == 4 and "malformed" in caplog.text
+    assert torch.equal(head.linear.weight, reference)
+
+    record = zero_torch_record(path)  # a tensor's bytes zeroed in place: torch.load alone reads the zeros
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ask.knn.fitted"):
+        head = advknn(digits, store).heads()[LAYER]
+    assert len(count_fits) == 5 and f"its record {record} does not match its CRC-32" in caplog.text
     assert torch.equal(head.linear.weight, reference)
 
 

@@ -147,6 +147,9 @@ def _unreadable(path: Path, error: LoadError, setting: str) -> str:
         return f"checkpoint '{path}' is unreadable: the file is empty; {fix}"
     if error.kind == "not_torch":
         return f"'{path}' is not a PyTorch file; point {setting} at a best.pt or last.pt written by ask-train"
+    if error.kind == "checksum":
+        return (f"checkpoint '{path}' is unreadable: the file is corrupted (its bytes no longer match the "
+                f"checksums stored when it was written); {fix}")
     if error.kind == "unreadable":
         return f"checkpoint '{path}' is unreadable ({error.detail}); check its permissions or fix {setting}"
     return f"checkpoint '{path}' is unreadable: the file is corrupted (it cannot be unpickled); {fix}"
