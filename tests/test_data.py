@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import socket
 from collections import Counter
@@ -25,6 +26,7 @@ from ask.data import (
 )
 from ask.errors import ConfigError, DataError
 from ask.utils.io import LoadError, atomic_save, safe_load
+from tests.conftest import npy_data_offset, zero_in_place, zero_torch_record
 
 
 def _rows(split: ImageSplit) -> Counter:
@@ -236,7 +238,7 @@ def test_cifar10_folder_pixels_labels_and_cache(tmp_path, monkeypatch):
     (cached,) = (tmp_path / "cache" / "datasets").iterdir()
     assert cached.name.startswith("cifar10_folder-")
     assert sorted(p.name for p in cached.iterdir()) == [
-        "meta.json", "test-images.npy", "test-labels.npy", "train-images.npy", "train-labels.npy"]
+        "checksums.json", "meta.json", "test-images.npy", "test-labels.npy", "train-images.npy", "train-labels.npy"]
     assert np.array_equal(np.load(cached / "train-images.npy"), bundle.train.images.numpy())
 
     def broken(path, size):
@@ -253,20 +255,100 @@ def test_cifar10_folder_pixels_labels_and_cache(tmp_path, monkeypatch):
         load_dataset(cfg, tmp_path / "cache", seed=0, progress=False)
 
 
-def test_folder_corrupt_cache_is_rebuilt(tmp_path, caplog):
+def _truncate(images: Path) -> str:
+    size = images.stat().st_size
+    images.write_bytes(images.read_bytes()[:-5])  # as by a full disk or a cut copy
+    return f"its train-images.npy has {size - 5} bytes, not the {size} written"
+
+
+def _zero_pixels(images: Path) -> str:
+    zero_in_place(images, npy_data_offset(images))  # same size, same header: only the pixels are gone
+    assert np.load(images).max() == 0
+    return "its train-images.npy does not match the checksum recorded when it was written (changed or corrupted since)"
+
+
+def _drop_checksums(images: Path) -> str:
+    (images.parent / "checksums.json").unlink()  # as an entry from before checksums were recorded
+    return "its checksums.json is missing or unreadable, so its content cannot be checked"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _zero_pixels, _drop_checksums], ids=lambda f: f.__name__[1:])
+def test_folder_corrupt_cache_is_rebuilt(tmp_path, caplog, damage):
     root = tmp_path / "tree"
     _write_tree(root, {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
     cfg = DatasetConfig(name="cifar10_folder", root=str(root))
     decoded = load_dataset(cfg, tmp_path / "cache", seed=0, progress=False).train.images.clone()
     (cache_dir,) = (tmp_path / "cache" / "datasets").iterdir()
     images = cache_dir / "train-images.npy"
-    images.write_bytes(images.read_bytes()[:-5])  # truncated, as by a full disk or a cut copy
-    with caplog.at_level(logging.WARNING):
+    reason = damage(images)
+    with caplog.at_level(logging.WARNING, logger="ask.data.folders"):
         second = load_dataset(cfg, tmp_path / "cache", seed=0, progress=False)
-    assert "ignoring the dataset cache" in caplog.text and "unreadable" in caplog.text and "rebuilding" in caplog.text
+    assert f"ignoring the dataset cache {cache_dir}: {reason}; rebuilding it" in caplog.text
     assert torch.equal(second.train.images, decoded)
     assert np.array_equal(np.load(images), decoded.numpy())  # rewritten intact
     assert [p.name for p in (tmp_path / "cache" / "datasets").iterdir()] == [cache_dir.name]
+    assert (cache_dir / "checksums.json").is_file()
+
+
+def _solid_bmp_tree(root: Path, per_class: int = 2) -> None:
+    """Solid-colour BMPs: every 8x8 BMP has the same byte size, whatever its pixels."""
+    for split in ("train", "test"):
+        for label, name in enumerate(("a", "b")):
+            (root / split / name).mkdir(parents=True)
+            for j in range(per_class):
+                Image.new("RGB", (8, 8), _colour(label, j)).save(root / split / name / f"{j}.bmp")
+
+
+def test_a_folder_image_replaced_by_one_of_the_same_size_is_decoded_again(tmp_path, caplog):
+    root = tmp_path / "tree"
+    _solid_bmp_tree(root)
+    cfg = DatasetConfig(name="cifar10_folder", root=str(root))
+    assert torch.equal(load_dataset(cfg, tmp_path / "cache", 0, progress=False).train.images[1],
+                       torch.tensor(_colour(0, 1), dtype=torch.uint8)[:, None, None].expand(3, 8, 8))
+    target = root / "train" / "a" / "1.bmp"
+    before = target.stat()
+
+    # Rewritten in place with its times put back, as `cp -p` does: size, mtime and inode stay.
+    replacement = tmp_path / "replacement.bmp"
+    Image.new("RGB", (8, 8), (9, 99, 199)).save(replacement)
+    target.write_bytes(replacement.read_bytes())
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = target.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    with caplog.at_level(logging.WARNING, logger="ask.data.folders"):
+        again = load_dataset(cfg, tmp_path / "cache", 0, progress=False).train
+    assert torch.equal(again.images[1], torch.tensor((9, 99, 199), dtype=torch.uint8)[:, None, None].expand(3, 8, 8))
+    assert torch.equal(again.images[0], torch.tensor(_colour(0, 0), dtype=torch.uint8)[:, None, None].expand(3, 8, 8))
+    assert f"the images under '{root}' changed since they were decoded into the cache" in caplog.text
+    assert len(list((tmp_path / "cache" / "datasets").iterdir())) == 1  # the outdated decode is gone
+
+    # Another file renamed over it, with the old modification time (rsync -a, cp -p then mv): a new inode.
+    Image.new("RGB", (8, 8), (200, 0, 50)).save(replacement)
+    os.utime(replacement, ns=(after.st_atime_ns, after.st_mtime_ns))
+    os.replace(replacement, target)
+    assert target.stat().st_size == before.st_size
+    third = load_dataset(cfg, tmp_path / "cache", 0, progress=False).train
+    assert torch.equal(third.images[1], torch.tensor((200, 0, 50), dtype=torch.uint8)[:, None, None].expand(3, 8, 8))
+
+
+@pytest.mark.parametrize("suffix, fmt", [(".png", "PNG"), (".tif", "TIFF"), (".pgm", "PPM")])
+def test_16_bit_greyscale_images_keep_their_high_byte(tmp_path, suffix, fmt):
+    root = tmp_path / "tree"
+    rng = np.random.default_rng(0)
+    values = {}
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            pixels = rng.integers(0, 65536, (8, 8), dtype=np.uint16)
+            Image.fromarray(pixels).save(root / split / name / f"0{suffix}", format=fmt)
+            values[split, name] = pixels
+    assert Image.open(root / "train" / "a" / f"0{suffix}").mode in ("I;16", "I")  # what clipped to white
+    bundle = load_dataset(DatasetConfig(name="cifar10_folder", root=str(root)), tmp_path / "cache", 0,
+                          progress=False)
+    for row, name in enumerate(("a", "b")):
+        expected = torch.from_numpy((values["train", name] >> 8).astype(np.uint8))
+        assert torch.equal(bundle.train.images[row], expected.expand(3, 8, 8))  # grey: all channels alike
+    assert bundle.train.images.float().mean() < 200  # clipping made them 255 almost everywhere
 
 
 def test_folder_cache_off_and_home_expansion(tmp_path, monkeypatch):
@@ -453,6 +535,11 @@ def test_atomic_save_and_safe_load(tmp_path):
         safe_load(path)
     with pytest.raises(LoadError):
         safe_load(tmp_path / "missing.pt")
+    atomic_save({"w": torch.arange(1.0, 1001.0)}, path)
+    record = zero_torch_record(path)  # torch.load alone returns zeros here
+    with pytest.raises(LoadError, match=f"record {record} does not match its CRC-32") as raised:
+        safe_load(path)
+    assert raised.value.kind == "checksum"
     torch.save({"unsafe": Path("x")}, tmp_path / "unsafe.pt")  # not allowed under weights_only
     with pytest.raises(LoadError):
         safe_load(tmp_path / "unsafe.pt")

@@ -21,7 +21,8 @@ from ask.config.schema import KnnConfig
 from ask.errors import ConfigError
 from ask.knn import ReferenceStore, store_cache_key
 from ask.knn.synthetic import LAYER, SyntheticPool
-from tests.conftest import kill_when_it_prints
+from ask.utils.diskarrays import verify_dir
+from tests.conftest import kill_when_it_prints, npy_data_offset, zero_in_place
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,6 +182,58 @@ def test_stale_cache_is_rebuilt_not_reused(tmp_path, caplog) -> None:
                                      feature_dtype="float16", **kwargs)
     assert not moved.from_cache and model.calls == 1200 and "labels differ" in caplog.text
     assert [p.name for p in path.parent.iterdir()] == ["pool"]  # no temporaries or old copies left
+
+
+def test_a_cache_changed_in_place_is_rebuilt_with_a_warning(tmp_path, caplog) -> None:
+    model = LinearFeatures()
+    images, labels = _images()
+    path = tmp_path / "features" / "pool"
+    key = store_cache_key("ck", ["a", "b"], "cosine", torch.arange(300), images.shape[1:])
+    kwargs = dict(cache_key=key, progress=False, cache_path=path, batch_size=64)
+    fresh = ReferenceStore.build(model, images, labels, ["a", "b"], "cosine", 5, **kwargs)
+    expected = {layer: fresh.features[layer].clone() for layer in ("a", "b")}
+    queries = expected["b"][:20] + 0.01
+    neighbours = fresh.search("b", queries, 5)[1]
+    del fresh
+    assert ReferenceStore.build(model, images, labels, ["a", "b"], "cosine", 5, **kwargs).from_cache
+    assert model.calls == 300
+
+    features = path / "features-1.npy"  # layer b's rows: same size, same header, zeros
+    zero_in_place(features, npy_data_offset(features))
+    with caplog.at_level(logging.WARNING, logger="ask.knn.store"):
+        rebuilt = ReferenceStore.build(model, images, labels, ["a", "b"], "cosine", 5, **kwargs)
+    assert (f"ignoring reference-feature cache {path}: its features-1.npy does not match the checksum recorded "
+            "when it was written (changed or corrupted since); recomputing the features") in caplog.text
+    assert not rebuilt.from_cache and model.calls == 600
+    for layer in ("a", "b"):
+        assert torch.equal(rebuilt.features[layer], expected[layer])
+    assert torch.equal(rebuilt.search("b", queries, 5)[1], neighbours)
+    assert ReferenceStore.build(model, images, labels, ["a", "b"], "cosine", 5, **kwargs).from_cache
+
+    (path / "checksums.json").unlink()  # what a cache written without checksums looks like
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ask.knn.store"):
+        assert not ReferenceStore.build(model, images, labels, ["a", "b"], "cosine", 5, **kwargs).from_cache
+    assert "its checksums.json is missing or unreadable" in caplog.text
+
+
+def test_caches_above_the_content_limit_are_checked_by_size_and_time(tmp_path) -> None:
+    pool = SyntheticPool(1000, 8, 4, seed=0)
+    path = tmp_path / "pool"
+    _pool_store(pool, cache_path=path, cache_key={"p": 1})
+    features = path / "features-0.npy"
+    assert verify_dir(path) is None and verify_dir(path, content_limit=0) is None
+    written = features.stat()
+    zero_in_place(features, npy_data_offset(features))
+    assert "features-0.npy does not match the checksum" in verify_dir(path)
+    assert "features-0.npy does not match the modification time" in verify_dir(path, content_limit=0)
+    # Too large to read on every load, a file whose size and time were put back passes: the documented limit.
+    os.utime(features, ns=(written.st_atime_ns, written.st_mtime_ns))
+    assert verify_dir(path, content_limit=0) is None
+    with open(features, "ab") as handle:
+        handle.write(b"\0")
+    assert f"features-0.npy has {written.st_size + 1} bytes, not the {written.st_size} written" in verify_dir(
+        path, content_limit=0)
 
 
 def test_partial_cache_is_never_read(tmp_path, caplog) -> None:

@@ -7,7 +7,8 @@ memmap, because dirty pages of a memmap count in the process's resident set unti
 evicts them, so a memmapped build would *look* as big as the pool even though it is not.
 
 A cache directory holds ``meta.json`` (the caller's key, layers, metric, dtype, sizes),
-``labels.npy``, ``pool_indices.npy`` and ``features-<i>.npy`` for the i-th layer. It is written
+``labels.npy``, ``pool_indices.npy``, ``features-<i>.npy`` for the i-th layer and
+``checksums.json`` (checked on every load, see :mod:`ask.utils.diskarrays`). It is written
 into a temporary sibling (``.<name>.tmp-<host>-<pid>-<random>``) and renamed into place only when
 complete, so a killed build leaves at most a temporary directory that is never read back.
 """
@@ -25,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from ask.utils.diskarrays import allocate_npy, open_mapped, publish_dir, pwrite_all, temporary_sibling
+from ask.utils.diskarrays import allocate_npy, open_mapped, publish_dir, pwrite_all, temporary_sibling, verify_dir
 
 log = logging.getLogger(__name__)
 
 FEATURE_DTYPES = ("float32", "float16")
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: checksums.json beside the arrays
 META = "meta.json"
 
 
@@ -175,6 +176,10 @@ def read_cache(directory: Path, expect: dict) -> tuple[dict, np.ndarray, np.ndar
     for name in ("layers", "metric", "feature_dtype", "n"):
         if meta.get(name) != expect.get(name):
             return f"its {name} differ ({meta.get(name)!r}, expected {expect.get(name)!r})"
+    # Last, as it reads every byte: a stale key is refused without reading the features.
+    changed = verify_dir(directory)
+    if changed is not None:
+        return changed
     try:
         labels = np.load(directory / "labels.npy")
         pool = np.load(directory / "pool_indices.npy")
