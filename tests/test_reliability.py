@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import BIN, REPO
+from tests.conftest import BIN, REPO, npy_data_offset, zero_in_place, zero_torch_record
 
 DOC = REPO / "docs" / "RELIABILITY.md"
 SECTION = "## Bad input"
@@ -39,7 +39,11 @@ TINY_TRAIN = ["dataset.train_per_class=20", "train.epochs=1", "train.batch_size=
 BROKEN_MODEL = ["dataset.train_per_class=20", "train.epochs=1", "train.batch_size=32", "model.width=8", "attack=[pgd]",
                 "eval.victims=[knn]", "eval.n_points=5"]
 # Placeholders that the row changes on purpose (rebuilt caches), or that cannot be read (a loop of links).
-UNWATCHED = {"tmp", "run", "stale_cache", "stale_entry", "broken_model_cache", "broken_model", "loop"}
+UNWATCHED = {"tmp", "run", "stale_cache", "stale_entry", "broken_model_cache", "broken_model", "loop",
+             "zeroed_feature_cache", "zeroed_feature_entry"}
+# A 16-bit greyscale PNG's values, per (split, class, file): the decoded pixels must be their high byte.
+SIXTEEN_BIT_SEED = 16
+REPLACEMENT_COLOUR = (9, 99, 199)
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,12 @@ class Setup:
         path.write_bytes(pickle.dumps({"format": "ask-checkpoint", "hook": _RunsCode(self.marker)}, protocol=2))
         return path
 
+    def make_zeroed_ckpt(self) -> Path:
+        path = self.root / "zeroed.pt"
+        shutil.copyfile(self.get("ckpt"), path)
+        zero_torch_record(path)
+        return path
+
     def make_weights_only(self) -> Path:
         import torch
 
@@ -303,6 +313,61 @@ class Setup:
         for image in (root / "train" / "b").iterdir():
             image.unlink()
         return root
+
+    def make_replaced_folder(self) -> Path:
+        """BMPs (all of one byte size) decoded into the rows' cache, then one of them rewritten in
+        place with other pixels and its times put back (what ``cp -p`` does)."""
+        from PIL import Image
+
+        from ask.config.schema import DatasetConfig
+        from ask.data import load_dataset
+
+        root = self.root / "replaced_folder"
+        for split, count in (("train", 8), ("test", 2)):
+            for label, name in enumerate(("a", "b", "c")):
+                (root / split / name).mkdir(parents=True)
+                for j in range(count):
+                    Image.new("RGB", (8, 8), (80 * label, 10 * j, 100)).save(root / split / name / f"{j}.bmp")
+        load_dataset(DatasetConfig(name="cifar10_folder", root=str(root)), self.cache, 0, progress=False)
+        target = root / "train" / "a" / "1.bmp"
+        before = target.stat()
+        Image.new("RGB", (8, 8), REPLACEMENT_COLOUR).save(self.root / "replacement.bmp")
+        target.write_bytes((self.root / "replacement.bmp").read_bytes())
+        os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = target.stat()
+        assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+        return root
+
+    def make_folder16(self) -> Path:
+        """16-bit greyscale PNGs (Pillow mode I;16), which convert('RGB') clipped to white."""
+        from PIL import Image
+
+        root = self.root / "folder16"
+        rng = np.random.default_rng(SIXTEEN_BIT_SEED)
+        for split, count in (("train", 8), ("test", 2)):
+            for name in ("a", "b", "c"):
+                (root / split / name).mkdir(parents=True)
+                for j in range(count):
+                    pixels = rng.integers(0, 65536, (8, 8), dtype=np.uint16)
+                    Image.fromarray(pixels).save(root / split / name / f"{j}.png")
+        return root
+
+    def make_zeroed_feature_cache(self) -> Path:
+        """A cache whose reference-feature entry for ``ckpt`` had its first layer's rows zeroed in place."""
+        cache = self.root / "zeroed_feature_cache"
+        _ok(_cli(["ask-attack", f"model.checkpoint={self.get('ckpt')}", "attack=[pgd]", "eval.victims=[knn]",
+                  "eval.n_points=20", "progress=false", f"cache_dir={cache}",
+                  f"hydra.run.dir={self.root / 'zeroed_a'}"], self.root, cache))
+        (entry,) = (cache / "features").iterdir()
+        features = entry / "features-0.npy"
+        self.zeroed = {"features": features.read_bytes(), "metrics": self.root / "zeroed_a" / "metrics.json"}
+        zero_in_place(features, npy_data_offset(features))
+        self.values["zeroed_feature_entry"] = entry
+        return cache
+
+    def make_zeroed_feature_entry(self) -> Path:
+        self.get("zeroed_feature_cache")
+        return self.values["zeroed_feature_entry"]
 
     # Runs ----------------------------------------------------------------------------------
     def make_stale_cache(self) -> Path:
@@ -463,16 +528,48 @@ def _nan_run_keeps_its_last_good_epoch(outcome: Outcome, setup: Setup) -> None:
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
+def _same_results(first: Path, again: Path) -> None:
+    keys = ("attack", "victim", "clean_acc", "robust_acc", "asr", "n_points")
+    rows = [[{k: r[k] for k in keys} for r in json.loads(path.read_text())["results"]] for path in (first, again)]
+    assert rows[0] == rows[1]
+
+
 def _stale_cache_is_rebuilt_not_used(outcome: Outcome, setup: Setup) -> None:
     stale = setup.stale
     # The file now holds ckpt_b's own features, and the numbers are those of ckpt_b's first run.
     contents = [sorted(_digest_tree(entry).values()) for entry in (stale["a"], stale["b"])]
     assert contents[0] != contents[1]
-    first = json.loads(stale["metrics_b"].read_text())["results"]
-    again = json.loads((outcome.run_dir / "metrics.json").read_text())["results"]
-    keys = ("attack", "victim", "clean_acc", "robust_acc", "asr", "n_points")
-    assert [{k: r[k] for k in keys} for r in again] == [{k: r[k] for k in keys} for r in first]
+    _same_results(stale["metrics_b"], outcome.run_dir / "metrics.json")
     assert "loaded reference features" not in outcome.done.stdout + outcome.done.stderr
+
+
+def _zeroed_features_are_rebuilt_not_used(outcome: Outcome, setup: Setup) -> None:
+    entry = Path(outcome.values["zeroed_feature_entry"])
+    assert (entry / "features-0.npy").read_bytes() == setup.zeroed["features"]  # rebuilt as first written
+    _same_results(setup.zeroed["metrics"], outcome.run_dir / "metrics.json")
+    assert "loaded reference features" not in outcome.done.stdout + outcome.done.stderr
+
+
+def _decoded_folder(setup: Setup, root: str) -> Path:
+    """The one dataset cache entry decoded from ``root``."""
+    entries = [entry for entry in (setup.cache / "datasets").iterdir()
+               if json.loads((entry / "meta.json").read_text())["root"] == root]
+    assert len(entries) == 1, entries
+    return entries[0]
+
+
+def _replaced_image_is_decoded_again(outcome: Outcome, setup: Setup) -> None:
+    images = np.load(_decoded_folder(setup, outcome.values["replaced_folder"]) / "train-images.npy")
+    assert (images[1] == np.array(REPLACEMENT_COLOUR, dtype=np.uint8)[:, None, None]).all()  # train/a/1.bmp
+    assert (images[0] == np.array((0, 0, 100), dtype=np.uint8)[:, None, None]).all()
+
+
+def _sixteen_bit_pixels_keep_their_high_byte(outcome: Outcome, setup: Setup) -> None:
+    images = np.load(_decoded_folder(setup, outcome.values["folder16"]) / "train-images.npy")
+    rng = np.random.default_rng(SIXTEEN_BIT_SEED)  # the values make_folder16 drew, in its order
+    expected = [rng.integers(0, 65536, (8, 8), dtype=np.uint16) for _ in range(3 * 8)]
+    for row, pixels in enumerate(expected):
+        assert (images[row] == (pixels >> 8).astype(np.uint8)).all(), row
 
 
 def _records_are_kept(outcome: Outcome, setup: Setup) -> None:
@@ -518,6 +615,9 @@ EXTRA_CHECKS: dict[str, Callable[[Outcome, Setup], None]] = {
     "disk-full-ask-train-its-run-lock-and-log": _full_disk_says_it_once,
     "eval-n-points-above-the-test-split-evaluates-all-of-it": _results_are_readable_by_the_group,
     "a-sweep-job-failed": _failed_sweep_still_ran_the_other_job,
+    "reference-feature-cache-zeroed-in-place-detected-rebuilt-not-used": _zeroed_features_are_rebuilt_not_used,
+    "dataset-image-replaced-by-one-of-the-same-size-after-it-was-cached-decoded-again": _replaced_image_is_decoded_again,
+    "16-bit-greyscale-pngs-decoded-by-their-high-byte-not-clipped-to-white": _sixteen_bit_pixels_keep_their_high_byte,
 }
 
 
