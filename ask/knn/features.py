@@ -26,7 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from ask.utils.diskarrays import allocate_npy, open_mapped, publish_dir, pwrite_all, temporary_sibling, verify_dir
+from ask.utils.diskarrays import (
+    allocate_npy,
+    open_mapped,
+    publish_dir,
+    pwrite_all,
+    temporary_sibling,
+    verify_dir,
+)
 
 log = logging.getLogger(__name__)
 
