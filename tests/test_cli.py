@@ -161,7 +161,7 @@ def test_a_typo_beside_a_users_config_dir_lists_both_kinds_of_option(tmp_path: P
     folder = _user_config_dir(tmp_path)
     done = run_cli("ask-attack", ["-cd", str(folder), "dataset=mnie"], tmp_path, shared_cache)
     line = _fails_cleanly(done, "unknown dataset 'mnie'")
-    assert "cifar10, cifar10_folder, digits, imagenet, imagenette, mine" in line, line
+    assert "cifar10, cifar10_folder, digits, folder, imagenet, imagenette, mine" in line, line
 
 
 def test_an_ivf_index_records_its_recall_in_the_metrics(demo: dict, shared_cache: Path) -> None:

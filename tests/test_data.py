@@ -24,6 +24,7 @@ from ask.data import (
     load_dataset,
     to_float,
 )
+from ask.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from ask.errors import ConfigError, DataError
 from ask.utils.io import LoadError, atomic_save, safe_load
 from tests.conftest import npy_data_offset, zero_in_place, zero_torch_record
@@ -112,7 +113,7 @@ def test_digits_too_many_per_class(tmp_path):
 
 
 def test_unknown_dataset_name(tmp_path):
-    with pytest.raises(ConfigError, match="cifar10, cifar10_folder, digits, imagenet, imagenette"):
+    with pytest.raises(ConfigError, match="cifar10, cifar10_folder, digits, folder, imagenet, imagenette"):
         load_dataset(DatasetConfig(name="mnist"), tmp_path, 0, progress=False)
 
 
@@ -241,7 +242,7 @@ def test_cifar10_folder_pixels_labels_and_cache(tmp_path, monkeypatch):
         "checksums.json", "meta.json", "test-images.npy", "test-labels.npy", "train-images.npy", "train-labels.npy"]
     assert np.array_equal(np.load(cached / "train-images.npy"), bundle.train.images.numpy())
 
-    def broken(path, size):
+    def broken(path, size, short_side=None):
         raise AssertionError("decoded again")
 
     monkeypatch.setattr(folders, "decode_image", broken)
@@ -385,6 +386,49 @@ def test_imagenette_resize_and_center_crop(tmp_path):
 
     with pytest.raises(DataError, match="dataset.image_size"):
         load_dataset(DatasetConfig(name="imagenette", root=str(root), image_size=None), tmp_path, 0)
+
+
+def test_a_generic_folder_takes_its_classes_and_statistics_from_the_tree(tmp_path):
+    root = tmp_path / "mine"
+    _write_tree(root, {"train": {"x": 3, "y": 2}, "val": {"x": 1, "y": 1}})
+    cfg = DatasetConfig(name="folder", root=str(root), splits=["train", "val"])
+    bundle = load_dataset(cfg, tmp_path / "cache", seed=0, progress=False)
+    assert bundle.classes == ["x", "y"] and bundle.num_classes == 2
+    _check_colours(bundle.train, [3, 2])
+    _check_colours(bundle.test, [1, 1])
+    # Solid 8x8 images: the statistics over every training pixel, computed here directly.
+    colours = torch.tensor([_colour(label, j) for label, n in enumerate([3, 2]) for j in range(n)]).double() / 255
+    pixels = colours.repeat_interleave(64, dim=0)
+    assert bundle.mean == pytest.approx(tuple(pixels.mean(0).tolist()), abs=1e-9)
+    assert bundle.std == pytest.approx(tuple(pixels.std(0).tolist()), abs=1e-9)
+    given = load_dataset(DatasetConfig(name="folder", root=str(root), splits=["train", "val"], mean=[0.5] * 3,
+                                       std=[0.25] * 3), tmp_path / "cache", seed=0, progress=False)
+    assert given.mean == (0.5, 0.5, 0.5) and given.std == (0.25, 0.25, 0.25)
+    # The presets keep their own splits and statistics.
+    _write_tree(tmp_path / "cifar", {"train": {"x": 2, "y": 2}, "test": {"x": 1, "y": 1}})
+    preset = load_dataset(DatasetConfig(name="cifar10_folder", root=str(tmp_path / "cifar")), tmp_path / "cache", 0,
+                          progress=False)
+    assert preset.mean == CIFAR10_MEAN and preset.std == CIFAR10_STD
+    with pytest.raises(ConfigError, match="dataset.splits"):
+        DatasetConfig(name="folder", root=str(root), splits=["train"])
+
+
+def test_resize256_crop224_is_torchvisions_resize_then_centre_crop(tmp_path):
+    import torchvision.transforms as T
+
+    root = tmp_path / "wide"
+    _write_tree(root, {"train": {"a": 1, "b": 1}, "test": {"a": 1, "b": 1}}, size=(40, 30))
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 256, size=(30, 40, 3), dtype=np.uint8))
+    noise.save(root / "train" / "b" / "999.png")
+    cfg = DatasetConfig(name="folder", root=str(root), image_size=16, resize="resize256_crop224")
+    bundle = load_dataset(cfg, tmp_path / "cache", seed=0, progress=False)
+    # 16 x 256/224 = 18.3: the short side goes to 18, then the centre 16 x 16 is kept.
+    reference = T.Compose([T.Resize(18), T.CenterCrop(16), T.PILToTensor()])(noise)
+    assert torch.equal(bundle.train.images[2], reference)
+    plain = load_dataset(DatasetConfig(name="folder", root=str(root), image_size=16), tmp_path / "cache", 0,
+                         progress=False)
+    assert torch.equal(plain.train.images[2], T.Compose([T.Resize(16), T.CenterCrop(16), T.PILToTensor()])(noise))
+    assert not torch.equal(plain.train.images[2], bundle.train.images[2])  # two recipes, two cache entries
 
 
 def test_folder_errors(tmp_path):

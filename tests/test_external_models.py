@@ -14,7 +14,6 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from ask.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from tests.conftest import REPO, run_cli
 
 CLASSES = ("ant", "bee", "cat")
@@ -53,10 +52,10 @@ def user_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "tree": root / "tree", "resnet18": root / "resnet18.pt", "tiny": root / "tiny.pt"}
 
 
-def _test_images(tree: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _images(tree: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
     for label, name in enumerate(CLASSES):
-        for path in sorted((tree / "test" / name).glob("*.png")):
+        for path in sorted((tree / split / name).glob("*.png")):
             images.append(torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1))
             labels.append(label)
     return torch.stack(images).float() / 255, torch.tensor(labels)
@@ -71,7 +70,7 @@ def test_a_torchvision_state_dict_is_attacked_without_training(user_files: dict[
                                                                 shared_cache: Path) -> None:
     done = run_cli("ask-attack", [
         "model=torchvision", "model.arch=resnet18", f"model.weights={user_files['resnet18']}",
-        "dataset=cifar10_folder", f"dataset.root={user_files['tree']}", "knn.layers=[layer3]",
+        "dataset=folder", f"dataset.root={user_files['tree']}", "knn.layers=[layer3]",
         "attack=[ask,pgd]", "eval.victims=[dnn,knn]", "progress=false", "hydra.run.dir=run"], tmp_path, shared_cache)
     assert done.returncode == 0, done.stderr[-2000:]
     assert re.search(r"^any\s+knn\s", done.stdout, flags=re.M), done.stdout  # the worst-case rows are printed
@@ -80,8 +79,10 @@ def test_a_torchvision_state_dict_is_attacked_without_training(user_files: dict[
     # The weights really are the file's: the clean accuracy is the network's own on the test images.
     net = torchvision.models.resnet18(num_classes=len(CLASSES))
     net.load_state_dict(torch.load(user_files["resnet18"], weights_only=True))
-    images, labels = _test_images(user_files["tree"])
-    mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    images, labels = _images(user_files["tree"], "test")
+    # dataset=folder normalises with the training split's own statistics.
+    train = _images(user_files["tree"], "train")[0].double().transpose(0, 1).reshape(3, -1)
+    mean, std = train.mean(1).float().view(1, 3, 1, 1), train.std(1).float().view(1, 3, 1, 1)
     with torch.no_grad():
         expected = (net.eval()((images - mean) / std).argmax(1) == labels).float().mean().item()
     assert rows[("pgd", "dnn")]["clean_acc"] == pytest.approx(expected, abs=1e-6)

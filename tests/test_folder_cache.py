@@ -77,14 +77,14 @@ def test_a_killed_decode_leaves_no_cache_and_the_next_build_cleans_up(tmp_path: 
         from ask.config.schema import DatasetConfig
         from ask.data import load_dataset
         decode, count, lock = folders.decode_image, [0], threading.Lock()
-        def slow(path, size):
+        def slow(path, size, short_side=None):
             with lock:
                 count[0] += 1
                 if count[0] == 500:
                     print("decoding", flush=True)
             if count[0] >= 500:
                 time.sleep(60)
-            return decode(path, size)
+            return decode(path, size, short_side)
         folders.decode_image = slow
         load_dataset(DatasetConfig(name="imagenette", root={str(root)!r}, image_size=32), {str(cache)!r}, 0,
                      progress=False)

@@ -25,6 +25,9 @@ NORMS = ("linf", "l2")
 METRICS = ("cosine", "l2")
 VICTIMS = ("dnn", "knn", "dknn", "dknn_vote")
 AMP_SETTINGS = ("auto", "bf16", "off")  # what each means: ask.utils.precision
+# How a folder's images reach dataset.image_size: the shorter side resized to image_size, or to
+# image_size x 256/224 (the usual ImageNet evaluation: 256, then the centre 224), then centre-cropped.
+RESIZE_RECIPES = {"short_side_crop": 1.0, "resize256_crop224": 256 / 224}
 
 
 def parse_size(value: Any, name: str) -> float:
@@ -76,9 +79,20 @@ class DatasetConfig:
     augment: str = "none"  # none | crop | crop_flip
     auto_train: bool = False  # ask-attack may train a model on the fly when no checkpoint is given
     cache: bool = True  # keep decoded tensors on disk so JPEG folders are decoded once
+    # Image folders: the training and test folders under root (null: the preset's, [train, test]
+    # for dataset=folder), the per-channel statistics (null: the preset's; for dataset=folder,
+    # computed from the training split) and how images reach image_size
+    splits: list[str] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    resize: str = "short_side_crop"  # short_side_crop | resize256_crop224 (what RESIZE_RECIPES says)
 
     def __post_init__(self) -> None:
         _check_choice(self.augment, ("none", "crop", "crop_flip"), "dataset.augment")
+        _check_choice(self.resize, tuple(RESIZE_RECIPES), "dataset.resize")
+        _require(self.splits is None or (len(self.splits) == 2 and len(set(self.splits)) == 2),
+                 f"dataset.splits={self.splits} must name two folders, training then test, e.g. [train,val]")
+        _require((self.mean is None) == (self.std is None), "give dataset.mean and dataset.std together, or neither")
         for name in ("train_per_class", "test_per_class", "image_size"):
             value = getattr(self, name)
             _require(value is None or value > 0, f"dataset.{name}={value} must be positive or null")

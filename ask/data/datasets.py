@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ask.config.schema import DatasetConfig
+from ask.config.schema import RESIZE_RECIPES, DatasetConfig
 from ask.data.augment import resize_uint8, to_float
 from ask.data.splits import ImageSplit, balanced_indices, complement, purpose_generator
 from ask.errors import ConfigError, DataError
@@ -114,26 +114,76 @@ def _load_cifar10(cfg: DatasetConfig, cache_dir: Path, progress: bool):
     )
 
 
-def _folder_loader(split_names: tuple[str, str], mean, std, needs_size: bool) -> Loader:
-    def load(cfg: DatasetConfig, cache_dir: Path, progress: bool):
-        from ask.data.folders import load_folder_splits
+@dataclass(frozen=True)
+class FolderPreset:
+    """What a named image-folder dataset fixes: its split folders, statistics, and whether its
+    images come in many sizes (so dataset.image_size is required)."""
 
-        if needs_size and cfg.image_size is None:
-            raise DataError(f"{cfg.name} images come in many sizes; set dataset.image_size (e.g. 128 or 224)")
-        classes, train, test = load_folder_splits(
-            cfg.name, cfg.root, split_names, cfg.image_size, cache_dir, cfg.cache, progress
-        )
-        return classes, train, test, mean, std
+    splits: tuple[str, str] = ("train", "test")
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    needs_size: bool = False
 
-    return load
+
+# The generic ``folder`` and its presets; a preset's field yields to the config's when that is set.
+FOLDER_PRESETS = {
+    "folder": FolderPreset(),
+    "cifar10_folder": FolderPreset(("train", "test"), CIFAR10_MEAN, CIFAR10_STD),
+    "imagenet": FolderPreset(("train", "val"), IMAGENET_MEAN, IMAGENET_STD, needs_size=True),
+    "imagenette": FolderPreset(("train", "val"), IMAGENET_MEAN, IMAGENET_STD, needs_size=True),
+}
+
+
+def _load_folder(cfg: DatasetConfig, cache_dir: Path, progress: bool):
+    """An ImageFolder tree ``<root>/<splits[0]>/<class>/*`` and ``<root>/<splits[1]>/<class>/*``:
+    classes from the tree, statistics from the config, the preset or the training split."""
+    from ask.data.folders import load_folder_splits
+
+    preset = FOLDER_PRESETS[cfg.name]
+    if preset.needs_size and cfg.image_size is None:
+        raise DataError(f"{cfg.name} images come in many sizes; set dataset.image_size (e.g. 128 or 224)")
+    splits = tuple(cfg.splits) if cfg.splits is not None else preset.splits
+    scale = RESIZE_RECIPES[cfg.resize]
+    if scale != 1.0 and cfg.image_size is None:
+        raise DataError(f"dataset.resize={cfg.resize} needs dataset.image_size (e.g. 224)")
+    short_side = None if scale == 1.0 else round(cfg.image_size * scale)
+    classes, train, test = load_folder_splits(
+        cfg.name, cfg.root, (splits[0], splits[1]), cfg.image_size, cache_dir, cfg.cache, progress,
+        short_side=short_side,
+    )
+    if cfg.mean is not None:
+        return classes, train, test, tuple(cfg.mean), tuple(cfg.std)
+    if preset.mean is not None:
+        return classes, train, test, preset.mean, preset.std
+    mean, std = channel_stats_chunked(train.images)
+    log.info("dataset %s: mean %s, std %s from its %d training images (set dataset.mean and dataset.std to fix them)",
+             cfg.name, [round(v, 4) for v in mean], [round(v, 4) for v in std], len(train))
+    return classes, train, test, mean, std
+
+
+def channel_stats_chunked(images: torch.Tensor, chunk: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 ``images`` in [0, 1] units, read ``chunk``
+    images at a time (a memory-mapped ImageNet split is never held in RAM as floats)."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    count = 0
+    for start in range(0, len(images), chunk):
+        x = (images[start:start + chunk].to(torch.float64) / 255).transpose(0, 1).reshape(channels, -1)
+        total += x.sum(1)
+        squares += (x * x).sum(1)
+        count += x.shape[1]
+    if count < 2:
+        raise DataError("the training split has too few pixels to compute dataset.mean and dataset.std; set both")
+    mean = total / count
+    var = ((squares - count * mean * mean) / (count - 1)).clamp_min(0)
+    return tuple(mean.tolist()), tuple(var.sqrt().clamp_min(1e-6).tolist())
 
 
 LOADERS: dict[str, Loader] = {
     "digits": _load_digits,
     "cifar10": _load_cifar10,
-    "cifar10_folder": _folder_loader(("train", "test"), CIFAR10_MEAN, CIFAR10_STD, False),
-    "imagenet": _folder_loader(("train", "val"), IMAGENET_MEAN, IMAGENET_STD, True),
-    "imagenette": _folder_loader(("train", "val"), IMAGENET_MEAN, IMAGENET_STD, True),
+    **{name: _load_folder for name in FOLDER_PRESETS},
 }
 
 

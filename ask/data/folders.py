@@ -128,26 +128,28 @@ def list_split(directory: Path, layout: str) -> SplitListing:
     return SplitListing(directory, classes, paths, labels, stats)
 
 
-def decode_image(path: str, size: int | None) -> torch.Tensor:
+def decode_image(path: str, size: int | None, short_side: int | None = None) -> torch.Tensor:
     """Decode one file to an RGB ``3 x H x W`` uint8 tensor.
 
-    With ``size``, the shorter side is resized to ``size`` (bilinear, antialiased) and the centre
-    ``size x size`` square is kept; square images are simply resized. Images already at
-    ``size x size`` are left untouched.
+    With ``size``, the shorter side is resized to ``short_side`` (default ``size``; bilinear,
+    antialiased) and the centre ``size x size`` square is kept: ``short_side=256, size=224`` is
+    the usual ImageNet evaluation recipe. Images already at ``size x size`` with no larger
+    ``short_side`` are left untouched.
     """
     from PIL import Image
 
+    side = size if short_side is None else max(short_side, size or 0)
     with Image.open(path) as img:
         if size is not None and img.format == "JPEG":
-            # Lets libjpeg skip detail by DCT scaling; the result stays at least size x size.
-            img.draft("RGB", (size, size))
+            # Lets libjpeg skip detail by DCT scaling; the result stays at least side x side.
+            img.draft("RGB", (side, side))
         img = _to_rgb(img)
-        if size is not None and img.size != (size, size):
+        if size is not None and (img.size != (size, size) or side != size):
             w, h = img.size
             if w <= h:
-                new_w, new_h = size, int(size * h / w)
+                new_w, new_h = side, int(side * h / w)
             else:
-                new_w, new_h = int(size * w / h), size
+                new_w, new_h = int(side * w / h), side
             img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
             left = int(round((new_w - size) / 2.0))
             top = int(round((new_h - size) / 2.0))
@@ -174,9 +176,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return Image.fromarray((values >> 8).astype(np.uint8)).convert("RGB")
 
 
-def _decode_checked(path: str, size: int | None) -> torch.Tensor:
+def _decode_checked(path: str, size: int | None, short_side: int | None = None) -> torch.Tensor:
     try:
-        image = decode_image(path, size)
+        image = decode_image(path, size, short_side)
     except DataError:
         raise
     except Exception as exc:
@@ -198,7 +200,8 @@ def _workers() -> int:
 
 
 def decode_split(
-    paths: list[str], size: int | None, progress: bool, desc: str, out: Path | None = None
+    paths: list[str], size: int | None, progress: bool, desc: str, out: Path | None = None,
+    short_side: int | None = None,
 ) -> torch.Tensor:
     """Decode ``paths`` into one ``N x 3 x H x W`` uint8 tensor with a thread pool.
 
@@ -208,7 +211,7 @@ def decode_split(
     """
     if not paths:
         return torch.empty((0, 3, size or 0, size or 0), dtype=torch.uint8)
-    first = _decode_checked(paths[0], size)
+    first = _decode_checked(paths[0], size, short_side)
     height, width = first.shape[1:]
     shape = (len(paths), 3, height, width)
     in_memory = torch.empty(shape, dtype=torch.uint8) if out is None else None
@@ -220,7 +223,7 @@ def decode_split(
 
     def run_chunk(start: int, stop: int) -> int:
         for i in range(start, stop):
-            image = first if i == 0 else _decode_checked(paths[i], size)
+            image = first if i == 0 else _decode_checked(paths[i], size, short_side)
             if image.shape[1:] != (height, width):
                 raise DataError(
                     f"image '{paths[i]}' is {image.shape[2]}x{image.shape[1]} but "
@@ -256,16 +259,20 @@ def _mapped(path: Path) -> torch.Tensor:
 
 
 def _cache_path(
-    cache_dir: Path, name: str, root: Path, size: int | None, listings: list[SplitListing]
+    cache_dir: Path, name: str, root: Path, size: int | None, listings: list[SplitListing],
+    short_side: int | None = None,
 ) -> Path:
     digest = hashlib.sha256()
-    digest.update(f"v{CACHE_VERSION}|{name}|{root}|{size}".encode())
+    # Without a separate short side the key is the one written before it existed: caches stay valid.
+    recipe = f"{size}" if short_side is None else f"{size}@{short_side}"
+    digest.update(f"v{CACHE_VERSION}|{name}|{root}|{recipe}".encode())
     for listing in listings:
         digest.update(f"|{listing.directory.name}:{listing.fingerprint()}".encode())
     return cache_dir / "datasets" / f"{name}-{digest.hexdigest()[:16]}"
 
 
-def _remove_outdated_entries(cache_path: Path, name: str, root: Path, size: int | None) -> None:
+def _remove_outdated_entries(cache_path: Path, name: str, root: Path, size: int | None,
+                             short_side: int | None = None) -> None:
     """Delete the cache entries of ``root`` at ``size`` decoded from an earlier state of its files.
 
     Files added, removed or replaced give the folder a new entry; the old ones can never match
@@ -277,7 +284,7 @@ def _remove_outdated_entries(cache_path: Path, name: str, root: Path, size: int 
         except (OSError, ValueError):
             continue
         if (isinstance(meta, dict) and meta.get("version") == CACHE_VERSION and meta.get("root") == str(root)
-                and meta.get("image_size") == size):
+                and meta.get("image_size") == size and meta.get("short_side") == short_side):
             log.warning("the images under '%s' changed since they were decoded into the cache %s; decoding them "
                         "again", root, entry)
             remove_tree(entry)
@@ -325,8 +332,10 @@ def load_folder_splits(
     cache_dir: str | Path,
     use_cache: bool,
     progress: bool,
+    short_side: int | None = None,
 ) -> tuple[list[str], ImageSplit, ImageSplit]:
-    """Return ``(classes, train, test)`` from ``root/<train>`` and ``root/<test>`` class folders."""
+    """Return ``(classes, train, test)`` from ``root/<train>`` and ``root/<test>`` class folders,
+    resized as :func:`decode_image` says."""
     train_name, test_name = split_names
     layout = f"<root>/{train_name}/<class>/*.jpg and <root>/{test_name}/<class>/*.jpg"
     if root is None or str(root).strip() in ("", "???"):
@@ -366,13 +375,14 @@ def load_folder_splits(
 
     if not use_cache:
         splits = [
-            ImageSplit(decode_split(listing.paths, image_size, progress, desc=f"decode {name}/{split}"),
+            ImageSplit(decode_split(listing.paths, image_size, progress, desc=f"decode {name}/{split}",
+                                    short_side=short_side),
                        torch.tensor(listing.labels, dtype=torch.int64))
             for split, listing in zip(split_names, listings, strict=True)
         ]
         return classes, splits[0], splits[1]
 
-    cache_path = _cache_path(Path(cache_dir).expanduser(), name, root_path, image_size, listings)
+    cache_path = _cache_path(Path(cache_dir).expanduser(), name, root_path, image_size, listings, short_side)
     if cache_path.exists():
         cached = _read_cache(cache_path, split_names, listings, image_size)
         if not isinstance(cached, str):
@@ -381,17 +391,20 @@ def load_folder_splits(
         log.warning("ignoring the dataset cache %s: %s; rebuilding it", cache_path, cached)
         remove_tree(cache_path)
     else:
-        _remove_outdated_entries(cache_path, name, root_path, image_size)
+        _remove_outdated_entries(cache_path, name, root_path, image_size, short_side)
 
     started = time.perf_counter()
     tmp = None
     try:
         tmp = temporary_sibling(cache_path)
         for split, listing in zip(split_names, listings, strict=True):
-            decode_split(listing.paths, image_size, progress, f"decode {name}/{split}", out=tmp / f"{split}-images.npy")
+            decode_split(listing.paths, image_size, progress, f"decode {name}/{split}", out=tmp / f"{split}-images.npy",
+                         short_side=short_side)
             np.save(tmp / f"{split}-labels.npy", np.asarray(listing.labels, dtype=np.int64))
         meta = {"version": CACHE_VERSION, "root": str(root_path), "image_size": image_size, "classes": classes,
                 "splits": list(split_names)}
+        if short_side is not None:
+            meta["short_side"] = short_side
         (tmp / "meta.json").write_text(json.dumps(meta))
         publish_dir(tmp, cache_path)
     except BaseException as exc:
