@@ -129,7 +129,7 @@ def test_unknown_attack_lists_the_available_ones(tmp_path: Path, shared_cache: P
     done = run_cli("ask-attack", ["attack=[ask,cw]"], tmp_path, shared_cache)
     _fails_cleanly(done, "unknown attack 'cw'", "ask", "pgd")
     done = run_cli("ask-train", ["model=alexnet"], tmp_path, shared_cache)
-    _fails_cleanly(done, "unknown model 'alexnet'", "smallcnn, vgg16")
+    _fails_cleanly(done, "unknown model 'alexnet'", "smallcnn, torchvision, vgg16")
 
 
 def _user_config_dir(tmp_path: Path) -> Path:
