@@ -204,7 +204,7 @@ def test_worst_case_rows_are_reported_and_never_joined_across_attack_lists(sweep
         by_seed = {0: (0.90, 0.10), 1: (0.80, 0.05)} if eps == 0.1 else {0: (0.90, 0.40), 1: (0.80, 0.30)}
         clean, robust = by_seed[seed]
         metrics["results"].append({**_result("any", "knn", eps, clean, robust), "attacks": ["ask", "pgd"],
-                                   "broken_by": {"ask": 20, "pgd": 15}, "only_by": {"ask": 5, "pgd": 1}})
+                                   "broken_by": {"ask": 20, "pgd": 15 + seed}, "only_by": {"ask": 5 + seed, "pgd": 1}})
         metrics_path.write_text(json.dumps(metrics))
     report = write_report([sweep])
     rows = _csv_rows(sweep / "report.csv")
@@ -212,7 +212,11 @@ def test_worst_case_rows_are_reported_and_never_joined_across_attack_lists(sweep
     assert worst["runs"] == "2" and worst["settings"] == "" and worst["attacks"] == "ask pgd"
     assert float(worst["robust_acc_mean"]) == pytest.approx(0.075)
     assert _find(rows, "ask", "knn", 0.1)["attacks"] == ""
+    # What each attack broke, and broke alone, averaged over the two seeds.
+    assert (worst["broken_by"], worst["only_by"]) == ("ask=20.0 pgd=15.5", "ask=5.5 pgd=1.0")
+    assert _find(rows, "ask", "knn", 0.1)["only_by"] == ""
     text = report.markdown.read_text()
+    assert text.count("| knn | ask 5.5, pgd 1 | ask 20, pgd 15.5 |") == 2  # both eps
     assert "| any | knn | 85.0 ± 7.1 | 7.5 ± 3.5 |" in text
     assert "| any | knn | 35.0 ± 7.1 | 7.5 ± 3.5 |" in text.split("robust accuracy (%) by eps")[1]
     assert "per-point worst case" in text

@@ -7,9 +7,9 @@ the sample standard deviation (n - 1) of their clean accuracy, robust accuracy a
 confidence interval (:func:`confidence_interval`): Student's t over the replicates' values when
 there are two or more, Wilson's binomial interval over the single run's points otherwise.
 
-A run of two attacks or more also has one ``any`` row per victim, the per-point worst case over
-its attacks (see :mod:`ask.evaluation.evaluate`). Which attacks it combines is one of its settings,
-so worst cases over different attack lists are never averaged, nor joined in an eps curve.
+Every run also has one ``any`` row per victim, the per-point worst case over its attacks (see
+:mod:`ask.evaluation.evaluate`). Which attacks it combines is one of its settings, so worst cases
+over different attack lists are never averaged, nor joined in an eps curve.
 
 Settings other than the defence, dataset, model, eps and norm (a layer, a temperature, a step
 count) split rows only where they actually differ between runs that would otherwise be averaged
@@ -64,6 +64,8 @@ STAT_FIELDS = ("clean_acc", "robust_acc", "asr", "mean_linf", "mean_l2", "second
 CI_FIELDS = ("clean_acc", "robust_acc", "asr")
 #: The ``attack`` of worst-case rows (``ask.evaluation.evaluate.ANY_ATTACK``; not imported: it needs torch).
 ANY_ATTACK = "any"
+#: A worst-case row's per-attack point counts (see ``ask.evaluation.evaluate.worst_case``).
+BREAKDOWN_FIELDS = ("broken_by", "only_by")
 #: The setting that names the attacks a worst-case row combines.
 ANY_SETTING = "attacks"
 
@@ -422,6 +424,14 @@ def _denominators(members: Sequence[tuple[Run, dict[str, Any]]], name: str) -> l
     return counts
 
 
+def _mean_counts(per_run: list[Any], attacks: Sequence[str]) -> dict[str, float] | None:
+    """Per attack, the mean over the runs of a worst-case row's count (``broken_by``, ``only_by``);
+    None unless every run recorded it."""
+    if not attacks or not all(isinstance(counts, dict) for counts in per_run):
+        return None
+    return {attack: statistics.fmean(float(counts.get(attack, 0)) for counts in per_run) for attack in attacks}
+
+
 def aggregate(runs: Sequence[Run], notes: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per (defence, dataset, model, eps, norm, attack, victim[, varying settings]).
 
@@ -432,8 +442,9 @@ def aggregate(runs: Sequence[Run], notes: list[str] | None = None) -> list[dict[
     ``<stat>_count`` for every name in :data:`STAT_FIELDS`; ``<stat>_ci_low``, ``<stat>_ci_high``
     and ``<stat>_ci_kind`` (:func:`confidence_interval`) for every name in :data:`CI_FIELDS`; plus
     ``runs``, ``seeds``, ``n_points`` (per run; the smallest if they differ), ``n_points_total``,
-    ``settings``, ``attacks`` (the attacks a worst-case row combines, else empty) and
-    ``directories``.
+    ``settings``, ``attacks`` (the attacks a worst-case row combines, else empty),
+    ``broken_by`` and ``only_by`` (a worst-case row's per-attack counts, mean over the runs; else
+    None) and ``directories``.
     """
     entries = []  # (key, settings, run, result row)
     attack_order: dict[str, int] = {}
@@ -519,6 +530,8 @@ def aggregate(runs: Sequence[Run], notes: list[str] | None = None) -> list[dict[
         row["seeds"] = " ".join(str(s) for s in sorted({run.seed for run, _ in members if run.seed is not None}))
         combined = members[0][1].get(ANY_SETTING) if row["attack"] == ANY_ATTACK else None
         row["attacks"] = " ".join(str(a) for a in combined or [])
+        for name in BREAKDOWN_FIELDS:
+            row[name] = _mean_counts([r.get(name) for _, r in members], combined or [])
         row["directories"] = [run.directory for run, _ in members]
         rows.append(row)
     rows.sort(key=lambda r: (r["defense"], r["dataset"], r["model"], r["norm"], r["eps"], r["settings"],
@@ -586,6 +599,20 @@ def _results_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(header, body)
 
 
+def _format_counts(counts: dict[str, float] | None) -> str:
+    return "-" if counts is None else ", ".join(f"{attack} {count:.4g}" for attack, count in counts.items())
+
+
+def _breakdown_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Per worst-case row, the points each attack broke, and those it alone broke (mean per run)."""
+    worst = [r for r in rows if r["attack"] == ANY_ATTACK]
+    with_settings = any(r["settings"] for r in worst)
+    header = ["victim", *(["settings"] if with_settings else []), "broke alone (only_by)", "broke (broken_by)"]
+    body = [[r["victim"], *([r["settings"] or "-"] if with_settings else []),
+             _format_counts(r["only_by"]), _format_counts(r["broken_by"])] for r in worst]
+    return _table(header, body)
+
+
 def _pivot_table(rows: list[dict[str, Any]], eps_values: list[float], norm: str) -> list[str]:
     """Robust accuracy with one column per eps, one line per (attack, victim, settings)."""
     lines: dict[tuple[str, str, str], dict[float, dict[str, Any]]] = {}
@@ -626,8 +653,11 @@ def render_markdown(rows: list[dict[str, Any]], collection: Collection, out_dir:
               "Attack `any` is the per-point worst case over the attacks of the same run (AutoAttack's "
               "rule): a point counts as robust only if the victim classifies it correctly both clean "
               "and after every attack; its ASR is the fraction of correctly classified points that at "
-              "least one attack broke. `attacks=[...]` names the attacks combined where that differs "
-              "between rows.", ""]
+              "least one attack broke; points wrong on clean inputs are never robust and not in its "
+              "ASR. `attacks=[...]` names the attacks combined where that differs between rows. Below "
+              "each table, `broken_by` counts the correctly classified points each attack broke and "
+              "`only_by` those no other attack of the run broke (what the worst case would lose "
+              "without that attack), as the mean number of points per run.", ""]
     if not rows:
         lines += ["No successful runs.", ""]
     families = _unique((r["defense"], r["dataset"], r["model"]) for r in rows)
@@ -641,7 +671,11 @@ def render_markdown(rows: list[dict[str, Any]], collection: Collection, out_dir:
                 title = f"### {norm} eps = {format_eps(eps, norm)}"
                 if format_eps(eps, norm) != f"{eps:.4g}":
                     title += f" ({eps:.4g})"
-                lines += [title, "", *_results_table([r for r in norm_rows if r["eps"] == eps]), ""]
+                eps_rows = [r for r in norm_rows if r["eps"] == eps]
+                lines += [title, "", *_results_table(eps_rows), ""]
+                if any(r["attack"] == ANY_ATTACK for r in eps_rows):
+                    lines += ["Worst case, points per run broken by each attack:", "",
+                              *_breakdown_table(eps_rows), ""]
             if len(eps_values) > 1:
                 lines += [f"### {norm}: robust accuracy (%) by eps", "",
                           *_pivot_table(norm_rows, eps_values, norm), ""]
@@ -680,7 +714,7 @@ def render_csv(rows: list[dict[str, Any]], out_dir: Path) -> str:
                *(f"{name}_{stat}" for name in STAT_FIELDS for stat in ("mean", "std", "count")),
                "directories",
                *(f"{name}_ci_{part}" for name in CI_FIELDS for part in ("low", "high", "kind")),
-               "attacks"]
+               "attacks", *BREAKDOWN_FIELDS]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -689,6 +723,9 @@ def render_csv(rows: list[dict[str, Any]], out_dir: Path) -> str:
         plain = {name: "" if row[name] is None else repr(row[name]) if isinstance(row[name], float) else row[name]
                  for name in columns if name != "directories"}
         plain["directories"] = ";".join(_relative(d, out_dir) for d in row["directories"])
+        for name in BREAKDOWN_FIELDS:  # "ask=20 pgd=15.5", in the order of `attacks`
+            counts = row[name]
+            plain[name] = "" if counts is None else " ".join(f"{a}={c!r}" for a, c in counts.items())
         writer.writerow(plain)
     return buffer.getvalue()
 
