@@ -209,4 +209,6 @@ def test_ask_attack_under_torchrun_evaluates_once_on_rank_0(tmp_path: Path, shar
     (metrics_path,) = tmp_path.glob("outputs/*/*/*/metrics.json")
     assert metrics_path.parts[-4] == "attack"
     metrics = json.loads(metrics_path.read_text())
-    assert metrics["n_points"] == 12 and [r["victim"] for r in metrics["results"]] == ["dnn", "knn"]
+    assert metrics["n_points"] == 12
+    assert [(r["attack"], r["victim"]) for r in metrics["results"]] == [
+        ("pgd", "dnn"), ("pgd", "knn"), ("any", "dnn"), ("any", "knn")]

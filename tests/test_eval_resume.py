@@ -4,6 +4,7 @@ two runs with the same seed write the same metrics.json byte for byte, timings a
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import re
@@ -17,8 +18,9 @@ import torch
 
 import ask.evaluation.evaluate as evaluate_module
 from ask.data import ImageSplit, load_dataset
-from ask.evaluation.evaluate import evaluation_key
+from ask.evaluation.evaluate import evaluation_key, point_indices
 from ask.evaluation.job import auto_checkpoint, run_attack_job
+from ask.reporting import write_report
 from ask.utils import precision
 from ask.utils.io import LoadError, atomic_save, safe_load
 from tests.conftest import compose_run, finish_cli, start_cli
@@ -182,35 +184,43 @@ def test_the_key_follows_what_changes_the_numbers(shared_cache: Path) -> None:
 TWO_ATTACKS = ["attack=[ask,pgd]", "eval.victims=[dnn,knn]", *IN_PROCESS]
 
 
-def test_worst_case_rows_follow_the_per_point_results_and_survive_a_resume(
+def _per_point(run_dir: Path) -> tuple[list[int], list[int], dict[str, dict[str, list[bool]]]]:
+    """per_point.csv read back: the points, their labels, and per victim the columns (clean, attacks)."""
+    with open(run_dir / "per_point.csv", newline="") as handle:
+        lines = list(csv.DictReader(handle))
+    victims = list(dict.fromkeys(line["victim"] for line in lines))
+    points = [int(line["point"]) for line in lines if line["victim"] == victims[0]]
+    labels = [int(line["label"]) for line in lines if line["victim"] == victims[0]]
+    columns = {victim: {name: [line[name] == "1" for line in lines if line["victim"] == victim]
+                        for name in lines[0] if name not in ("point", "label", "victim")}
+               for victim in victims}
+    return points, labels, columns
+
+
+def test_worst_case_rows_follow_the_saved_per_point_results_and_survive_a_resume(
         tmp_path: Path, shared_cache: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     def run(run_dir: Path) -> dict:
         return run_attack_job(compose_run("attack", [f"model.checkpoint={checkpoint}", *TWO_ATTACKS], shared_cache),
                               run_dir)
 
-    saved: list[dict] = []
-
-    def keep(state: dict, path: Path) -> Path:
-        saved.append(state)
-        return atomic_save(state, path)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(evaluate_module, "atomic_save", keep)
-        metrics = run(tmp_path / "whole")
-    final = saved[-1]  # the state after the last batch: every point's flags
-    assert final["next_batch"] == final["n_batches"] == 5
+    metrics = run(tmp_path / "whole")
     rows = {(r["attack"], r["victim"]): r for r in metrics["results"]}
     assert list(rows) == [(a, v) for a in ("ask", "pgd", "any") for v in ("dnn", "knn")]
     written = json.loads((tmp_path / "whole" / "metrics.json").read_text())["results"]
     assert [r["attack"] for r in written][-2:] == ["any", "any"]
 
-    for victim in ("dnn", "knn"):
-        clean = final["clean_ok"][victim].tolist()
-        adv = {attack: final["adv_ok"][attack][victim].tolist() for attack in ("ask", "pgd")}
-        assert len(clean) == 40 and all(len(flags) == 40 for flags in adv.values())
+    points, labels, per_point = _per_point(tmp_path / "whole")
+    data = load_dataset(compose_run("attack", [], shared_cache).dataset, shared_cache, seed=0, progress=False)
+    assert points == point_indices(len(data.test), 40, seed=0).tolist()
+    assert labels == data.test.labels[points].tolist()
+    assert list(per_point) == ["dnn", "knn"]
+    for victim, columns in per_point.items():
+        assert list(columns) == ["clean", "ask", "pgd"] and all(len(flags) == 40 for flags in columns.values())
+        clean = columns.pop("clean")
+        adv = columns
         right = sum(clean)
-        # The saved flags are the points the counts were made of: they give each attack's row.
+        # The saved points are the ones the counts were made of: they give each attack's row.
         for attack, flags in adv.items():
             row = rows[(attack, victim)]
             assert row["clean_acc"] == right / 40 and row["robust_acc"] == sum(flags) / 40
@@ -227,10 +237,23 @@ def test_worst_case_rows_follow_the_per_point_results_and_survive_a_resume(
         assert worst["broken_by"] == {attack: len(points) for attack, points in broken.items()}
         assert worst["only_by"] == {"ask": len(broken["ask"] - broken["pgd"]),
                                     "pgd": len(broken["pgd"] - broken["ask"])}
+        both = len(broken["ask"] & broken["pgd"])
+        assert worst["times_broken"] == [sum(robust), len(broken["ask"] ^ broken["pgd"]), both]
         assert worst["attacks"] == ["ask", "pgd"]
         assert (worst["eps"], worst["norm"], worst["steps"]) == (metrics["eps"], metrics["norm"], metrics["steps"])
         assert worst["seconds"] == pytest.approx(sum(rows[(a, victim)]["seconds"] for a in adv))
     assert rows[("any", "knn")]["asr"] > 0  # the attacks do break points on the kNN
+    # ask-report carries the worst case over, with what each attack broke.
+    report = write_report([tmp_path / "whole"], tmp_path / "report", plots=False)
+    reported = {(r["attack"], r["victim"]): r for r in report.rows}
+    for victim in ("dnn", "knn"):
+        worst = rows[("any", victim)]
+        assert reported[("any", victim)]["robust_acc_mean"] == worst["robust_acc"]
+        assert reported[("any", victim)]["asr_mean"] == worst["asr"]
+        assert reported[("any", victim)]["only_by"] == {a: float(n) for a, n in worst["only_by"].items()}
+    text = report.markdown.read_text()
+    knn = rows[("any", "knn")]
+    assert f"| any | knn | {100 * knn['clean_acc']:.1f} | {100 * knn['robust_acc']:.1f} |" in text
 
     # Stopped after two of five batches and run again: the worst case needs the flags of the
     # points done before the stop, so it is right only if they were saved and restored.
@@ -239,10 +262,34 @@ def test_worst_case_rows_follow_the_per_point_results_and_survive_a_resume(
         _interrupt_after(2, patch)
         with pytest.raises(_Interrupted):
             run(resumed)
+    assert not (resumed / "per_point.csv").exists()
     caplog.set_level(logging.INFO)
     run(resumed)
     assert "resuming evaluation at batch 3/5 (16 points done)" in caplog.text
     assert _without_timings(resumed) == _without_timings(tmp_path / "whole")
+    assert (resumed / "per_point.csv").read_bytes() == (tmp_path / "whole" / "per_point.csv").read_bytes()
+
+
+def test_with_one_attack_the_worst_case_is_that_attacks_row(tmp_path: Path, shared_cache: Path,
+                                                           checkpoint: Path) -> None:
+    overrides = [f"model.checkpoint={checkpoint}", "attack=[pgd]", "eval.victims=[dnn,knn]", *IN_PROCESS]
+    metrics = run_attack_job(compose_run("attack", overrides, shared_cache), tmp_path)
+    rows = {(r["attack"], r["victim"]): r for r in metrics["results"]}
+    assert list(rows) == [(a, v) for a in ("pgd", "any") for v in ("dnn", "knn")]
+    _, _, per_point = _per_point(tmp_path)
+    for victim in ("dnn", "knn"):
+        pgd, worst = rows[("pgd", victim)], rows[("any", victim)]
+        for key in ("clean_acc", "asr", "n_points", "eps", "norm", "steps", "seconds"):
+            assert worst[key] == pgd[key], key
+        assert worst["attacks"] == ["pgd"] and worst["only_by"] == worst["broken_by"]
+        assert worst["broken_by"] == {"pgd": round(pgd["asr"] * pgd["clean_acc"] * 40)}
+        # The attack's row counts right on x'; the worst case also asks right on x. They part only
+        # by the points wrong on x that the attack's x' happens to get right.
+        clean, flags = per_point[victim]["clean"], per_point[victim]["pgd"]
+        recovered = sum(a and not c for c, a in zip(clean, flags, strict=True))
+        assert worst["robust_acc"] == pytest.approx(pgd["robust_acc"] - recovered / 40)
+        assert worst["times_broken"] == [round(worst["robust_acc"] * 40), worst["broken_by"]["pgd"]]
+    assert rows[("any", "dnn")]["asr"] > 0  # PGD breaks points on the network it attacks
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def test_victims_share_one_forward_pass_and_score_as_alone(digits, monkeypatch):
 def test_evaluate_gives_the_numbers_of_an_unshared_run(digits, monkeypatch):
     run, data, model, store = digits
     points = select_points(data.test, 96, run.seed)  # two batches of 48
-    rows, _ = evaluate(run, model, points, store, torch.device("cpu"), calibration=data.calib)
+    rows, _, _ = evaluate(run, model, points, store, torch.device("cpu"), calibration=data.calib)
 
     # The same evaluation with every search and every victim's forward pass done on its own.
     monkeypatch.setattr(type(store), "shared_searches", lambda self, depth=0: contextlib.nullcontext())
@@ -71,7 +71,7 @@ def test_evaluate_gives_the_numbers_of_an_unshared_run(digits, monkeypatch):
     searches = []
     search = store.search
     monkeypatch.setattr(store, "search", lambda *a: searches.append(1) or search(*a))
-    alone, _ = evaluate(run, model, points, store, torch.device("cpu"), calibration=data.calib)
+    alone, _, _ = evaluate(run, model, points, store, torch.device("cpu"), calibration=data.calib)
     assert len(searches) > 0
 
     def numbers(table):

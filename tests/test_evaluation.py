@@ -72,10 +72,17 @@ def test_worst_case_counts_a_point_robust_only_if_every_attack_failed() -> None:
         "attacks": ["ask", "pgd"],
         "broken_by": {"ask": 3, "pgd": 2},
         "only_by": {"ask": 2, "pgd": 1},  # 1 and 4; 3
+        "times_broken": [2, 3, 1],  # of the six right on x: 0 and 5 unbroken; 1, 3, 4 once; 2 twice
     }
     assert worst["robust_acc"] <= min(float(ask.float().mean()), float(pgd.float().mean()))
     nothing_right = worst_case(torch.zeros(3, dtype=torch.bool), {"ask": ask[:3], "pgd": pgd[:3]})
     assert nothing_right["asr"] is None and nothing_right["robust_acc"] == 0.0
+    assert nothing_right["times_broken"] == [0, 0, 0]
+    # One attack: the worst case is that attack's own accuracies.
+    alone = worst_case(clean, {"ask": ask})
+    assert alone["robust_acc"] == float((clean & ask).float().mean()) == 3 / 8  # 0, 3, 5
+    assert alone["asr"] == 3 / 6 and alone["only_by"] == alone["broken_by"] == {"ask": 3}
+    assert alone["times_broken"] == [3, 3]
 
 
 def test_worst_case_rows_are_left_out_of_the_sanity_checks() -> None:

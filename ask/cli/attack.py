@@ -14,8 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def _lowest_robust_accuracy(metrics: dict[str, Any]) -> float:
-    """What a sweeper would minimise: the lowest robust accuracy found (with several attacks, that
-    of a per-point worst-case `any` row)."""
+    """What a sweeper would minimise: the lowest robust accuracy found (that of a per-point
+    worst-case `any` row)."""
     return min(row["robust_acc"] for row in metrics["results"])
 
 

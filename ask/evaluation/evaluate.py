@@ -5,10 +5,12 @@ scored on x and on x'. The counts give clean accuracy, robust accuracy, attack s
 (the fraction of the points a victim got right on x that it gets wrong on x') and perturbation
 norms, all with the number of points evaluated.
 
-With two attacks or more, each victim also gets an ``attack: "any"`` row, the per-point worst case
-(AutoAttack's rule): a point is robust only if the victim gets it right on x and on every attack's
-x'. It comes from the per-point correctness flags kept for every (attack, victim), not from the
-counts, which cannot tell which points different attacks broke.
+Each victim also gets an ``attack: "any"`` row, the per-point worst case (AutoAttack's rule): a
+point is robust only if the victim gets it right on x and on every attack's x'. It comes from the
+per-point correctness flags kept for every (attack, victim) (:class:`PointOutcomes`, which the
+caller can save), not from the counts, which cannot tell which points different attacks broke.
+With one attack it repeats that attack's row, except that the points wrong on x which x' happens
+to get right are not robust; every run has the same rows to compare.
 
 An evaluation can be resumed: after every batch the counts, the per-point flags, the norms so far
 and every random state an attack draws from are saved atomically (:func:`evaluate`'s
@@ -18,7 +20,9 @@ batch and ends with the same numbers as an uninterrupted run; only the timings d
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
 import time
@@ -158,13 +162,19 @@ class _AttackStats:
     zero_grad_points: int = 0
 
 
+def point_indices(n_split: int, n_points: int | None, seed: int) -> Tensor:
+    """Where in a split of ``n_split`` the points :func:`select_points` picks are, in order."""
+    if n_points is None or n_points >= n_split:
+        return torch.arange(n_split)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_split, generator=generator)[:n_points].sort().values
+
+
 def select_points(split: ImageSplit, n_points: int | None, seed: int) -> ImageSplit:
     """The first ``n_points`` of a seeded shuffle (folders are class-sorted; a prefix would be one class)."""
     if n_points is None or n_points >= len(split):
         return split
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(split), generator=generator)[:n_points].sort().values
-    return split.subset(index)
+    return split.subset(point_indices(len(split), n_points, seed))
 
 
 def attack_seed(seed: int, attack_name: str) -> int:
@@ -176,6 +186,40 @@ def attack_seed(seed: int, attack_name: str) -> int:
 ANY_ATTACK = "any"
 
 
+@dataclass
+class PointOutcomes:
+    """Per point, in the order evaluated: did each victim get it right on x, and on each attack's x'.
+
+    ``clean_ok[victim]`` and ``adv_ok[(attack, victim)]`` are boolean CPU vectors over the points.
+    """
+
+    clean_ok: dict[str, Tensor]
+    adv_ok: dict[tuple[str, str], Tensor]
+
+    @property
+    def attacks(self) -> list[str]:
+        return list(dict.fromkeys(attack for attack, _ in self.adv_ok))
+
+    @property
+    def victims(self) -> list[str]:
+        return list(self.clean_ok)
+
+    def to_csv(self, indices: Tensor, labels: Tensor) -> str:
+        """One line per (point, victim): ``point`` (its position in the split the points were drawn
+        from, ``indices``), ``label``, ``victim``, ``clean`` and one column per attack, 1 where the
+        victim was right and 0 where it was wrong."""
+        attacks = self.attacks
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["point", "label", "victim", "clean", *attacks])
+        columns = {victim: torch.stack([self.clean_ok[victim], *(self.adv_ok[(a, victim)] for a in attacks)], 1)
+                   .int().tolist() for victim in self.victims}
+        for i, (point, label) in enumerate(zip(indices.tolist(), labels.tolist(), strict=True)):
+            for victim, flags in columns.items():
+                writer.writerow([point, label, victim, *flags[i]])
+        return text.getvalue()
+
+
 def worst_case(clean_ok: Tensor, adv_ok: dict[str, Tensor]) -> dict[str, Any]:
     """The per-point worst case over ``adv_ok``'s attacks on one victim (AutoAttack's rule).
 
@@ -184,8 +228,9 @@ def worst_case(clean_ok: Tensor, adv_ok: dict[str, Tensor]) -> dict[str, Any]:
     is right on x and on every x'; it is *broken* when right on x and wrong on some x'. Returns
     ``clean_acc``, ``robust_acc`` (robust points / points), ``asr`` (broken / right on x, None
     when no point is right on x), ``n_points``, ``attacks`` (the names, in order), ``broken_by``
-    (per attack, the points right on x that it made wrong) and ``only_by`` (per attack, the points
-    no other attack broke).
+    (per attack, the points right on x that it made wrong), ``only_by`` (per attack, the points
+    it broke and no other attack did) and ``times_broken`` (entry k: the points right on x that
+    exactly k of the attacks broke, k = 0 .. number of attacks; entry 0 is the robust points).
     """
     n = int(clean_ok.numel())
     wrong = {name: clean_ok & ~ok for name, ok in adv_ok.items()}  # broken by that attack
@@ -200,6 +245,7 @@ def worst_case(clean_ok: Tensor, adv_ok: dict[str, Tensor]) -> dict[str, Any]:
         "attacks": list(adv_ok),
         "broken_by": {name: int(w.sum()) for name, w in wrong.items()},
         "only_by": {name: int((w & (times_broken == 1)).sum()) for name, w in wrong.items()},
+        "times_broken": torch.bincount(times_broken[clean_ok], minlength=len(adv_ok) + 1).tolist(),
     }
 
 
@@ -433,11 +479,13 @@ def _load_progress(state_path: Path, key: str, n_batches: int, n_points: int, ba
 
 def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: ReferenceStore,
              device: torch.device, calibration: ImageSplit | None = None, *,
-             state_path: Path | None = None, state_key: str = "") -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of the result table, one per (attack, victim), and the sanity warnings.
+             state_path: Path | None = None,
+             state_key: str = "") -> tuple[list[dict[str, Any]], list[str], PointOutcomes]:
+    """Rows of the result table, one per (attack, victim), the sanity warnings, and the per-point
+    outcomes the rows are counted from.
 
-    With two attacks or more, one worst-case row per victim follows (``attack`` :data:`ANY_ATTACK`,
-    see :func:`worst_case`), with the attacks' summed ``seconds`` and the threat model.
+    One worst-case row per victim follows the attacks' rows (``attack`` :data:`ANY_ATTACK`, see
+    :func:`worst_case`), with the attacks' summed ``seconds`` and the threat model.
 
     With ``state_path``, the progress is saved there after every batch and a matching saved state
     (same ``state_key``, see :func:`evaluation_key`) is resumed from; the caller removes the file
@@ -545,18 +593,21 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
     warnings = sanity_warnings(rows, white_box)
     for warning in warnings:
         log.warning(warning)
-    if len(attacks) >= 2:
-        seconds = sum(stats[name].seconds for name in attacks)
-        for victim in victims:
-            worst = worst_case(_joined(progress.clean_ok[victim.name]),
-                               {name: _joined(progress.adv_ok[(name, victim.name)]) for name in attacks})
-            n = worst.pop("n_points")
-            rows.append({
-                "attack": ANY_ATTACK, "victim": victim.name,
-                **{key: worst.pop(key) for key in ("clean_acc", "robust_acc", "asr")},
-                "n_points": n, "seconds": seconds,
-                "eps": run.attack.eps, "norm": run.attack.norm, "steps": run.attack.steps,
-                "images_per_second": n / seconds if seconds > 0 else None,
-                **worst,  # attacks, broken_by, only_by
-            })
-    return rows, warnings
+    outcomes = PointOutcomes(
+        clean_ok={victim.name: _joined(progress.clean_ok[victim.name]) for victim in victims},
+        adv_ok={key: _joined(parts) for key, parts in progress.adv_ok.items()},
+    )
+    seconds = sum(stats[name].seconds for name in attacks)
+    for victim in victims:
+        worst = worst_case(outcomes.clean_ok[victim.name],
+                           {name: outcomes.adv_ok[(name, victim.name)] for name in attacks})
+        n = worst.pop("n_points")
+        rows.append({
+            "attack": ANY_ATTACK, "victim": victim.name,
+            **{key: worst.pop(key) for key in ("clean_acc", "robust_acc", "asr")},
+            "n_points": n, "seconds": seconds,
+            "eps": run.attack.eps, "norm": run.attack.norm, "steps": run.attack.steps,
+            "images_per_second": n / seconds if seconds > 0 else None,
+            **worst,  # attacks, broken_by, only_by, times_broken
+        })
+    return rows, warnings, outcomes

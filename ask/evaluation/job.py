@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from ask.config.schema import EXTERNAL_MODELS, RunConfig
 from ask.data import DataBundle, balanced_indices, load_dataset
 from ask.errors import CheckpointError, ConfigError
-from ask.evaluation.evaluate import ANY_ATTACK, evaluate, evaluation_key, select_points
+from ask.evaluation.evaluate import ANY_ATTACK, evaluate, evaluation_key, point_indices, select_points
 from ask.knn import ReferenceStore, store_cache_key
 from ask.models import FeatureModel
 from ask.reporting import format_results_table
@@ -28,6 +28,9 @@ from ask.utils.rundir import run_lock
 from ask.utils.runtime import configure_backends, float32_precision, seed_everything, select_device
 
 log = logging.getLogger(__name__)
+
+#: Per point and victim, right (1) or wrong (0) on x and on each attack's x' (PointOutcomes.to_csv).
+PER_POINT_FILE = "per_point.csv"
 
 
 def file_digest(path: str | Path) -> str:
@@ -168,7 +171,7 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     """Evaluate ``run.attack.methods`` x ``run.eval.victims``; write and return ``metrics.json``."""
     assert run.attack is not None and run.eval is not None
     output_dir = Path(output_dir)
-    require_file_slot(output_dir / "metrics.json", output_dir / "eval_state.pt")
+    require_file_slot(output_dir / "metrics.json", output_dir / PER_POINT_FILE, output_dir / "eval_state.pt")
     device = select_device(run.device)
     seed_everything(run.seed, run.deterministic)
     fp32_mode = configure_backends(device, run.deterministic, run.tf32)
@@ -203,8 +206,11 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     # Per-batch progress: the same command in the same output directory resumes an interrupted run.
     state_path = output_dir / "eval_state.pt"
     state_key = evaluation_key(run, checkpoint_digest, points, device)
-    rows, warnings = evaluate(run, model, points, store, device, calibration=data.calib,
-                              state_path=state_path, state_key=state_key)
+    rows, warnings, outcomes = evaluate(run, model, points, store, device, calibration=data.calib,
+                                        state_path=state_path, state_key=state_key)
+    # Written before metrics.json: a run with metrics.json always has the points its rows count.
+    indices = point_indices(len(data.test), run.eval.n_points, run.seed)
+    atomic_write_text(output_dir / PER_POINT_FILE, outcomes.to_csv(indices, points.labels))
 
     metrics = {
         "dataset": run.dataset.name,
@@ -237,10 +243,9 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     print(f"\n{run.dataset.name} / {run.model.name} / layer {run.knn.layers[0]} / "
           f"{run.attack.norm} eps={run.attack.eps:.4g} / {len(points)} points\n")
     print(format_results_table(rows))
-    worst = next((row for row in rows if row["attack"] == ANY_ATTACK), None)
-    if worst is not None:
-        print(f"(any: the per-point worst case over {', '.join(worst['attacks'])}; a point is robust only "
-              "if every attack failed on it)")
+    worst = next(row for row in rows if row["attack"] == ANY_ATTACK)
+    print(f"(any: the per-point worst case over {', '.join(worst['attacks'])}; a point is robust only "
+          f"if right on x and every attack failed on it; per point: {PER_POINT_FILE})")
     for warning in warnings:
         print(f"warning: {warning}")
     print(f"\nwrote {output_dir / 'metrics.json'}")
