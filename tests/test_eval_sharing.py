@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import ask.evaluation.evaluate as evaluate_module
-from ask.data import load_dataset, to_float
-from ask.evaluation.evaluate import build_victims, evaluate, select_points
+from ask.data import load_dataset, select_points, to_float
+from ask.evaluation.evaluate import build_victims, evaluate
 from ask.evaluation.job import build_store
 from ask.knn import DkNNClassifier, DkNNVoteClassifier, KNNClassifier
 from ask.training.trainer import build_model_for

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ask.data import ImageSplit
-from ask.evaluation.evaluate import ANY_ATTACK, attack_seed, sanity_warnings, select_points, worst_case
+from ask.attacks import attack_seed
+from ask.data import ImageSplit, select_points
+from ask.evaluation.evaluate import sanity_warnings, worst_case
 from ask.reporting import format_results_table
+from ask.reporting.labels import ANY_ATTACK
 
 
 def _row(attack: str, victim: str, asr: float | None, zero: int = 0) -> dict:

@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from ask.attacks import ThreatModel, build_attack
-from ask.data import load_dataset, to_float
-from ask.evaluation.evaluate import select_points
+from ask.data import load_dataset, select_points, to_float
 from ask.evaluation.job import auto_checkpoint, load_model
 from tests.conftest import compose_run
 

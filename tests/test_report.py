@@ -14,9 +14,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from ask.reporting import ReportCallback, ReportError, write_report
+from ask.reporting.labels import format_eps
 from ask.reporting.report import (
     default_out_dir,
-    format_eps,
     t_interval,
     t_quantile_975,
     wilson_interval,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -59,6 +60,11 @@ LossFn = Callable[[Tensor, Tensor], "Tensor | tuple[Tensor, Tensor]"]
 
 # Per-example norms below this count as zero (avoids 0/0 in the L2 direction).
 _TINY = 1e-12
+
+
+def attack_seed(seed: int, attack_name: str) -> int:
+    """A per-attack seed, stable across runs and independent of the attack's position in the list."""
+    return seed * 1_000_003 + zlib.crc32(attack_name.encode())
 
 
 # ------------------------------------------------------------------------------ threat model

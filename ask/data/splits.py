@@ -124,3 +124,21 @@ def complement(n: int, indices: torch.Tensor) -> torch.Tensor:
     keep = torch.ones(n, dtype=torch.bool)
     keep[indices] = False
     return keep.nonzero().flatten()
+
+
+def point_indices(n_split: int, n_points: int | None, seed: int) -> torch.Tensor:
+    """Where in a split of ``n_split`` the points :func:`select_points` picks are, in order."""
+    if n_points is None or n_points >= n_split:
+        return torch.arange(n_split)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_split, generator=generator)[:n_points].sort().values
+
+
+def select_points(split: ImageSplit, n_points: int | None, seed: int) -> ImageSplit:
+    """The first ``n_points`` of a seeded shuffle (folders are class-sorted; a prefix would be one class).
+
+    The points an evaluation attacks, and the validation points robust validation attacks.
+    """
+    if n_points is None or n_points >= len(split):
+        return split
+    return split.subset(point_indices(len(split), n_points, seed))

@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,12 +36,13 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ask.attacks import Attack, ThreatModel, build_attack
+from ask.attacks import Attack, ThreatModel, attack_seed, build_attack
 from ask.config.schema import RunConfig
 from ask.data import ImageSplit, to_float
 from ask.errors import ConfigError
 from ask.knn import DkNNClassifier, DkNNVoteClassifier, KNNClassifier, ReferenceStore
 from ask.models import FeatureModel
+from ask.reporting.labels import ANY_ATTACK
 from ask.utils import precision
 from ask.utils.io import LoadError, atomic_save, safe_load
 from ask.utils.runtime import to_device
@@ -162,28 +162,6 @@ class _AttackStats:
     zero_grad_points: int = 0
 
 
-def point_indices(n_split: int, n_points: int | None, seed: int) -> Tensor:
-    """Where in a split of ``n_split`` the points :func:`select_points` picks are, in order."""
-    if n_points is None or n_points >= n_split:
-        return torch.arange(n_split)
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(n_split, generator=generator)[:n_points].sort().values
-
-
-def select_points(split: ImageSplit, n_points: int | None, seed: int) -> ImageSplit:
-    """The first ``n_points`` of a seeded shuffle (folders are class-sorted; a prefix would be one class)."""
-    if n_points is None or n_points >= len(split):
-        return split
-    return split.subset(point_indices(len(split), n_points, seed))
-
-
-def attack_seed(seed: int, attack_name: str) -> int:
-    """A per-attack seed, stable across runs and independent of the attack's position in the list."""
-    return seed * 1_000_003 + zlib.crc32(attack_name.encode())
-
-
-#: The ``attack`` of the per-victim worst-case rows (no registered attack has this name).
-ANY_ATTACK = "any"
 
 
 @dataclass

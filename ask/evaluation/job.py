@@ -14,12 +14,13 @@ import torch
 from omegaconf import OmegaConf
 
 from ask.config.schema import EXTERNAL_MODELS, RunConfig
-from ask.data import DataBundle, balanced_indices, load_dataset
+from ask.data import DataBundle, balanced_indices, load_dataset, point_indices, select_points
 from ask.errors import CheckpointError, ConfigError
-from ask.evaluation.evaluate import ANY_ATTACK, evaluate, evaluation_key, point_indices, select_points
+from ask.evaluation.evaluate import evaluate, evaluation_key
 from ask.knn import ReferenceStore, store_cache_key
 from ask.models import FeatureModel
 from ask.reporting import format_results_table
+from ask.reporting.labels import ANY_ATTACK
 from ask.training.checkpoint import check_compatible, load_checkpoint, load_weights
 from ask.training.trainer import build_model_for, train
 from ask.utils import precision

@@ -23,7 +23,7 @@ from matplotlib import rcParams
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ask.reporting.report import ANY_ATTACK, format_eps
+from ask.reporting.labels import ANY_ATTACK, format_eps
 
 _FAMILY_FIELDS = ("defense", "dataset", "model", "norm", "settings")
 _LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))

@@ -48,6 +48,7 @@ from typing import Any
 import yaml
 
 from ask.errors import AskError
+from ask.reporting.labels import ANY_ATTACK, format_eps
 from ask.utils.io import atomic_write_bytes, require_file_slot
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,6 @@ KEY_FIELDS = ("defense", "dataset", "model", "eps", "norm", "attack", "victim")
 STAT_FIELDS = ("clean_acc", "robust_acc", "asr", "mean_linf", "mean_l2", "seconds")
 #: Given a 95 % interval, with ``_ci_low``, ``_ci_high`` and ``_ci_kind`` columns in report.csv.
 CI_FIELDS = ("clean_acc", "robust_acc", "asr")
-#: The ``attack`` of worst-case rows (``ask.evaluation.evaluate.ANY_ATTACK``; not imported: it needs torch).
-ANY_ATTACK = "any"
 #: A worst-case row's per-attack point counts (see ``ask.evaluation.evaluate.worst_case``).
 BREAKDOWN_FIELDS = ("broken_by", "only_by")
 #: The setting that names the attacks a worst-case row combines.
@@ -541,21 +540,6 @@ def aggregate(runs: Sequence[Run], notes: list[str] | None = None) -> list[dict[
 
 # --------------------------------------------------------------------------------------------
 # Writing
-
-
-def format_eps(eps: float, norm: str = "linf") -> str:
-    """``0.0314`` as ``8/255`` where it is a whole number of 8-bit grey levels (L-inf only).
-
-    A short decimal wins when it is exact: ``0.2`` is also 51/255, but it was typed as 0.2.
-    """
-    if math.isnan(eps):
-        return "?"
-    short = f"{eps:.4g}"
-    levels = eps * 255
-    if (norm == "linf" and abs(float(short) - eps) > 1e-12 * max(1.0, abs(eps))
-            and abs(levels - round(levels)) < 1e-6 and round(levels) > 0):
-        return f"{round(levels)}/255"
-    return short
 
 
 def _percent(mean: float | None, std: float | None) -> str:

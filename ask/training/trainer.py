@@ -29,12 +29,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ask.attacks import ThreatModel, build_attack
+from ask.attacks import ThreatModel, attack_seed, build_attack
 from ask.config.schema import EXTERNAL_MODELS, RunConfig
-from ask.data import DataBundle, ImageSplit, augment_batch, balanced_indices, load_dataset, to_float
+from ask.data import (
+    DataBundle,
+    ImageSplit,
+    augment_batch,
+    balanced_indices,
+    load_dataset,
+    select_points,
+    to_float,
+)
 from ask.defenses import DEFENSES, build_defense
 from ask.errors import ConfigError, NonFiniteLossError
-from ask.evaluation.evaluate import attack_seed, select_points
 from ask.knn import KNNClassifier, ReferenceStore
 from ask.models import FeatureModel, build_model
 from ask.training import distributed
