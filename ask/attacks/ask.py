@@ -15,12 +15,12 @@ from torch import Tensor, nn
 from ask.attacks._common import check_int, check_knn_layers, check_labels, check_positive, smallest_class
 from ask.attacks.ask_loss import KINDS, ClassSums, multi_layer_ask_objective
 from ask.attacks.base import Attack, ThreatModel, register_attack
+from ask.constants import METRICS
 from ask.errors import ConfigError
 from ask.knn.similarity import l2_normalize
 
 __all__ = ["ASKAttack", "ASKInstanceAttack", "gather_references"]
 
-METRICS = ("cosine", "l2")
 _MB = 1024 * 1024
 
 

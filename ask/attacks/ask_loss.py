@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ask.constants import ASK_KINDS
 from ask.knn.similarity import l2_normalize, pairwise_similarity, rowwise_similarity, safe_norm
 
 __all__ = [
@@ -50,7 +51,7 @@ __all__ = [
     "sum_unit_references",
 ]
 
-KINDS = ("instance", "class")
+KINDS = ASK_KINDS
 
 
 class ClassSums(NamedTuple):

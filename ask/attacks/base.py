@@ -28,6 +28,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ask.constants import NORMS
 from ask.errors import ConfigError, DataError
 
 __all__ = [
@@ -50,7 +51,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-NORMS = ("linf", "l2")
 
 #: A per-example objective: ``loss_fn(x_adv, labels) -> Tensor[B]``; the loop ascends it. It may
 #: also return ``(objective, direction)``: the loop then records ``objective`` and steps along the

@@ -19,11 +19,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from ask.constants import FEATURE_DTYPES, INDEX_KINDS, METRICS, NORMS, VICTIMS
 from ask.errors import ConfigError
 
-NORMS = ("linf", "l2")
-METRICS = ("cosine", "l2")
-VICTIMS = ("dnn", "knn", "dknn", "dknn_vote")
 AMP_SETTINGS = ("auto", "bf16", "off")  # what each means: ask.utils.precision
 # How a folder's images reach dataset.image_size: the shorter side resized to image_size, or to
 # image_size x 256/224 (the usual ImageNet evaluation: 256, then the centre 224), then centre-cropped.
@@ -157,8 +155,8 @@ class KnnConfig:
     def __post_init__(self) -> None:
         _require(self.k >= 1, f"knn.k={self.k} must be >= 1")
         _check_choice(self.metric, METRICS, "knn.metric")
-        _check_choice(self.index, ("flat", "ivf"), "knn.index")
-        _check_choice(self.feature_dtype, ("float32", "float16"), "knn.feature_dtype")
+        _check_choice(self.index, INDEX_KINDS, "knn.index")
+        _check_choice(self.feature_dtype, FEATURE_DTYPES, "knn.feature_dtype")
         _require(self.nlist is None or self.nlist >= 1,
                  f"knn.nlist={self.nlist} must be >= 1 or null (null: about 4 sqrt(N) cells)")
         _require(self.nprobe >= 1, f"knn.nprobe={self.nprobe} must be >= 1, e.g. 32")

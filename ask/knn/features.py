@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ask.constants import FEATURE_DTYPES
 from ask.utils.diskarrays import (
     allocate_npy,
     open_mapped,
@@ -37,7 +38,6 @@ from ask.utils.diskarrays import (
 
 log = logging.getLogger(__name__)
 
-FEATURE_DTYPES = ("float32", "float16")
 CACHE_FORMAT = 3  # 3: checksums.json beside the arrays
 META = "meta.json"
 

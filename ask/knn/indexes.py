@@ -19,7 +19,6 @@ import numpy as np
 
 from ask.knn.faiss_build import faiss
 
-INDEX_KINDS = ("flat", "ivf")
 # faiss warns below this many training points per k-means cell (the clustering is then poor).
 MIN_POINTS_PER_LIST = 39
 # Training sample size per cell: above faiss's minimum, far below its 256 default cap, because

@@ -14,9 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ask.constants import METRICS
 from ask.errors import ConfigError
-
-METRICS = ("cosine", "l2")
 
 # Guard on vector norms and distances. The guard acts on the *squared* quantity (clamped at
 # _EPS**2 before the square root), so the derivative of the clamp is exactly zero below the guard

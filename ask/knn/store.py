@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ask.constants import INDEX_KINDS
 from ask.errors import ConfigError, ModelError, require_named_layers
 from ask.knn.faiss_build import faiss, gpu_index_problem
 from ask.knn.features import (
@@ -45,7 +46,7 @@ from ask.knn.features import (
     read_cache,
     read_rows,
 )
-from ask.knn.indexes import INDEX_KINDS, build_index, ivf_nlist, recall_at_k, set_nprobe, uses_ivf
+from ask.knn.indexes import build_index, ivf_nlist, recall_at_k, set_nprobe, uses_ivf
 from ask.knn.similarity import check_metric, l2_normalize, rowwise_similarity
 from ask.utils.diskarrays import remove_tree
 from ask.utils.runtime import to_device
