@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import ask.evaluation.evaluate as evaluate_module
-from ask.data import ImageSplit, load_dataset
-from ask.evaluation.evaluate import evaluation_key, point_indices
+from ask.data import ImageSplit, load_dataset, point_indices
+from ask.evaluation.evaluate import evaluation_key
 from ask.evaluation.job import auto_checkpoint, run_attack_job
 from ask.reporting import write_report
 from ask.utils import precision
