@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 # Before anything below imports torch: cuBLAS reads it at the first GEMM, and tests on a GPU may
@@ -22,6 +23,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from ask.config import RunConfig, config_dir, register_configs, resolve
+from tests import prewarmed
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG = REPO.parent / "shared" / "data" / "cifar10-jpeg"
@@ -35,6 +37,12 @@ def compose_run(config_name: str, overrides: list[str], cache_dir: Path) -> RunC
     with initialize_config_dir(config_dir(), version_base="1.3"):
         cfg = compose(config_name, overrides=[f"cache_dir={cache_dir}", "progress=false", *overrides])
     return resolve(cfg)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _zygote_ends_with_the_session() -> Iterator[None]:
+    yield
+    prewarmed.stop_zygote()
 
 
 @pytest.fixture
@@ -61,12 +69,26 @@ CLI_TIMEOUT_S = 1800
 
 
 def run_cli(program: str, args: list[str], cwd: Path, cache: Path,
-            timeout: int = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run an installed console script the way a user would."""
-    env = {**os.environ, "ASK_CACHE_DIR": str(cache), "HYDRA_FULL_ERROR": "0"}
+            timeout: int = CLI_TIMEOUT_S, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run an installed console script the way a user would: a process of its own, its output captured.
+
+    The process is forked from a zygote that has imported torch already (tests/prewarmed.py);
+    ``ASK_TEST_FORK=0`` starts each one from its ``bin/`` wrapper instead, as a user's shell does.
+    """
+    env = {**os.environ, "ASK_CACHE_DIR": str(cache), "HYDRA_FULL_ERROR": "0", **(env or {})}
+    if os.environ.get("ASK_TEST_FORK", "1") != "0" and prewarmed.can_fork(program, env):
+        return prewarmed.run(program, args, cwd, env, timeout)
     return subprocess.run(
         [str(BIN / program), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="session")
+def script_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment for a shell script that runs the console scripts from ``$ASK_BIN``."""
+    if os.environ.get("ASK_TEST_FORK", "1") == "0":
+        return {"ASK_BIN": str(BIN)}
+    return {"ASK_BIN": str(prewarmed.shim_bin(tmp_path_factory.mktemp("bin"))), **prewarmed.shim_env()}
 
 
 def start_cli(program: str, args: list[str], cwd: Path, cache: Path) -> subprocess.Popen:

@@ -3,8 +3,9 @@
 The rows are read from the document, so the table and the tests cannot drift apart. Setup that
 rows share (a trained checkpoint, fake ImageFolder trees, damaged checkpoints, a run that is about
 to hit a NaN loss, a stale feature cache) is built once per module, and only for the placeholders
-that the selected rows use. The rows then run two at a time (``ASK_TEST_WORKERS``): each is a
-separate process that spends most of its time importing torch.
+that the selected rows use. The rows then run two at a time (``ASK_TEST_WORKERS``), each in a
+process of its own forked from the session's zygote (tests/prewarmed.py), which has imported torch
+already; ``ASK_TEST_FORK=0`` starts each from its ``bin/`` wrapper instead.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import BIN, REPO, npy_data_offset, zero_in_place, zero_torch_record
+from tests.conftest import REPO, npy_data_offset, run_cli, zero_in_place, zero_torch_record
 
 DOC = REPO / "docs" / "RELIABILITY.md"
 SECTION = "## Bad input"
@@ -98,9 +99,7 @@ def test_the_table_is_well_formed() -> None:
 
 # ----------------------------------------------------------------------------------- the setup
 def _cli(args: list[str], cwd: Path, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ASK_CACHE_DIR": str(cache), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(BIN / args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return run_cli(args[0], args[1:], cwd, cache, timeout, env={"OMP_NUM_THREADS": "1"})
 
 
 def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -17,9 +17,10 @@ TINY = ["dataset.train_per_class=15", "dataset.val_per_class=5", "train.epochs=1
 DEFENSES = ("none", "at", "ask_def", "ask_def_authors", "trades")
 
 
-def test_reproduce_defenses_reports_every_defence(tmp_path: Path, shared_cache: Path) -> None:
+def test_reproduce_defenses_reports_every_defence(tmp_path: Path, shared_cache: Path,
+                                                  script_env: dict[str, str]) -> None:
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "ASK_BIN": str(BIN), "ASK_CACHE_DIR": str(shared_cache)}
+    env = {**os.environ, "OUT": str(out), "ASK_CACHE_DIR": str(shared_cache), **script_env}
     done = subprocess.run(["bash", str(SCRIPT), "digits", *TINY], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -44,10 +45,11 @@ def test_reproduce_defenses_reports_every_defence(tmp_path: Path, shared_cache: 
 STUDY = Path(__file__).resolve().parents[1] / "scripts" / "study_defenses.sh"
 
 
-def test_study_script_records_finished_runs_and_skips_them_when_rerun(tmp_path: Path, shared_cache: Path) -> None:
+def test_study_script_records_finished_runs_and_skips_them_when_rerun(tmp_path: Path, shared_cache: Path,
+                                                                      script_env: dict[str, str]) -> None:
     out = tmp_path / "study"
-    env = {**os.environ, "OUT": str(out), "ASK_BIN": str(BIN), "ASK_CACHE_DIR": str(shared_cache),
-           "SEEDS": "0 1", "DEFENSES": "at ask_def_authors"}
+    env = {**os.environ, "OUT": str(out), "ASK_CACHE_DIR": str(shared_cache), "SEEDS": "0 1",
+           "DEFENSES": "at ask_def_authors", **script_env}
     tiny = [*TINY, "attack=[ask,pgd]"]
     done = subprocess.run(["bash", str(STUDY), "digits", *tiny], env=env, capture_output=True, text=True,
                           timeout=900)
