@@ -18,7 +18,7 @@ from ask.defenses.ask_def import ReferenceSampler, group_by_class, mix_reference
 from ask.defenses.trades import kl_divergence
 from ask.errors import ConfigError, DataError
 from ask.models import build_model
-from ask.training.checkpoint import load_checkpoint
+from ask.models.checkpoint import load_checkpoint
 from ask.training.trainer import _defense_context, train
 from tests.conftest import compose_run
 

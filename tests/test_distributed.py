@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ask.errors import ConfigError
-from ask.training.checkpoint import load_checkpoint
+from ask.models.checkpoint import load_checkpoint
 from ask.training.distributed import collective_timeout
 from ask.training.trainer import train
 from tests.conftest import BIN, compose_run

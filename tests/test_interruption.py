@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ask.errors import ConfigError
-from ask.training.checkpoint import load_checkpoint
+from ask.models.checkpoint import load_checkpoint
 from ask.training.trainer import train
 from ask.utils.rundir import ADOPTED_MARKER, run_lock
 from tests.conftest import compose_run, finish_cli, start_cli

@@ -10,7 +10,7 @@ import torch
 from ask.data import load_dataset
 from ask.errors import ConfigError
 from ask.evaluation.job import auto_checkpoint, run_attack_job
-from ask.training.checkpoint import load_checkpoint
+from ask.models.checkpoint import load_checkpoint
 from ask.training.trainer import train
 from ask.utils import precision
 from tests.conftest import compose_run

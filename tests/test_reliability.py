@@ -579,7 +579,7 @@ def _records_are_kept(outcome: Outcome, setup: Setup) -> None:
 
 
 def _damaged_model_is_retrained(outcome: Outcome, setup: Setup) -> None:
-    from ask.training.checkpoint import load_checkpoint
+    from ask.models.checkpoint import load_checkpoint
 
     assert load_checkpoint(setup.get("broken_model"))["epoch"] == 1
 

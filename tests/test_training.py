@@ -12,7 +12,7 @@ import torch
 
 from ask.config.schema import RunConfig, TrainConfig
 from ask.errors import ConfigError
-from ask.training.checkpoint import load_checkpoint, save_checkpoint
+from ask.models.checkpoint import load_checkpoint, save_checkpoint
 from ask.training.trainer import _make_scheduler, train
 from ask.utils.runtime import capture_rng_state, restore_generator, restore_rng_state
 from tests.conftest import compose_run

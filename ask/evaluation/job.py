@@ -19,9 +19,9 @@ from ask.errors import CheckpointError, ConfigError
 from ask.evaluation.evaluate import evaluate, evaluation_key
 from ask.knn import ReferenceStore, store_cache_key
 from ask.models import FeatureModel
+from ask.models.checkpoint import check_compatible, load_checkpoint, load_weights
 from ask.reporting import format_results_table
 from ask.reporting.labels import ANY_ATTACK
-from ask.training.checkpoint import check_compatible, load_checkpoint, load_weights
 from ask.training.trainer import build_model_for, train
 from ask.utils import precision
 from ask.utils.io import atomic_write_text, require_file_slot

@@ -1,1 +1,1 @@
-"""Training loop and checkpoints."""
+"""The training loop, its distributed process group and its pre-emption signals."""

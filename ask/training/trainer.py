@@ -44,8 +44,7 @@ from ask.defenses import DEFENSES, build_defense
 from ask.errors import ConfigError, NonFiniteLossError
 from ask.knn import KNNClassifier, ReferenceStore
 from ask.models import FeatureModel, build_model
-from ask.training import distributed
-from ask.training.checkpoint import (
+from ask.models.checkpoint import (
     check_compatible,
     load_checkpoint,
     load_plain_weights,
@@ -53,6 +52,7 @@ from ask.training.checkpoint import (
     model_spec,
     save_checkpoint,
 )
+from ask.training import distributed
 from ask.training.preemption import StopRequest, TrainingStopped
 from ask.utils import precision
 from ask.utils.io import atomic_write_text
