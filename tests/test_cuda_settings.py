@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ask.evaluation.job import feature_cache_key, run_attack_job
+from ask.evaluation.job import run_attack_job
 from ask.training.trainer import train
 from ask.utils.runtime import configure_backends, float32_precision, to_device
+from ask.wiring import feature_cache_key
 from tests.conftest import compose_run
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

@@ -11,12 +11,11 @@ import contextlib
 import pytest
 import torch
 
-import ask.evaluation.evaluate as evaluate_module
+import ask.wiring as wiring_module
 from ask.data import load_dataset, select_points, to_float
-from ask.evaluation.evaluate import build_victims, evaluate
-from ask.evaluation.job import build_store
+from ask.evaluation.evaluate import evaluate
 from ask.knn import DkNNClassifier, DkNNVoteClassifier, KNNClassifier
-from ask.training.trainer import build_model_for
+from ask.wiring import build_model_for, build_store, build_victims
 from tests.conftest import compose_run
 
 
@@ -67,7 +66,7 @@ def test_evaluate_gives_the_numbers_of_an_unshared_run(digits, monkeypatch):
 
     # The same evaluation with every search and every victim's forward pass done on its own.
     monkeypatch.setattr(type(store), "shared_searches", lambda self, depth=0: contextlib.nullcontext())
-    monkeypatch.setattr(evaluate_module, "_OneForwardPerInput", lambda model, layers, logits: model)
+    monkeypatch.setattr(wiring_module, "_OneForwardPerInput", lambda model, layers, logits: model)
     searches = []
     search = store.search
     monkeypatch.setattr(store, "search", lambda *a: searches.append(1) or search(*a))

@@ -1,7 +1,7 @@
 """Parts fitted on the reference pool (Adv-kNN's heads) are cached beside the pool's features.
 
 Real code on real data: the digits config tree, an untrained (seeded) smallcnn and the store
-``ask-attack`` builds (``ask.evaluation.job.build_store``), its features cached in ``tmp_path``.
+``ask-attack`` builds (``ask.wiring.build_store``), its features cached in ``tmp_path``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import torch
 from ask.attacks import ThreatModel, build_attack
 from ask.attacks.advknn import AdvKNNAttack
 from ask.data import load_dataset, to_float
-from ask.evaluation.job import build_store
 from ask.knn.fitted import fitted_path
-from ask.training.trainer import build_model_for
+from ask.wiring import build_model_for, build_store
 from tests.conftest import compose_run, zero_torch_record
 
 LAYER = "block2"

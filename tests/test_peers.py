@@ -19,7 +19,8 @@ import torch
 
 from ask.attacks import ThreatModel, build_attack
 from ask.data import load_dataset, select_points, to_float
-from ask.evaluation.job import auto_checkpoint, load_model
+from ask.evaluation.job import auto_checkpoint
+from ask.wiring import load_model
 from tests.conftest import compose_run
 
 torchattacks = pytest.importorskip("torchattacks", reason="in the dev extra: pip install -e '.[dev]'")

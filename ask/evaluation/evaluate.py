@@ -33,106 +33,21 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from ask.attacks import Attack, ThreatModel, attack_seed, build_attack
+from ask.attacks import Attack
 from ask.config.schema import RunConfig
 from ask.data import ImageSplit, to_float
-from ask.errors import ConfigError
-from ask.knn import DkNNClassifier, DkNNVoteClassifier, KNNClassifier, ReferenceStore
+from ask.knn import ReferenceStore
 from ask.models import FeatureModel
 from ask.reporting.labels import ANY_ATTACK
 from ask.utils import precision
 from ask.utils.io import LoadError, atomic_save, safe_load
 from ask.utils.runtime import to_device
+from ask.wiring import build_attacks, build_threat_model, build_victims
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Victim:
-    """A classifier under attack: a name and a batch -> (predicted labels, credibility or None)."""
-
-    name: str
-    judge: Callable[[Tensor], tuple[Tensor, Tensor | None]]
-
-
-def _labels_only(predict: Callable[[Tensor], Tensor]) -> Callable[[Tensor], tuple[Tensor, None]]:
-    return lambda x: (predict(x), None)
-
-
-class _OneForwardPerInput(nn.Module):
-    """The victims' view of the network: one forward pass per input serves every victim.
-
-    Scoring a batch, the DNN wants the logits, the kNN its layer and both DkNN victims their
-    layers: four passes through the same network on the same images. The first request runs
-    through every layer a victim taps (and the logits, with ``logits``), and later requests for
-    the same tensor (same memory, shape, strides and version) are answered from that pass. The
-    values are those of a pass of their own, since a stage's output does not depend on where
-    the pass stops. Only without gradients (victims need none); one input is kept at a time.
-    """
-
-    def __init__(self, model: FeatureModel, layers: list[str], logits: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.layers = list(dict.fromkeys(layers))
-        self.logits = logits
-        self._last: tuple[tuple, Tensor, dict[str, Tensor]] | None = None
-        # Victims restore the training flag they found on this wrapper, and that reaches the model.
-        self.train(model.training)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_features(x, [], with_logits=True)["logits"]
-
-    def forward_features(self, x: Tensor, layers: str | list[str], with_logits: bool = False) -> dict[str, Tensor]:
-        wanted = [layers] if isinstance(layers, str) else list(layers)
-        if torch.is_grad_enabled() or not set(wanted) <= set(self.layers) or (with_logits and not self.logits):
-            return self.model.forward_features(x, wanted, with_logits=with_logits)
-        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version, self.model.training)
-        if self._last is None or self._last[0] != key:
-            # Holding x keeps its memory alive, so no other tensor can come with the same key.
-            self._last = (key, x, self.model.forward_features(x, self.layers, with_logits=self.logits))
-        out = self._last[2]
-        return {name: out[name] for name in wanted + (["logits"] if with_logits else [])}
-
-    def check_layers(self, layers: str | list[str]) -> None:
-        self.model.check_layers(layers)
-
-
-def build_victims(names: list[str], model: FeatureModel, store: ReferenceStore, run: RunConfig,
-                  calibration: ImageSplit | None = None) -> list[Victim]:
-    """The classifiers to score. DkNN is calibrated on ``calibration``, a split held out from the pool.
-
-    They share one forward pass per scored batch (:class:`_OneForwardPerInput`).
-    """
-    tapped = ([run.knn.layers[0]] if "knn" in names else []) + (
-        list(run.knn.dknn_layers) if {"dknn", "dknn_vote"} & set(names) else [])
-    model = _OneForwardPerInput(model, tapped, logits="dnn" in names)
-    victims = []
-    for name in names:
-        if name == "dnn":
-            victims.append(Victim("dnn", _labels_only(lambda x: model(x).argmax(1))))
-        elif name == "knn":
-            # The kNN victim votes on the first listed layer; DkNN uses them all.
-            knn = KNNClassifier(model, store, run.knn.layers[0], run.knn.k)
-            victims.append(Victim("knn", _labels_only(knn.predict)))
-        elif name == "dknn":
-            dknn = DkNNClassifier(
-                model, store, run.knn.dknn_layers, run.knn.k,
-                calibration_images=None if calibration is None else calibration.images,
-                calibration_labels=None if calibration is None else calibration.labels,
-                batch_size=run.knn.batch_size,
-            )
-            # Its labels equal the summed vote's (p_j falls as alpha_j rises); what DkNN adds is
-            # credibility, the p-value of the prediction, which a deployment thresholds to reject.
-            victims.append(Victim("dknn", lambda x, dknn=dknn: dknn.predict_with_confidence(x)[:2]))
-        elif name == "dknn_vote":
-            vote = DkNNVoteClassifier(model, store, run.knn.dknn_layers, run.knn.k)
-            victims.append(Victim("dknn_vote", _labels_only(vote.predict)))
-        else:
-            raise ConfigError(f"unknown victim '{name}'; choose from dnn, knn, dknn, dknn_vote")
-    return victims
 
 
 @dataclass
@@ -470,20 +385,14 @@ def evaluate(run: RunConfig, model: FeatureModel, points: ImageSplit, store: Ref
     once the results are written.
     """
     assert run.attack is not None and run.eval is not None
-    threat = ThreatModel(
-        eps=run.attack.eps, norm=run.attack.norm, steps=run.attack.steps,
-        step_size=run.attack.step_size, random_start=run.attack.random_start,
-    )
+    threat = build_threat_model(run)
     model.eval()
     if run.eval.channels_last:
         model.to(memory_format=torch.channels_last)
     amp_dtype = precision.resolve_amp(run.eval.amp, device)
     log.info(precision.describe(run.eval.amp, amp_dtype, device, "attacks"))
     victims = build_victims(run.eval.victims, model, store, run, calibration)
-    attacks = {}
-    for name, hyper in run.attack.methods.items():
-        generator = torch.Generator(device=device).manual_seed(attack_seed(run.seed, name))
-        attacks[name] = build_attack(name, model, threat, store=store, generator=generator, **dict(hyper))
+    attacks = build_attacks(run, model, threat, store, device)
 
     batch_size = run.eval.batch_size
     n_batches = (len(points) + batch_size - 1) // batch_size

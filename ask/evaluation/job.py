@@ -5,28 +5,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 
-from ask.config.schema import EXTERNAL_MODELS, RunConfig
-from ask.data import DataBundle, balanced_indices, load_dataset, point_indices, select_points
+from ask.config.schema import RunConfig
+from ask.data import DataBundle, load_dataset, point_indices, select_points
 from ask.errors import CheckpointError, ConfigError
 from ask.evaluation.evaluate import evaluate, evaluation_key
-from ask.knn import ReferenceStore, store_cache_key
-from ask.models import FeatureModel
-from ask.models.checkpoint import check_compatible, load_checkpoint, load_weights
+from ask.models.checkpoint import load_checkpoint
 from ask.reporting import format_results_table
 from ask.reporting.labels import ANY_ATTACK
-from ask.training.trainer import build_model_for, train
+from ask.training.trainer import train
 from ask.utils import precision
 from ask.utils.io import atomic_write_text, require_file_slot
 from ask.utils.rundir import run_lock
-from ask.utils.runtime import configure_backends, float32_precision, seed_everything, select_device
+from ask.utils.runtime import configure_backends, seed_everything, select_device
+from ask.wiring import build_model_for, build_store, load_model
 
 log = logging.getLogger(__name__)
 
@@ -79,93 +76,6 @@ def auto_checkpoint(run: RunConfig, data: DataBundle) -> Path:
                  run.model.name, run.dataset.name, directory)
         train(replace(run, train=replace(run.train, resume=None)), directory, data=data)
     return best
-
-
-def load_model(path: str | Path, run: RunConfig, data: DataBundle, device: torch.device,
-               checkpoint: dict[str, Any] | None = None) -> FeatureModel:
-    """The checkpoint's network on ``device`` in eval mode; ``checkpoint`` if already loaded from ``path``."""
-    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
-    spec = checkpoint["model"]
-    check_compatible(spec, path, model_name=run.model.name, num_classes=data.num_classes,
-                     in_channels=data.in_channels, image_size=data.image_size)
-    # The checkpoint, not the config, says how its network was built (None: written before
-    # normalize was recorded, so the architecture's default, which those runs all used).
-    built = replace(run.model, width=spec["width"], normalize=spec.get("normalize"), weights=None)
-    if spec["name"] in EXTERNAL_MODELS:
-        for field in ("arch", "target"):
-            if getattr(run.model, field) and spec.get(field) and getattr(run.model, field) != spec[field]:
-                raise CheckpointError(f"checkpoint '{path}' holds a {spec[field]} but model.{field}="
-                                      f"{getattr(run.model, field)}; set model.{field}={spec[field]}")
-        built = replace(built, arch=spec.get("arch"), target=spec.get("target"), kwargs=spec.get("kwargs") or {},
-                        mean=spec["mean"], std=spec["std"])
-    model = build_model_for(replace(run, model=built), data)
-    load_weights(model, checkpoint["state_dict"], path)
-    return model.to(device).eval()
-
-
-def feature_cache_key(run: RunConfig, checkpoint_digest: str, layers: list[str], pool: torch.Tensor,
-                      image_shape: Sequence[int], device: torch.device) -> dict[str, Any]:
-    """What identifies the pool's features in the cache: :func:`store_cache_key` plus the dataset,
-    the stored dtype, and the device type and float32 precision they were computed at.
-
-    A GPU's kernels and TF32 (``tf32=true``) give features that differ from the CPU's in the last
-    bits or by ~1e-3, so each combination gets its own entry. Entries written before the device and
-    precision were in the key are not found any more and are rebuilt once (the old directories
-    under ``<cache_dir>/features`` can be deleted).
-    """
-    return store_cache_key(checkpoint_digest, layers, run.knn.metric, pool, image_shape, extra={
-        "dataset": run.dataset.name, "feature_dtype": run.knn.feature_dtype, "device": device.type,
-        "float32_precision": float32_precision(device, run.tf32),
-    })
-
-
-def build_store(run: RunConfig, model: FeatureModel, data: DataBundle, checkpoint_digest: str,
-                layers: list[str], device: torch.device) -> ReferenceStore:
-    """Reference-pool features at every layer any victim or attack needs, cached on disk.
-
-    The cache is a directory per :func:`feature_cache_key` (checkpoint, pool, layers, metric, dtype,
-    device type, float32 precision), written chunk by chunk (see :mod:`ask.knn.features`). With
-    ``knn.index=ivf`` the recall@k of the approximate index against exact search is measured here
-    and logged; ``store.index_report(k=run.knn.k, layers=run.knn.layers)`` returns it (cached) for
-    ``metrics.json``.
-    """
-    if run.knn.pool_per_class is None:
-        pool = torch.arange(len(data.train))
-    else:
-        generator = torch.Generator().manual_seed(run.seed)
-        pool = balanced_indices(data.train.labels, run.knn.pool_per_class, generator,
-                                "knn.pool_per_class", data.classes)
-    labels = data.train.labels[pool]
-    counts = torch.bincount(labels, minlength=data.num_classes)
-    smallest = int(counts.argmin())
-    needed_k = max([run.knn.k] + [int(h.get("k", 0) or 0) for h in run.attack.methods.values()])
-    if int(counts[smallest]) < needed_k:
-        raise ConfigError(
-            f"k={needed_k} but class '{data.classes[smallest]}' has only {int(counts[smallest])} reference "
-            "points; lower knn.k or raise knn.pool_per_class / dataset.train_per_class"
-        )
-    key = feature_cache_key(run, checkpoint_digest, layers, pool, data.train.images.shape[1:], device)
-    cache_path = None
-    if run.knn.cache:
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        cache_path = Path(run.cache_dir).expanduser() / "features" / f"{run.dataset.name}-{digest}"
-    store = ReferenceStore.build(
-        model, data.train.images_at(pool), labels, layers, run.knn.metric, data.num_classes,
-        pool_indices=pool, batch_size=run.knn.batch_size, device=device, cache_path=cache_path,
-        cache_key=key, progress=run.progress, use_gpu_index=run.knn.use_gpu,
-        feature_dtype=run.knn.feature_dtype, index=run.knn.index, nlist=run.knn.nlist, nprobe=run.knn.nprobe,
-    )
-    if run.knn.index != "flat":
-        # Approximate neighbours change robustness numbers: say how approximate, before any attack.
-        report = store.index_report(k=run.knn.k, layers=run.knn.layers)
-        for layer, entry in report["layers"].items():
-            if "recall_at_k" in entry:
-                log.warning("knn.index=%s at layer %s: recall@%d %.4f against exact search (%s)", run.knn.index,
-                            layer, entry["k"], entry["recall_at_k"], entry["protocol"])
-            else:
-                log.info("knn.index=%s at layer %s: the pool is too small for IVF, the index is exact",
-                         run.knn.index, layer)
-    return store
 
 
 def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:

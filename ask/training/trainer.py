@@ -29,25 +29,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ask.attacks import ThreatModel, attack_seed, build_attack
-from ask.config.schema import EXTERNAL_MODELS, RunConfig
+from ask.config.schema import RunConfig
 from ask.data import (
     DataBundle,
     ImageSplit,
     augment_batch,
-    balanced_indices,
     load_dataset,
     select_points,
     to_float,
 )
 from ask.defenses import DEFENSES, build_defense
 from ask.errors import ConfigError, NonFiniteLossError
-from ask.knn import KNNClassifier, ReferenceStore
-from ask.models import FeatureModel, build_model
+from ask.knn import KNNClassifier
+from ask.models import FeatureModel
 from ask.models.checkpoint import (
     check_compatible,
     load_checkpoint,
-    load_plain_weights,
     load_weights,
     model_spec,
     save_checkpoint,
@@ -66,38 +63,11 @@ from ask.utils.runtime import (
     select_device,
     to_device,
 )
+from ask.wiring import build_attacks, build_exact_store, build_model_for, build_threat_model
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def build_model_for(run: RunConfig, data: DataBundle) -> FeatureModel:
-    """The untrained network ``run.model`` names, for ``data``'s classes and images; with
-    ``model.weights``, loaded from that plain state_dict."""
-    if run.model.name in EXTERNAL_MODELS:
-        from ask.models.external import build_external
-
-        model = build_external(
-            run.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
-            image_size=data.image_size, mean=run.model.mean or data.mean, std=run.model.std or data.std,
-            normalize=run.model.normalize, arch=run.model.arch, target=run.model.target, kwargs=run.model.kwargs,
-        )
-    else:
-        model = build_model(
-            run.model.name,
-            num_classes=data.num_classes,
-            in_channels=data.in_channels,
-            image_size=data.image_size,
-            mean=run.model.mean or data.mean,
-            std=run.model.std or data.std,
-            width=run.model.width,
-            normalize=run.model.normalize,
-        )
-    if run.model.weights:
-        load_plain_weights(getattr(model, "network", model), run.model.weights, run.model.state_dict_key,
-                           run.model.strip_prefix)
-    return model
 
 
 @torch.no_grad()
@@ -132,37 +102,21 @@ def robust_validation(run: RunConfig, model: FeatureModel, data: DataBundle, dev
     """
     assert data.val is not None and run.attack is not None
     started = time.perf_counter()
-    settings = run.attack
-    threat = ThreatModel(eps=settings.eps, norm=settings.norm, steps=settings.steps,
-                         step_size=settings.step_size, random_start=settings.random_start)
-    ask_hyper = dict(settings.methods.get("ask") or {})
+    threat = build_threat_model(run)
+    ask_hyper = dict(run.attack.methods.get("ask") or {})
     ask_hyper.setdefault("layers", list(run.knn.layers))
     ask_hyper.setdefault("k", run.knn.k)
-    pgd_hyper = dict(settings.methods.get("pgd") or {})
+    pgd_hyper = dict(run.attack.methods.get("pgd") or {})
     knn_layer = run.knn.layers[0]
     ask_layers = [ask_hyper["layers"]] if isinstance(ask_hyper["layers"], str) else list(ask_hyper["layers"])
     layers = list(dict.fromkeys([knn_layer, *ask_layers]))
 
-    if run.knn.pool_per_class is None:
-        pool = torch.arange(len(data.train))
-    else:
-        pool = balanced_indices(data.train.labels, run.knn.pool_per_class, torch.Generator().manual_seed(run.seed),
-                                "knn.pool_per_class", data.classes)
     was_training = model.training
     model.eval()
     try:
-        store = ReferenceStore.build(
-            model, data.train.images_at(pool), data.train.labels[pool], layers, run.knn.metric, data.num_classes,
-            pool_indices=pool, batch_size=run.knn.batch_size, device=device, progress=False,
-            use_gpu_index=run.knn.use_gpu,
-        )
+        store = build_exact_store(run, model, data, layers, device)
         knn = KNNClassifier(model, store, knn_layer, run.knn.k)
-        attacks = {
-            name: build_attack(name, model, threat, store=store if name == "ask" else None,
-                               generator=torch.Generator(device=device).manual_seed(attack_seed(run.seed, name)),
-                               **hyper)
-            for name, hyper in (("pgd", pgd_hyper), ("ask", ask_hyper))
-        }
+        attacks = build_attacks(run, model, threat, store, device, {"pgd": pgd_hyper, "ask": ask_hyper})
         points = select_points(data.val, run.train.val_points, run.seed)
         robust_dnn = robust_knn = clean_knn = 0
         batch_size = run.train.eval_batch_size
