@@ -281,6 +281,7 @@ def step_faiss(ctx: Context) -> dict[str, Any]:
 
 
 def step_attacks(ctx: Context) -> dict[str, Any]:
+    from ask.cli.attack import print_results
     from ask.evaluation.job import run_attack_job
 
     if not ctx.vgg16_checkpoint().is_file():
@@ -288,8 +289,9 @@ def step_attacks(ctx: Context) -> dict[str, Any]:
     metrics = {}
     for name, device, points in attack_runs(ctx):
         started = time.perf_counter()
-        metrics[name] = run_attack_job(compose("attack", attack_overrides(ctx, device, points), ctx.cache),
-                                       ctx.work / f"attack_{name}")
+        run, output_dir = compose("attack", attack_overrides(ctx, device, points), ctx.cache), ctx.work / f"attack_{name}"
+        metrics[name] = run_attack_job(run, output_dir)
+        print_results(run, metrics[name], output_dir)
         print(f"gpu_check: {name} took {time.perf_counter() - started:.1f} s", flush=True)
     gpu, cpu = metrics[f"gpu_{COMPARE_POINTS}"], metrics[f"cpu_{COMPARE_POINTS}"]
     rows = []

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 import ask.evaluation.evaluate as evaluate_module
+from ask.cli.attack import auto_checkpoint
 from ask.data import ImageSplit, load_dataset, point_indices
 from ask.evaluation.evaluate import evaluation_key
-from ask.evaluation.job import auto_checkpoint, run_attack_job
+from ask.evaluation.job import run_attack_job
 from ask.reporting import write_report
 from ask.utils import precision
 from ask.utils.io import LoadError, atomic_save, safe_load

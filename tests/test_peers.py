@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from ask.attacks import ThreatModel, build_attack
+from ask.cli.attack import auto_checkpoint
 from ask.data import load_dataset, select_points, to_float
-from ask.evaluation.job import auto_checkpoint
 from ask.wiring import load_model
 from tests.conftest import compose_run
 

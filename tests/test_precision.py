@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ask.cli.attack import auto_checkpoint
 from ask.data import load_dataset
 from ask.errors import ConfigError
-from ask.evaluation.job import auto_checkpoint, run_attack_job
+from ask.evaluation.job import run_attack_job
 from ask.models.checkpoint import load_checkpoint
 from ask.training.trainer import train
 from ask.utils import precision

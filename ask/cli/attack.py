@@ -1,14 +1,28 @@
-"""``ask-attack``: evaluate attacks x victims on the test split and write ``metrics.json``."""
+"""``ask-attack``: evaluate attacks x victims on the test split and write ``metrics.json``.
+
+Without ``model.checkpoint`` (and without ``model.weights``), a dataset that allows it
+(``dataset.auto_train``) has its default model trained first, once, and cached: training then
+evaluation, put together here so that neither package imports the other.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import OmegaConf
 
 from ask.cli.common import hydra_entry
 from ask.config import RunConfig
+from ask.constants import ANY_ATTACK
+from ask.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from ask.data import DataBundle
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +31,83 @@ def _lowest_robust_accuracy(metrics: dict[str, Any]) -> float:
     """What a sweeper would minimise: the lowest robust accuracy found (that of a per-point
     worst-case `any` row)."""
     return min(row["robust_acc"] for row in metrics["results"])
+
+
+def auto_checkpoint(run: RunConfig, data: DataBundle) -> Path:
+    """Train the dataset's default model once and cache it, keyed by everything that shapes it."""
+    from ask.models.checkpoint import load_checkpoint  # torch-heavy imports after argument parsing
+    from ask.training.trainer import train
+    from ask.utils import precision
+    from ask.utils.rundir import run_lock
+    from ask.utils.runtime import select_device
+
+    if not run.dataset.auto_train:
+        raise ConfigError(
+            f"no model.checkpoint given for dataset '{run.dataset.name}'; train one with "
+            f"`ask-train dataset={run.dataset.name} ...` and pass model.checkpoint=PATH/best.pt"
+        )
+    recipe = {
+        "dataset": OmegaConf.to_container(OmegaConf.structured(run.dataset)),
+        "model": OmegaConf.to_container(OmegaConf.structured(replace(run.model, checkpoint=None))),
+        "train": OmegaConf.to_container(OmegaConf.structured(replace(run.train, resume=None))),
+        "defense": OmegaConf.to_container(OmegaConf.structured(run.defense)),
+        "seed": run.seed,
+        # train.amp=auto trains in bf16 on one machine and in fp32 on another: two different models
+        "precision": precision.precision_name(precision.resolve_amp(run.train.amp, select_device(run.device))),
+    }
+    key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    directory = Path(run.cache_dir).expanduser() / "models" / f"{run.dataset.name}-{run.model.name}-{key}"
+    best = directory / "best.pt"
+    # Parallel sweep jobs wanting the same model: the first trains it, the others wait and reuse it.
+    with run_lock(directory, wait=True, name=".auto_train.lock"):
+        if best.exists() and (directory / "train_summary.json").exists():
+            try:
+                load_checkpoint(best)
+            except CheckpointError as error:
+                # A cache entry is rebuilt, not repaired by the user: model.checkpoint is not theirs to fix.
+                log.warning("the cached %s model %s is damaged; training it again", run.dataset.name, best)
+                log.debug("why the cached model was refused: %s", error)
+                for name in ("best.pt", "last.pt", "train_summary.json", "metrics.jsonl"):
+                    (directory / name).unlink(missing_ok=True)
+            else:
+                log.info("using the cached %s model %s", run.dataset.name, best)
+                return best
+        log.info("no model.checkpoint given: training a %s on %s once (cached in %s)",
+                 run.model.name, run.dataset.name, directory)
+        train(replace(run, train=replace(run.train, resume=None)), directory, data=data)
+    return best
+
+
+def _with_default_model(run: RunConfig) -> tuple[RunConfig, DataBundle | None]:
+    """``run`` itself when it names its network; else ``run`` with ``model.checkpoint`` set to the
+    dataset's default model (trained here if not cached) and the data it was loaded with."""
+    from ask.data import load_dataset
+    from ask.evaluation.job import check_calibration_split
+
+    if run.model.checkpoint or run.model.weights:
+        return run, None
+    data = load_dataset(run.dataset, run.cache_dir, seed=run.seed, progress=run.progress)
+    check_calibration_split(run, data)  # a run that cannot be evaluated stops before training
+    checkpoint = auto_checkpoint(run, data)
+    return replace(run, model=replace(run.model, checkpoint=str(checkpoint))), data
+
+
+def print_results(run: RunConfig, metrics: dict[str, Any], output_dir: Path) -> None:
+    """The console table of ``metrics.json``, with its worst-case note and warnings."""
+    from ask.evaluation.job import PER_POINT_FILE
+    from ask.reporting import format_results_table
+
+    assert run.attack is not None
+    rows = metrics["results"]
+    print(f"\n{run.dataset.name} / {run.model.name} / layer {run.knn.layers[0]} / "
+          f"{run.attack.norm} eps={run.attack.eps:.4g} / {metrics['n_points']} points\n")
+    print(format_results_table(rows))
+    worst = next(row for row in rows if row["attack"] == ANY_ATTACK)
+    print(f"(any: the per-point worst case over {', '.join(worst['attacks'])}; a point is robust only "
+          f"if right on x and every attack failed on it; per point: {PER_POINT_FILE})")
+    for warning in metrics["warnings"]:
+        print(f"warning: {warning}")
+    print(f"\nwrote {output_dir / 'metrics.json'}")
 
 
 def attack_task(run: RunConfig, output_dir: Path) -> float:
@@ -50,7 +141,9 @@ def attack_task(run: RunConfig, output_dir: Path) -> float:
     with run_lock(output_dir), stop_on_sigterm(stopped):
         # The same command after a crash picks up the crashed evaluation's per-batch state.
         continue_unfinished_run(output_dir, "eval_state.pt", "metrics.json", ("eval_state.pt",))
-        metrics = run_attack_job(run, output_dir)
+        run, data = _with_default_model(run)
+        metrics = run_attack_job(run, output_dir, data=data)
+        print_results(run, metrics, output_dir)
     return _lowest_robust_accuracy(metrics)
 
 

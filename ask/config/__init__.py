@@ -7,7 +7,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-import ask
 from ask.config.schema import (
     AttackConfig,
     DatasetConfig,
@@ -42,7 +41,7 @@ def config_dir() -> str:
     A built wheel ships it inside the package (``ask/conf``); a source checkout or editable
     install keeps it at the repository root (``conf/``).
     """
-    package_dir = Path(ask.__file__).resolve().parent
+    package_dir = Path(__file__).resolve().parent.parent  # the ask package (this is ask/config)
     for candidate in (package_dir / "conf", package_dir.parent / "conf"):
         if (candidate / "train.yaml").is_file():
             return str(candidate)

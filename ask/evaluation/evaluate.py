@@ -38,10 +38,10 @@ from tqdm.auto import tqdm
 
 from ask.attacks import Attack
 from ask.config.schema import RunConfig
+from ask.constants import ANY_ATTACK
 from ask.data import ImageSplit, to_float
 from ask.knn import ReferenceStore
 from ask.models import FeatureModel
-from ask.reporting.labels import ANY_ATTACK
 from ask.utils import precision
 from ask.utils.io import LoadError, atomic_save, safe_load
 from ask.utils.runtime import to_device

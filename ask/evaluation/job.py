@@ -5,23 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from ask.config.schema import RunConfig
 from ask.data import DataBundle, load_dataset, point_indices, select_points
-from ask.errors import CheckpointError, ConfigError
+from ask.errors import ConfigError
 from ask.evaluation.evaluate import evaluate, evaluation_key
 from ask.models.checkpoint import load_checkpoint
-from ask.reporting import format_results_table
-from ask.reporting.labels import ANY_ATTACK
-from ask.training.trainer import train
 from ask.utils import precision
 from ask.utils.io import atomic_write_text, require_file_slot
-from ask.utils.rundir import run_lock
 from ask.utils.runtime import configure_backends, seed_everything, select_device
 from ask.wiring import build_model_for, build_store, load_model
 
@@ -39,47 +32,23 @@ def file_digest(path: str | Path) -> str:
     return sha.hexdigest()[:16]
 
 
-def auto_checkpoint(run: RunConfig, data: DataBundle) -> Path:
-    """Train the dataset's default model once and cache it, keyed by everything that shapes it."""
-    if not run.dataset.auto_train:
+def check_calibration_split(run: RunConfig, data: DataBundle) -> None:
+    """Refuse, before any model is trained or loaded, a DkNN victim without its calibration split."""
+    assert run.eval is not None
+    if "dknn" in run.eval.victims and data.calib is None:
         raise ConfigError(
-            f"no model.checkpoint given for dataset '{run.dataset.name}'; train one with "
-            f"`ask-train dataset={run.dataset.name} ...` and pass model.checkpoint=PATH/best.pt"
+            "victim 'dknn' needs a calibration split; set dataset.calib_per_class=N (e.g. 100) "
+            "or use eval.victims=[dknn_vote]"
         )
-    recipe = {
-        "dataset": OmegaConf.to_container(OmegaConf.structured(run.dataset)),
-        "model": OmegaConf.to_container(OmegaConf.structured(replace(run.model, checkpoint=None))),
-        "train": OmegaConf.to_container(OmegaConf.structured(replace(run.train, resume=None))),
-        "defense": OmegaConf.to_container(OmegaConf.structured(run.defense)),
-        "seed": run.seed,
-        # train.amp=auto trains in bf16 on one machine and in fp32 on another: two different models
-        "precision": precision.precision_name(precision.resolve_amp(run.train.amp, select_device(run.device))),
-    }
-    key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    directory = Path(run.cache_dir).expanduser() / "models" / f"{run.dataset.name}-{run.model.name}-{key}"
-    best = directory / "best.pt"
-    # Parallel sweep jobs wanting the same model: the first trains it, the others wait and reuse it.
-    with run_lock(directory, wait=True, name=".auto_train.lock"):
-        if best.exists() and (directory / "train_summary.json").exists():
-            try:
-                load_checkpoint(best)
-            except CheckpointError as error:
-                # A cache entry is rebuilt, not repaired by the user: model.checkpoint is not theirs to fix.
-                log.warning("the cached %s model %s is damaged; training it again", run.dataset.name, best)
-                log.debug("why the cached model was refused: %s", error)
-                for name in ("best.pt", "last.pt", "train_summary.json", "metrics.jsonl"):
-                    (directory / name).unlink(missing_ok=True)
-            else:
-                log.info("using the cached %s model %s", run.dataset.name, best)
-                return best
-        log.info("no model.checkpoint given: training a %s on %s once (cached in %s)",
-                 run.model.name, run.dataset.name, directory)
-        train(replace(run, train=replace(run.train, resume=None)), directory, data=data)
-    return best
 
 
-def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Evaluate ``run.attack.methods`` x ``run.eval.victims``; write and return ``metrics.json``."""
+def run_attack_job(run: RunConfig, output_dir: str | Path, data: DataBundle | None = None) -> dict[str, Any]:
+    """Evaluate ``run.attack.methods`` x ``run.eval.victims``; write and return ``metrics.json``.
+
+    The network is ``model.checkpoint`` (an ask checkpoint) or ``model.weights`` (a plain
+    state_dict); ``ask-attack`` trains the dataset's default model first when neither is given
+    (:mod:`ask.cli.attack`). ``data`` is ``run.dataset`` already loaded, if it was.
+    """
     assert run.attack is not None and run.eval is not None
     output_dir = Path(output_dir)
     require_file_slot(output_dir / "metrics.json", output_dir / PER_POINT_FILE, output_dir / "eval_state.pt")
@@ -88,18 +57,18 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     fp32_mode = configure_backends(device, run.deterministic, run.tf32)
     # A damaged checkpoint is refused before a long dataset decode, not after it.
     given = load_checkpoint(run.model.checkpoint) if run.model.checkpoint else None
-    data = load_dataset(run.dataset, run.cache_dir, seed=run.seed, progress=run.progress)
-    if "dknn" in run.eval.victims and data.calib is None:
-        raise ConfigError(
-            "victim 'dknn' needs a calibration split; set dataset.calib_per_class=N (e.g. 100) "
-            "or use eval.victims=[dknn_vote]"
-        )
+    if data is None:
+        data = load_dataset(run.dataset, run.cache_dir, seed=run.seed, progress=run.progress)
+    check_calibration_split(run, data)
     if run.model.weights:  # a plain state_dict: the network is built from the config, then loaded
         checkpoint = Path(run.model.weights).expanduser()
         model = build_model_for(run, data).to(device).eval()
-    else:
-        checkpoint = Path(run.model.checkpoint).expanduser() if run.model.checkpoint else auto_checkpoint(run, data)
+    elif run.model.checkpoint:
+        checkpoint = Path(run.model.checkpoint).expanduser()
         model = load_model(checkpoint, run, data, device, given)
+    else:
+        raise ConfigError("no model.checkpoint and no model.weights given; point model.checkpoint at a best.pt "
+                          "written by ask-train (ask-attack trains the default model itself)")
 
     dknn_layers = list(run.knn.dknn_layers) if {"dknn", "dknn_vote"} & set(run.eval.victims) else []
     layers = list(dict.fromkeys(
@@ -151,13 +120,4 @@ def run_attack_job(run: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     # Only once the results are safely on disk: a crash before this line still resumes.
     state_path.unlink(missing_ok=True)
-    print(f"\n{run.dataset.name} / {run.model.name} / layer {run.knn.layers[0]} / "
-          f"{run.attack.norm} eps={run.attack.eps:.4g} / {len(points)} points\n")
-    print(format_results_table(rows))
-    worst = next(row for row in rows if row["attack"] == ANY_ATTACK)
-    print(f"(any: the per-point worst case over {', '.join(worst['attacks'])}; a point is robust only "
-          f"if right on x and every attack failed on it; per point: {PER_POINT_FILE})")
-    for warning in warnings:
-        print(f"warning: {warning}")
-    print(f"\nwrote {output_dir / 'metrics.json'}")
     return metrics

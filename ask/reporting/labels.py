@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["ANY_ATTACK", "format_eps"]
+from ask.constants import ANY_ATTACK
 
-#: The ``attack`` of the per-victim worst-case rows (no registered attack has this name).
-ANY_ATTACK = "any"
+__all__ = ["ANY_ATTACK", "format_eps"]
 
 
 def format_eps(eps: float, norm: str = "linf") -> str:
