@@ -122,7 +122,7 @@ def build_store(run: RunConfig, model: FeatureModel, data: DataBundle, checkpoin
     labels = data.train.labels[pool]
     counts = torch.bincount(labels, minlength=data.num_classes)
     smallest = int(counts.argmin())
-    needed_k = max([run.knn.k] + [int(h.get("k", 0) or 0) for h in run.attack.methods.values()])
+    needed_k = max([run.knn.k] + [getattr(run.attack.settings(name), "k", 0) for name in run.attack.methods])
     if int(counts[smallest]) < needed_k:
         raise ConfigError(
             f"k={needed_k} but class '{data.classes[smallest]}' has only {int(counts[smallest])} reference "
@@ -174,16 +174,17 @@ def build_threat_model(run: RunConfig) -> ThreatModel:
 
 
 def build_attacks(run: RunConfig, model: nn.Module, threat: ThreatModel, store: ReferenceStore | None,
-                  device: torch.device, methods: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Attack]:
-    """One attack per entry of ``methods`` (default ``attack.methods``: name -> hyperparameters), each
-    drawing its random starts from a generator of its own, seeded by the run's seed and its name."""
+                  device: torch.device, settings: Mapping[str, Any] | None = None) -> dict[str, Attack]:
+    """One attack per entry of ``settings`` (name -> its typed settings or a mapping of hyperparameters;
+    default every attack of ``attack.methods``, typed), each drawing its random starts from a
+    generator of its own, seeded by the run's seed and its name."""
     assert run.attack is not None
-    methods = run.attack.methods if methods is None else methods
+    if settings is None:
+        settings = {name: run.attack.settings(name) for name in run.attack.methods}
     return {
-        name: build_attack(name, model, threat, store=store,
-                           generator=torch.Generator(device=device).manual_seed(attack_seed(run.seed, name)),
-                           **dict(hyper))
-        for name, hyper in methods.items()
+        name: build_attack(name, model, threat, given, store=store,
+                           generator=torch.Generator(device=device).manual_seed(attack_seed(run.seed, name)))
+        for name, given in settings.items()
     }
 
 

@@ -27,7 +27,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("attacks",),
     ("knn", "data"),
     ("models",),
-    ("utils", "config"),
+    ("utils",),
+    ("config",),
     ("errors", "constants"),
 ]
 ROOT_PACKAGE = "ask"

@@ -21,8 +21,8 @@ import logging
 import math
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
@@ -472,17 +472,22 @@ def available_attacks() -> list[str]:
     return sorted(ATTACKS)
 
 
-def build_attack(name: str, model: nn.Module, threat: ThreatModel, **kwargs: Any) -> Attack:
+def build_attack(name: str, model: nn.Module, threat: ThreatModel, settings: Any = None, **kwargs: Any) -> Attack:
     """Instantiate the registered attack ``name``.
 
-    ``kwargs`` are the attack's hyperparameters plus ``store`` and ``generator``. An unknown
-    name or an unknown hyperparameter raises :class:`ConfigError` naming the valid choices.
+    ``settings`` is the attack's typed settings (``run.attack.settings(name)``, a dataclass of
+    :mod:`ask.config.settings`) or a mapping of hyperparameters; ``kwargs`` add ``store``,
+    ``generator`` and, from Python, hyperparameters left to the attack's defaults otherwise. An
+    unknown name or an unknown hyperparameter raises :class:`ConfigError` naming the valid choices.
     """
     cls = ATTACKS.get(name)
     if cls is None:
         raise ConfigError(
             f"unknown attack '{name}'; available attacks: {', '.join(available_attacks())}"
         )
+    if settings is not None:
+        given = settings if isinstance(settings, Mapping) else {f.name: getattr(settings, f.name) for f in fields(settings)}
+        kwargs = {**given, **kwargs}
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     if not takes_any:

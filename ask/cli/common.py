@@ -31,7 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ask.config import RunConfig, config_dir, register_configs, resolve
+from ask.config import RunConfig, SettingsSection, config_dir, register_configs, resolve
 from ask.errors import AskError, ConfigError, RunDirectoryError, os_error_message
 from ask.training.preemption import RunStopped
 from ask.utils.io import atomic_write_text
@@ -245,8 +245,10 @@ def bad_settings(arguments: list[str], folders: list[Path]) -> str | None:
     """The first ``key=value`` argument naming a setting the schema lacks, or a value of the wrong type.
 
     Hydra refuses both too, but after several lines of OmegaConf detail and with exit status 1;
-    this says it in one line, listing the settings that exist. Open sections (``attack.methods``,
-    ``defense.params``) and values that Hydra resolves later (``${...}``) are left to the code.
+    this says it in one line, listing the settings that exist. An attack's settings
+    (``attack.methods.<name>.<key>``) are checked against its typed settings, and so are
+    ``defense.params.<key>`` when the command names the defence (``defense=at``); values that Hydra
+    resolves later (``${...}``) are left to :func:`ask.config.resolve`.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep
@@ -256,6 +258,8 @@ def bad_settings(arguments: list[str], folders: list[Path]) -> str | None:
         overrides = OverridesParser.create().parse_overrides(candidates)
     except Exception:  # malformed input: Hydra's own parser will explain it
         return None
+    defense = next((o.value() for o in overrides if o.key_or_group == "defense" and not o.package
+                    and isinstance(o.value(), str)), None)
     for argument, override in zip(candidates, overrides, strict=True):
         key = override.key_or_group
         if (override.package or override.is_delete() or override.is_add() or override.is_force_add()
@@ -266,13 +270,13 @@ def bad_settings(arguments: list[str], folders: list[Path]) -> str | None:
         if override.is_sweep_override() and not isinstance(value, ChoiceSweep):
             continue  # range() and interval() sweeps: Hydra checks their bounds
         values = value.list if isinstance(value, ChoiceSweep) else [value]
-        problem = _check_setting(key, values, argument.split("=", 1)[1])
+        problem = _check_setting(key, values, argument.split("=", 1)[1], defense)
         if problem:
             return problem
     return None
 
 
-def _check_setting(key: str, values: list[Any], text: str) -> str | None:
+def _check_setting(key: str, values: list[Any], text: str, defense: str | None) -> str | None:
     """Walk ``key`` down the :class:`RunConfig` dataclasses and try ``values`` on the field it names."""
     import dataclasses
     import types
@@ -281,6 +285,15 @@ def _check_setting(key: str, values: list[Any], text: str) -> str | None:
     from omegaconf import MISSING
     from omegaconf.errors import OmegaConfBaseException
 
+    section = _settings_section(key, defense)
+    if section is not None:
+        for item in values:
+            if not (isinstance(item, str) and "${" in item):  # an interpolation: checked at resolve
+                try:
+                    section.check(key.rsplit(".", 1)[1], item)
+                except ConfigError as error:
+                    return str(error)
+        return None
     node: Any = RunConfig
     parts = key.split(".")
     for depth, part in enumerate(parts):
@@ -315,6 +328,19 @@ def _check_setting(key: str, values: list[Any], text: str) -> str | None:
                 return f"{key}=null is not allowed; give {_TYPE_NAMES.get(expected, 'a value')}"
             example = "" if default is None else f"; e.g. {key}={default}"
             return f"{key}={shown} is not {_TYPE_NAMES.get(expected, 'a valid value')}{example}"
+    return None
+
+
+def _settings_section(key: str, defense: str | None) -> SettingsSection | None:
+    """The attack's or the named defence's settings that ``key`` falls in, if it does."""
+    parts = key.split(".")
+    try:
+        if len(parts) == 4 and parts[:2] == ["attack", "methods"]:
+            return SettingsSection.of_attack(parts[2])
+        if len(parts) == 3 and parts[:2] == ["defense", "params"] and defense is not None:
+            return SettingsSection.of_defense(defense)
+    except ConfigError:  # an unknown attack or defence: Hydra names the options
+        return None
     return None
 
 

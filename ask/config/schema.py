@@ -9,9 +9,13 @@ Perturbation sizes (``eps``, ``step_size``) accept numbers or fractions such as 
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
-from dataclasses import dataclass, field
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from ask.config.settings import ATTACK_SETTINGS, DEFENSE_SETTINGS, Size
 from ask.constants import FEATURE_DTYPES, INDEX_KINDS, METRICS, NORMS, VICTIMS
 from ask.errors import ConfigError
 
@@ -63,12 +68,142 @@ def _amp_setting(value: Any, name: str) -> str:
     return setting
 
 
+# ------------------------------------------------------------ settings that change no number
+# Why a setting may differ between two configs that count as the same (a field's
+# metadata["ignored_by"]); each comparison leaves out the settings marked with its purpose, and
+# ignored_settings() is the only list of them.
+#: Cannot change a number of an evaluation: left out of its resumable state's key (the
+#: checkpoint's content digest stands in for its path).
+EVALUATION_KEY = "evaluation_key"
+#: A run directory holding results of another value is still this run's: it resumes, or is found
+#: finished (a run saved on a GPU resumes on the CPU).
+SAME_RUN = "same_run"
+#: Never splits ask-report's rows: no effect on metrics.json, or part of the row's key already.
+REPORT_ROWS = "report_rows"
+IGNORED_PURPOSES = (EVALUATION_KEY, SAME_RUN, REPORT_ROWS)
+
+
+def ignored_by(*purposes: str) -> dict[str, frozenset[str]]:
+    """Field metadata: the comparisons (:data:`IGNORED_PURPOSES`) that leave this setting out."""
+    assert set(purposes) <= set(IGNORED_PURPOSES), purposes
+    return {"ignored_by": frozenset(purposes)}
+
+
+def ignored_settings(purpose: str, schema: type | None = None, prefix: str = "") -> tuple[str, ...]:
+    """Dotted paths of the :class:`RunConfig` settings marked ``ignored_by`` ``purpose``, in field order."""
+    assert purpose in IGNORED_PURPOSES, purpose
+    found: list[str] = []
+    hints = typing.get_type_hints(schema or RunConfig)
+    for f in fields(schema or RunConfig):
+        if purpose in f.metadata.get("ignored_by", ()):
+            found.append(prefix + f.name)
+        nested = [a for a in (hints[f.name], *typing.get_args(hints[f.name])) if is_dataclass(a)]
+        if nested:
+            found.extend(ignored_settings(purpose, nested[0], f"{prefix}{f.name}."))
+    return tuple(found)
+
+
+# ------------------------------------------------------------- each attack's and defence's settings
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               Size: "a number or a fraction such as 8/255"}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value``, as the composed config holds it, is of type ``hint`` (no conversion)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool) or hint is bool:
+        return isinstance(value, bool) and hint is bool
+    if hint is Size:
+        try:
+            parse_size(value, "")
+        except ConfigError:
+            return False
+        return True
+    if hint is float:
+        return isinstance(value, (int, float))  # an int is a float's value too (1024 for chunk_mb)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    """``hint`` as the error messages say it: ``an integer or null``, ``a list of strings``."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    names = []
+    for option in options:
+        if option is type(None):
+            continue
+        if typing.get_origin(option) is list:
+            (item,) = typing.get_args(option)
+            names.append("a list of " + {str: "strings", float: "numbers", int: "integers"}.get(item, "values"))
+        else:
+            names.append(_TYPE_NAMES.get(option, getattr(option, "__name__", str(option))))
+    return " or ".join(names) + (" or null" if type(None) in options else "")
+
+
+@dataclass(frozen=True)
+class SettingsSection:
+    """Where one attack's or defence's settings sit in the config, and their type.
+
+    Attributes:
+        type: the settings dataclass (:mod:`ask.config.settings`).
+        path: the section's dotted path, ``attack.methods.ask`` or ``defense.params``.
+        owner: whose settings they are, as messages say it: ``attack 'ask'``.
+        source: the YAML file holding their values.
+    """
+
+    type: type
+    path: str
+    owner: str
+    source: str
+
+    @classmethod
+    def of_attack(cls, name: str) -> SettingsSection:
+        if name not in ATTACK_SETTINGS:
+            raise ConfigError(f"unknown attack '{name}'; available attacks: {', '.join(sorted(ATTACK_SETTINGS))}")
+        return cls(ATTACK_SETTINGS[name], f"attack.methods.{name}", f"attack '{name}'", f"conf/attack/{name}.yaml")
+
+    @classmethod
+    def of_defense(cls, name: str) -> SettingsSection:
+        if name not in DEFENSE_SETTINGS:
+            raise ConfigError(f"unknown defense '{name}'; available: {', '.join(sorted(DEFENSE_SETTINGS))}")
+        return cls(DEFENSE_SETTINGS[name], "defense.params", f"defense '{name}'", f"conf/defense/{name}.yaml")
+
+    def check(self, key: str, value: Any) -> None:
+        """:class:`ConfigError` unless ``key`` is a setting of the section and ``value`` is of its type."""
+        hints = typing.get_type_hints(self.type)
+        if key not in hints:
+            names = [f.name for f in fields(self.type)]
+            close = difflib.get_close_matches(str(key), names, n=1)
+            guess = f"did you mean {self.path}.{close[0]}? " if close else ""
+            raise ConfigError(f"{self.path}.{key}: {self.owner} has no setting '{key}'; {guess}"
+                              f"its settings are: {', '.join(names) or 'none'}")
+        if not _fits(value, hints[key]):
+            shown = "null" if value is None else (str(value).lower() if isinstance(value, bool) else value)
+            raise ConfigError(f"{self.path}.{key}={shown} is not {_type_name(hints[key])}; see {self.source}")
+
+    def typed(self, values: Mapping[str, Any]) -> Any:
+        """``values`` as the settings dataclass: every field given (the YAML holds the values), no
+        other key, each of its field's type; any problem is one :class:`ConfigError` line."""
+        for key, value in values.items():
+            self.check(key, value)
+        missing = [f.name for f in fields(self.type) if f.name not in values]
+        if missing:
+            raise ConfigError(f"{self.path}.{missing[0]} is not set; add {self.path}.{missing[0]}=... "
+                              f"(the values are in {self.source})")
+        return self.type(**dict(values))
+
+
 @dataclass
 class DatasetConfig:
-    name: str = "digits"
+    name: str = field(default="digits", metadata=ignored_by(REPORT_ROWS))
     # MISSING, not None: "???" in a dataset file cannot override a schema default in a merge.
     root: str | None = MISSING
-    download: bool = False
+    download: bool = field(default=False, metadata=ignored_by(EVALUATION_KEY, SAME_RUN, REPORT_ROWS))
     image_size: int | None = None  # resize side for folder datasets; None keeps the native size
     train_per_class: int | None = None  # class-balanced subset of the training split
     test_per_class: int | None = None
@@ -76,7 +211,8 @@ class DatasetConfig:
     calib_per_class: int = 0  # held out from train for DkNN calibration
     augment: str = "none"  # none | crop | crop_flip
     auto_train: bool = False  # ask-attack may train a model on the fly when no checkpoint is given
-    cache: bool = True  # keep decoded tensors on disk so JPEG folders are decoded once
+    # keep decoded tensors on disk so JPEG folders are decoded once
+    cache: bool = field(default=True, metadata=ignored_by(EVALUATION_KEY, SAME_RUN, REPORT_ROWS))
     # Image folders: the training and test folders under root (null: the preset's, [train, test]
     # for dataset=folder), the per-channel statistics (null: the preset's; for dataset=folder,
     # computed from the training split) and how images reach image_size
@@ -105,8 +241,9 @@ EXTERNAL_MODELS = ("torchvision", "module")
 
 @dataclass
 class ModelConfig:
-    name: str = "smallcnn"
-    checkpoint: str | None = None  # a best.pt / last.pt written by ask-train
+    name: str = field(default="smallcnn", metadata=ignored_by(REPORT_ROWS))
+    # a best.pt / last.pt written by ask-train
+    checkpoint: str | None = field(default=None, metadata=ignored_by(EVALUATION_KEY, REPORT_ROWS))
     width: int = 64  # base channel count; 64 is the standard VGG16 / ResNet18, smallcnn uses 32 on CPU
     default_layers: list[str] = field(default_factory=lambda: ["block3"])
     # (x - mean) / std inside the network; null = the architecture's default (false only for vgg16_authors)
@@ -148,9 +285,10 @@ class KnnConfig:
     nlist: int | None = None  # ivf cells; None = about 4 sqrt(N)
     nprobe: int = 32  # ivf cells scanned per query
     feature_dtype: str = "float32"  # float16 halves the feature cache on disk and in memory
-    use_gpu: bool = True  # use faiss on the GPU when the build and a device are present
-    batch_size: int = 256
-    cache: bool = True
+    # use faiss on the GPU when the build and a device are present
+    use_gpu: bool = field(default=True, metadata=ignored_by(REPORT_ROWS))
+    batch_size: int = field(default=256, metadata=ignored_by(REPORT_ROWS))
+    cache: bool = field(default=True, metadata=ignored_by(EVALUATION_KEY, SAME_RUN, REPORT_ROWS))
 
     def __post_init__(self) -> None:
         _require(self.k >= 1, f"knn.k={self.k} must be >= 1")
@@ -182,12 +320,14 @@ def _check_budget(config: Any, group: str) -> None:
 class AttackConfig:
     """The shared threat model plus each selected attack's own hyperparameters."""
 
-    eps: Any = "8/255"
-    norm: str = "linf"
+    eps: Any = field(default="8/255", metadata=ignored_by(REPORT_ROWS))
+    norm: str = field(default="linf", metadata=ignored_by(REPORT_ROWS))
     steps: int = 20
     step_size: Any = "2/255"
     random_start: bool = True
-    methods: dict[str, Any] = field(default_factory=dict)  # option name -> its hyperparameters
+    # option name -> its hyperparameters, as composed (the keys of evaluations and of cached models
+    # are built from these values); settings(name) is the same typed, checked here at resolve
+    methods: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_budget(self, "attack")
@@ -196,13 +336,19 @@ class AttackConfig:
             len(self.methods) > 0,
             "no attack selected; choose some with attack=[ask,pgd]",
         )
+        for name in self.methods:
+            self.settings(name)
+
+    def settings(self, name: str) -> Any:
+        """The attack ``name``'s settings (:mod:`ask.config.settings`), from ``methods[name]``."""
+        return SettingsSection.of_attack(name).typed(self.methods[name])
 
 
 @dataclass
 class EvalConfig:
-    victims: list[str] = field(default_factory=lambda: ["dnn", "knn", "dknn", "dknn_vote"])
+    victims: list[str] = field(default_factory=lambda: ["dnn", "knn", "dknn", "dknn_vote"], metadata=ignored_by(REPORT_ROWS))
     n_points: int | None = None  # evaluate the first n test points (after test_per_class)
-    batch_size: int = 128
+    batch_size: int = field(default=128, metadata=ignored_by(REPORT_ROWS))
     # the attacks' forward/backward passes (victims always judge in fp32); as train.amp
     amp: str = "auto"
     channels_last: bool = True
@@ -240,9 +386,9 @@ class TrainConfig:
     # bf16 autocast: auto (where the GPU or CPU has bf16 units) | bf16 (always) | off; see ask.utils.precision
     amp: str = "auto"
     channels_last: bool = True  # NHWC kernels, CPU and CUDA alike (fp32 results equal to rounding)
-    resume: str | None = None
-    eval_every: int = 1
-    eval_batch_size: int = 512
+    resume: str | None = field(default=None, metadata=ignored_by(EVALUATION_KEY, SAME_RUN, REPORT_ROWS))
+    eval_every: int = field(default=1, metadata=ignored_by(REPORT_ROWS))
+    eval_batch_size: int = field(default=512, metadata=ignored_by(REPORT_ROWS))
     # best.pt follows this metric on the val split: clean accuracy, or robust accuracy of the DNN
     # under PGD-CE / of the kNN victim under ASK-Atk (the run's attack settings).
     select_metric: str = "val_acc"  # val_acc | val_robust_dnn | val_robust_knn
@@ -304,30 +450,35 @@ class DefenseConfig:
     radius of ASK-Def's ASK term and of TRADES is the threat model's ``attack.eps``.
     """
 
-    name: str = "none"
+    name: str = field(default="none", metadata=ignored_by(REPORT_ROWS))
     eps: Any = "4/255"
     steps: int = 10
     step_size: Any = "2/255"
-    params: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)  # as composed; settings() is the same typed
 
     def __post_init__(self) -> None:
         _check_budget(self, "defense")
+        self.settings()
+
+    def settings(self) -> Any:
+        """The defence's settings (:mod:`ask.config.settings`), from ``params``."""
+        return SettingsSection.of_defense(self.name).typed(self.params)
 
 
 @dataclass
 class RunConfig:
-    task: str = "train"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    deterministic: bool = False
+    task: str = field(default="train", metadata=ignored_by(REPORT_ROWS))
+    seed: int = field(default=0, metadata=ignored_by(REPORT_ROWS))
+    device: str = field(default="auto", metadata=ignored_by(SAME_RUN, REPORT_ROWS))  # auto | cpu | cuda | cuda:N
+    deterministic: bool = field(default=False, metadata=ignored_by(REPORT_ROWS))
     # CUDA only: TF32 in float32 matmuls and convolutions. Faster, but features move by ~1e-3
     # relative, which the ASK loss at T = 0.01 magnifies; off unless asked for.
     tf32: bool = False
-    progress: bool = True
-    cache_dir: str = "~/.cache/ask"
+    progress: bool = field(default=True, metadata=ignored_by(EVALUATION_KEY, SAME_RUN, REPORT_ROWS))
+    cache_dir: str = field(default="~/.cache/ask", metadata=ignored_by(EVALUATION_KEY, SAME_RUN, REPORT_ROWS))
     # A run directory holding results of other settings is refused; overwrite=true deletes them
     # and runs afresh there (see ask.utils.rundir).
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata=ignored_by(EVALUATION_KEY, SAME_RUN, REPORT_ROWS))
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)

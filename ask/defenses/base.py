@@ -7,6 +7,8 @@ owns the loop, the optimiser and the schedule; a defence only says what to minim
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any, ClassVar
 
 import torch
@@ -45,7 +47,11 @@ def register_defense(cls: type[Defense]) -> type[Defense]:
     return cls
 
 
-def build_defense(name: str, model: nn.Module, params: dict[str, Any], **common: Any) -> Defense:
+def build_defense(name: str, model: nn.Module, settings: Any, **common: Any) -> Defense:
+    """The registered defence ``name``: ``settings`` is its typed settings (``run.defense.settings()``,
+    a dataclass of :mod:`ask.config.settings`) or a mapping of them; ``common`` is what the trainer
+    adds (``label_smoothing``, a defence's trainer-side inputs)."""
     if name not in DEFENSES:
         raise ConfigError(f"unknown defense '{name}'; available: {', '.join(sorted(DEFENSES))}")
+    params = settings if isinstance(settings, Mapping) else {f.name: getattr(settings, f.name) for f in fields(settings)}
     return DEFENSES[name](model, **common, **params)

@@ -37,7 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ask.attacks import Attack
-from ask.config.schema import RunConfig
+from ask.config.schema import EVALUATION_KEY, RunConfig, ignored_settings
 from ask.constants import ANY_ATTACK
 from ask.data import ImageSplit, to_float
 from ask.knn import ReferenceStore
@@ -184,33 +184,25 @@ WHITE_BOX_FEATURE_VICTIMS = {"knn", "dknn", "dknn_vote"}
 # ------------------------------------------------------------------------- resumable state
 STATE_VERSION = 2  # 2: per-point correctness flags
 
-# Settings that cannot change a single number of the result: display, where caches live, and the
-# checkpoint's path (its content digest stands in for it).
-_KEY_IGNORED = {
-    (): ("progress", "cache_dir", "overwrite"),
-    ("model",): ("checkpoint",),
-    ("dataset",): ("download", "cache"),
-    ("knn",): ("cache",),
-    ("train",): ("resume",),
-}
 
 
 def evaluation_key(run: RunConfig, checkpoint_digest: str, points: ImageSplit, device: torch.device) -> str:
     """A digest of everything that shapes an evaluation's numbers, to tell a saved state's run apart.
 
-    The resolved config (less the fields of ``_KEY_IGNORED``), the checkpoint's content digest,
+    The resolved config (less the settings the schema marks ``EVALUATION_KEY``: display, where
+    caches live, and the checkpoint's path), the checkpoint's content digest,
     the evaluated points themselves (so the selected indices and n_points are covered whatever
     selected them), the device type (generator states and kernels differ between devices) and the
     attacks' resolved precision (``eval.amp=auto`` means bf16 on one machine and fp32 on another).
     """
     config = OmegaConf.to_container(OmegaConf.structured(run), resolve=True)
     assert isinstance(config, dict)
-    for path, names in _KEY_IGNORED.items():
+    for dotted in ignored_settings(EVALUATION_KEY):
+        *path, name = dotted.split(".")
         node = config
         for part in path:
             node = node.get(part) or {}
-        for name in names:
-            node.pop(name, None)
+        node.pop(name, None)
     sha = hashlib.sha1()
     sha.update(json.dumps(
         {"config": config, "checkpoint": checkpoint_digest, "device": device.type, "version": STATE_VERSION,

@@ -73,7 +73,7 @@ def run_attack_job(run: RunConfig, output_dir: str | Path, data: DataBundle | No
     dknn_layers = list(run.knn.dknn_layers) if {"dknn", "dknn_vote"} & set(run.eval.victims) else []
     layers = list(dict.fromkeys(
         list(run.knn.layers) + dknn_layers
-        + [layer for hyper in run.attack.methods.values() for layer in (hyper.get("layers") or [])]
+        + [layer for name in run.attack.methods for layer in getattr(run.attack.settings(name), "layers", [])]
     ))
     model.check_layers(layers)
     checkpoint_digest = file_digest(checkpoint)  # keys both the feature cache and the evaluation state

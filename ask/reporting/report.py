@@ -47,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from ask.config.schema import REPORT_ROWS, ignored_settings
 from ask.errors import AskError
 from ask.reporting.labels import ANY_ATTACK, format_eps
 from ask.utils.io import atomic_write_bytes, require_file_slot
@@ -69,16 +70,8 @@ BREAKDOWN_FIELDS = ("broken_by", "only_by")
 ANY_SETTING = "attacks"
 
 # Config entries that never change a number in metrics.json (bookkeeping, paths, batch sizes) or
-# that are part of the row key already; they never split rows.
-_IGNORED_SETTINGS = frozenset({
-    "task", "seed", "device", "deterministic", "progress", "cache_dir", "overwrite",
-    "dataset.name", "dataset.download", "dataset.cache",
-    "model.name", "model.checkpoint", "defense.name",
-    "attack.eps", "attack.norm",
-    "knn.use_gpu", "knn.cache", "knn.batch_size",
-    "train.resume", "train.eval_every", "train.eval_batch_size",
-    "eval.batch_size", "eval.victims",
-})
+# that are part of the row key already; they never split rows. The schema marks them (REPORT_ROWS).
+_IGNORED_SETTINGS = frozenset(ignored_settings(REPORT_ROWS))
 _METHODS_PREFIX = "attack.methods."
 
 

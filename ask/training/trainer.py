@@ -90,8 +90,9 @@ def robust_validation(run: RunConfig, model: FeatureModel, data: DataBundle, dev
 
     On the first ``train.val_points`` points of a seeded shuffle of the val split: the network
     against PGD-CE and the kNN victim (``knn.layers[0]``, ``knn.k``) against ASK-Atk, both with
-    ``run.attack``'s ball and budget and the hyperparameters of ``run.attack.methods`` where they
-    are given. The kNN's reference store is rebuilt from the training pool with the current
+    ``run.attack``'s ball and budget and the settings of the run's ``ask`` and ``pgd`` attacks where
+    they are among ``attack.methods`` (otherwise the attacks' own defaults, ASK-Atk on ``knn.layers``
+    with ``knn.k``). The kNN's reference store is rebuilt from the training pool with the current
     weights (no cache: the weights change every epoch). The attacks draw from their own seeded
     generators, the same every epoch, so epochs are compared on the same random starts and the
     training's random stream is left alone. The attacks run under the training's autocast
@@ -103,12 +104,12 @@ def robust_validation(run: RunConfig, model: FeatureModel, data: DataBundle, dev
     assert data.val is not None and run.attack is not None
     started = time.perf_counter()
     threat = build_threat_model(run)
-    ask_hyper = dict(run.attack.methods.get("ask") or {})
-    ask_hyper.setdefault("layers", list(run.knn.layers))
-    ask_hyper.setdefault("k", run.knn.k)
-    pgd_hyper = dict(run.attack.methods.get("pgd") or {})
+    selected = run.attack.methods
+    ask_settings = run.attack.settings("ask") if "ask" in selected else {"layers": list(run.knn.layers),
+                                                                         "k": run.knn.k}
+    pgd_settings = run.attack.settings("pgd") if "pgd" in selected else {}
     knn_layer = run.knn.layers[0]
-    ask_layers = [ask_hyper["layers"]] if isinstance(ask_hyper["layers"], str) else list(ask_hyper["layers"])
+    ask_layers = ask_settings.layers if "ask" in selected else run.knn.layers
     layers = list(dict.fromkeys([knn_layer, *ask_layers]))
 
     was_training = model.training
@@ -116,7 +117,7 @@ def robust_validation(run: RunConfig, model: FeatureModel, data: DataBundle, dev
     try:
         store = build_exact_store(run, model, data, layers, device)
         knn = KNNClassifier(model, store, knn_layer, run.knn.k)
-        attacks = build_attacks(run, model, threat, store, device, {"pgd": pgd_hyper, "ask": ask_hyper})
+        attacks = build_attacks(run, model, threat, store, device, {"pgd": pgd_settings, "ask": ask_settings})
         points = select_points(data.val, run.train.val_points, run.seed)
         robust_dnn = robust_knn = clean_knn = 0
         batch_size = run.train.eval_batch_size
@@ -284,7 +285,7 @@ def _train(run: RunConfig, output_dir: Path, data: DataBundle | None, group: dis
 
     context = _defense_context(run.defense.name, {"train_split": data.train, "knn_layers": list(run.knn.layers),
                                                   "augment": run.dataset.augment})
-    defense = build_defense(run.defense.name, model, dict(run.defense.params),
+    defense = build_defense(run.defense.name, model, run.defense.settings(),
                             label_smoothing=run.train.label_smoothing, **context)
     step_module: Any = defense.loss
     if group.enabled:

@@ -27,6 +27,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ask.config.schema import SAME_RUN, ignored_settings
 from ask.errors import RunDirectoryError
 from ask.utils.io import require_file_slot, with_filename
 
@@ -38,8 +39,8 @@ CONFIG_FILE = "config.yaml"
 FAILURE_FILE = "failure.json"
 # Settings that change how or where a run is shown, cached or computed, not its numbers: a run may
 # be resumed, or found finished, with other values of these (a run saved on a GPU resumes on the CPU).
-IGNORED_KEYS = ("progress", "cache_dir", "overwrite", "device", "train.resume", "dataset.download",
-                "dataset.cache", "knn.cache")
+# The schema marks them (SAME_RUN in ask.config.schema).
+IGNORED_KEYS = ignored_settings(SAME_RUN)
 
 
 @dataclass(frozen=True)
