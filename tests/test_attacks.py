@@ -371,6 +371,27 @@ def test_ask_attack_raises_ask_loss_with_fixed_references(metric, kind):
     assert float(loss_on(x_adv).mean()) > float(loss_on(x).mean())
 
 
+def test_the_configured_settings_reach_the_attack(cache_dir):
+    """A value changed in the composed config changes the loss the wiring's ASK-Atk ascends."""
+    from ask.wiring import build_attacks, build_threat_model
+    from tests.conftest import compose_run
+
+    model, store, x, y = make_setup("cosine")
+    losses = {}
+    for temperature in (0.01, 0.5):
+        run = compose_run("attack", ["attack=[ask]", "knn.layers=[block2]", "knn.k=2", "attack.steps=1",
+                                     "attack.random_start=false", f"attack.methods.ask.temperature={temperature}"],
+                          cache_dir)
+        (attack,) = build_attacks(run, model, build_threat_model(run), store, torch.device("cpu")).values()
+        assert (attack.temperature, attack.k, attack.layers, attack.kind) == (temperature, 2, ["block2"], "class")
+        attack(x, y)
+        losses[temperature] = attack.last_result.objective[0]  # the loss at the clean start point
+        refs, clean = attack.references(x)
+        want = ask_loss(clean["block2"], refs["block2"], y, metric="cosine", temperature=temperature, kind="class")
+        torch.testing.assert_close(losses[temperature], want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(losses[0.01], losses[0.5])
+
+
 def authors_ask_attack(model, references, x, y, *, eps, step_size, steps, temperature, generator):
     """A line-by-line transcription of the authors' ASK-Atk (SPEC, "The authors' code").
 
