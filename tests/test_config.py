@@ -221,7 +221,7 @@ def test_the_typed_settings_are_the_composed_values(cache_dir: Path) -> None:
     assert (ask.temperature, ask.k, ask.layers, ask.kind, ask.chunk_mb) == (0.25, 3, ["block2"], "class", 1024)
     defense = run.defense.settings()
     assert isinstance(defense, ASKDefSettings)
-    assert (defense.n_ref, defense.eps_pgd, defense.reference_draw, defense.clean_pass) == (2, "4/255", "cycle", True)
+    assert (defense.n_ref, defense.eps_pgd, defense.reference_draw, defense.clean_pass) == (2, pytest.approx(4 / 255), "cycle", True)
 
 
 # The hand-written lists the schema's ignored_by metadata replaced, as they stood (wip-wiring):
