@@ -9,21 +9,16 @@ Perturbation sizes (``eps``, ``step_size``) accept numbers or fractions such as 
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
-import types
 import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from ask.config.settings import ATTACK_SETTINGS, DEFENSE_SETTINGS, Size
+from ask.config.settings import SettingsSection, parse_size
 from ask.constants import FEATURE_DTYPES, INDEX_KINDS, METRICS, NORMS, VICTIMS
 from ask.errors import ConfigError
 
@@ -31,25 +26,6 @@ AMP_SETTINGS = ("auto", "bf16", "off")  # what each means: ask.utils.precision
 # How a folder's images reach dataset.image_size: the shorter side resized to image_size, or to
 # image_size x 256/224 (the usual ImageNet evaluation: 256, then the centre 224), then centre-cropped.
 RESIZE_RECIPES = {"short_side_crop": 1.0, "resize256_crop224": 256 / 224}
-
-
-def parse_size(value: Any, name: str) -> float:
-    """Turn ``0.03``, ``"0.03"`` or ``"8/255"`` into a float; reject anything else."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{name}={value!r} is not a number; give a value such as 8/255 or 0.03")
-    if isinstance(value, (int, float)):
-        # nan passes every comparison's negation (nan >= 0 is False, but so is nan < 0): say what it is.
-        if math.isnan(value):
-            raise ConfigError(f"{name}=nan is not a number; give a value such as 8/255 or 0.03")
-        if math.isinf(value):
-            raise ConfigError(f"{name}={value} is infinite; give a finite value such as 8/255 or 0.03")
-        return float(value)
-    try:
-        return float(Fraction(str(value).strip()))
-    except (ValueError, ZeroDivisionError):
-        raise ConfigError(
-            f"{name}={value!r} is not a number; give a value such as 8/255 or 0.03"
-        ) from None
 
 
 def _require(condition: bool, message: str) -> None:
@@ -101,101 +77,6 @@ def ignored_settings(purpose: str, schema: type | None = None, prefix: str = "")
         if nested:
             found.extend(ignored_settings(purpose, nested[0], f"{prefix}{f.name}."))
     return tuple(found)
-
-
-# ------------------------------------------------------------- each attack's and defence's settings
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-               Size: "a number or a fraction such as 8/255"}
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether ``value``, as the composed config holds it, is of type ``hint`` (no conversion)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_fits(value, option) for option in typing.get_args(hint))
-    if typing.get_origin(hint) is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_fits(v, item) for v in value)
-    if hint is type(None):
-        return value is None
-    if isinstance(value, bool) or hint is bool:
-        return isinstance(value, bool) and hint is bool
-    if hint is Size:
-        try:
-            parse_size(value, "")
-        except ConfigError:
-            return False
-        return True
-    if hint is float:
-        return isinstance(value, (int, float))  # an int is a float's value too (1024 for chunk_mb)
-    return isinstance(value, hint)
-
-
-def _type_name(hint: Any) -> str:
-    """``hint`` as the error messages say it: ``an integer or null``, ``a list of strings``."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    names = []
-    for option in options:
-        if option is type(None):
-            continue
-        if typing.get_origin(option) is list:
-            (item,) = typing.get_args(option)
-            names.append("a list of " + {str: "strings", float: "numbers", int: "integers"}.get(item, "values"))
-        else:
-            names.append(_TYPE_NAMES.get(option, getattr(option, "__name__", str(option))))
-    return " or ".join(names) + (" or null" if type(None) in options else "")
-
-
-@dataclass(frozen=True)
-class SettingsSection:
-    """Where one attack's or defence's settings sit in the config, and their type.
-
-    Attributes:
-        type: the settings dataclass (:mod:`ask.config.settings`).
-        path: the section's dotted path, ``attack.methods.ask`` or ``defense.params``.
-        owner: whose settings they are, as messages say it: ``attack 'ask'``.
-        source: the YAML file holding their values.
-    """
-
-    type: type
-    path: str
-    owner: str
-    source: str
-
-    @classmethod
-    def of_attack(cls, name: str) -> SettingsSection:
-        if name not in ATTACK_SETTINGS:
-            raise ConfigError(f"unknown attack '{name}'; available attacks: {', '.join(sorted(ATTACK_SETTINGS))}")
-        return cls(ATTACK_SETTINGS[name], f"attack.methods.{name}", f"attack '{name}'", f"conf/attack/{name}.yaml")
-
-    @classmethod
-    def of_defense(cls, name: str) -> SettingsSection:
-        if name not in DEFENSE_SETTINGS:
-            raise ConfigError(f"unknown defense '{name}'; available: {', '.join(sorted(DEFENSE_SETTINGS))}")
-        return cls(DEFENSE_SETTINGS[name], "defense.params", f"defense '{name}'", f"conf/defense/{name}.yaml")
-
-    def check(self, key: str, value: Any) -> None:
-        """:class:`ConfigError` unless ``key`` is a setting of the section and ``value`` is of its type."""
-        hints = typing.get_type_hints(self.type)
-        if key not in hints:
-            names = [f.name for f in fields(self.type)]
-            close = difflib.get_close_matches(str(key), names, n=1)
-            guess = f"did you mean {self.path}.{close[0]}? " if close else ""
-            raise ConfigError(f"{self.path}.{key}: {self.owner} has no setting '{key}'; {guess}"
-                              f"its settings are: {', '.join(names) or 'none'}")
-        if not _fits(value, hints[key]):
-            shown = "null" if value is None else (str(value).lower() if isinstance(value, bool) else value)
-            raise ConfigError(f"{self.path}.{key}={shown} is not {_type_name(hints[key])}; see {self.source}")
-
-    def typed(self, values: Mapping[str, Any]) -> Any:
-        """``values`` as the settings dataclass: every field given (the YAML holds the values), no
-        other key, each of its field's type; any problem is one :class:`ConfigError` line."""
-        for key, value in values.items():
-            self.check(key, value)
-        missing = [f.name for f in fields(self.type) if f.name not in values]
-        if missing:
-            raise ConfigError(f"{self.path}.{missing[0]} is not set; add {self.path}.{missing[0]}=... "
-                              f"(the values are in {self.source})")
-        return self.type(**dict(values))
 
 
 @dataclass
