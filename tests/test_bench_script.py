@@ -114,6 +114,8 @@ def eval_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     return json.loads((out / "bench_eval.json").read_text()), out
 
 
+# Slow: it trains and evaluates three times over (old tree, new cold, new warm); `make test-all` runs it.
+@pytest.mark.slow
 def test_eval_against_times_both_trees_and_compares_their_results(eval_report: tuple[dict, Path]) -> None:
     report, out = eval_report
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
