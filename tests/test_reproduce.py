@@ -9,6 +9,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import BIN
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_defenses.sh"
@@ -17,6 +19,9 @@ TINY = ["dataset.train_per_class=15", "dataset.val_per_class=5", "train.epochs=1
 DEFENSES = ("none", "at", "ask_def", "ask_def_authors", "trades")
 
 
+# Slow (~40 s on CI's two cores): five defences trained and attacked by all six attacks. The study
+# test below runs the same console scripts from a shell script, with resume; `make test-all` runs this.
+@pytest.mark.slow
 def test_reproduce_defenses_reports_every_defence(tmp_path: Path, shared_cache: Path,
                                                   script_env: dict[str, str]) -> None:
     out = tmp_path / "out"
