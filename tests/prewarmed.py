@@ -194,7 +194,6 @@ class Zygote:
         self._folder = tempfile.mkdtemp(prefix="ask-zygote-")
         self.path = os.path.join(self._folder, "socket")
         env = {k: v for k, v in _SESSION_ENV.items() if k not in _THREAD_VARS}
-        self.startup = _startup(env)
         repo = str(Path(__file__).resolve().parents[1])
         self._process = subprocess.Popen([sys.executable, "-m", "tests.prewarmed", self.path], cwd=repo,
                                          env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -284,12 +283,17 @@ def _startup(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(_STARTUP_PREFIXES)}
 
 
+def _startup_differences(env: dict[str, str], zygote_startup: dict[str, str]) -> list[str]:
+    """The start-up variables that ``env`` sets otherwise than the zygote's environment did."""
+    startup = _startup(env)
+    return sorted(k for k in startup.keys() | zygote_startup.keys() if startup.get(k) != zygote_startup.get(k))
+
+
 def can_fork(program: str, env: dict[str, str]) -> bool:
     """Whether a fork of the zygote runs ``program`` in ``env`` as a fresh process would."""
     if program not in PROGRAMS:
         return False
-    differ = sorted(k for k in _startup(env).keys() | zygote().startup.keys()
-                    if _startup(env).get(k) != zygote().startup.get(k))
+    differ = _startup_differences(env, _startup(_SESSION_ENV))
     if differ and os.environ.get("ASK_TEST_FORK_LOG"):  # which commands went the slow way, and why
         with open(os.environ["ASK_TEST_FORK_LOG"], "a") as log:
             print(os.environ.get("PYTEST_CURRENT_TEST", "?"), *differ, file=log)
@@ -343,15 +347,14 @@ def shim_bin(folder: Path) -> Path:
 
 def shim_env() -> dict[str, str]:
     """What a forwarder needs to find the zygote, for the environment of a shell script."""
-    running = zygote()
-    return {_ENV: running.path, f"{_ENV}_STARTUP": json.dumps(running.startup)}
+    return {_ENV: zygote().path, f"{_ENV}_STARTUP": json.dumps(_startup(_SESSION_ENV))}
 
 
 def shim(program: str, real: str, args: list[str]) -> int:
     path = os.environ.get(_ENV)
     startup = json.loads(os.environ.get(f"{_ENV}_STARTUP", "null"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV)}
-    if not path or startup != _startup(env):
+    if not path or _startup_differences(env, startup):
         os.execv(real, [real, *args])
     child = _connect(path, program, args, Path.cwd(), env, sys.stdout.fileno(), sys.stderr.fileno())
     code = child.wait()
