@@ -6,6 +6,10 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test test-all lint clean
 
+# The suite imports `ask` in a few hundred processes and rewrites every test module's asserts: with
+# PYTHONDONTWRITEBYTECODE set (some images set it), each of them compiles again. Empty = unset.
+PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest
+
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,cpu]'
@@ -15,10 +19,10 @@ demo: $(VENV)/.installed  ## train the digits model (once, cached) and attack it
 	$(BIN)/ask-attack $(ARGS)
 
 test: $(VENV)/.installed  ## the CI test suite (CPU; skips slow and GPU tests)
-	$(BIN)/python -m pytest $(ARGS)
+	$(PYTEST) $(ARGS)
 
 test-all: $(VENV)/.installed  ## also the slow tests (GPU tests still need CUDA)
-	$(BIN)/python -m pytest -m 'not gpu' $(ARGS)
+	$(PYTEST) -m 'not gpu' $(ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check ask tests scripts

@@ -58,11 +58,17 @@ def test_the_dry_run_finds_every_piece_and_lists_the_steps(tmp_path: Path, cifar
     assert not (tmp_path / "out").exists()  # a dry run runs and writes nothing
 
 
-def test_the_dry_run_names_a_missing_data_folder(tmp_path: Path) -> None:
-    done = _dry_run(tmp_path, tmp_path / "nowhere")
-    assert done.returncode == 1
+def test_the_dry_run_names_a_missing_data_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # In process: the shell wrapper and the gpu marker's collection (~10 s) are the test above's.
+    gpu_check = _load()
+    monkeypatch.setattr(gpu_check, "_marker_problems", lambda ctx: [])
+    status = gpu_check.main(["--dry-run", "--cifar-root", str(tmp_path / "nowhere"),
+                             "--out", str(tmp_path / "out" / "gpu_check.json")])
+    assert status == 1
     assert (f"gpu_check: missing: CIFAR-10 folder {tmp_path / 'nowhere' / 'train'} does not exist "
-            "(--cifar-root or ASK_GPU_CHECK_CIFAR)") in done.stderr.splitlines()
+            "(--cifar-root or ASK_GPU_CHECK_CIFAR)") in capsys.readouterr().err.splitlines()
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_step_override_that_no_longer_composes_is_named() -> None:
