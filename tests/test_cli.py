@@ -80,6 +80,21 @@ def test_second_demo_reuses_the_cached_model(demo: dict, shared_cache: Path) -> 
     assert len(list((shared_cache / "models").iterdir())) == 1
 
 
+def test_each_task_names_its_runs_log_and_help_after_itself(demo: dict, shared_cache: Path, tmp_path: Path) -> None:
+    # Before, ask-attack composed the training config with task=attack: its log was common.log and
+    # --help said "common is powered by Hydra"; the output root was hard-coded to outputs/.
+    done = run_cli("ask-attack", ["progress=false", f"output_root={tmp_path / 'runs'}", "attack=[pgd]",
+                                  "eval.n_points=20", "eval.victims=[dnn]"], tmp_path, shared_cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = (tmp_path / "runs" / "attack").glob("*/*")  # <output_root>/<task>/<date>/<time>
+    assert (run / "metrics.json").is_file() and (run / "ask-attack.log").is_file()
+    assert not (tmp_path / "outputs").exists()
+    assert json.loads((run / "metrics.json").read_text())["n_points"] == 20
+    for program in ("ask-attack", "ask-train"):
+        shown = run_cli(program, ["--help"], tmp_path, shared_cache)
+        assert shown.returncode == 0 and shown.stdout.startswith(f"{program} is powered by Hydra."), shown.stdout[:200]
+
+
 def _fails_cleanly(done, *needles: str) -> str:
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert "Traceback" not in done.stderr

@@ -116,7 +116,7 @@ def test_missing_root_is_named(cache_dir: Path) -> None:
 
 def test_the_suite_composes_device_cpu_unless_a_test_names_a_device(
         tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """conftest pins ASK_DEVICE=cpu; conf/train.yaml's default follows it, here and in spawned console scripts."""
+    """conftest pins ASK_DEVICE=cpu; conf/run.yaml's default follows it, here and in spawned console scripts."""
     assert os.environ["ASK_DEVICE"] == "cpu"
     assert compose_run("train", [], cache_dir).device == "cpu"
     assert compose_run("attack", [], cache_dir).device == "cpu"

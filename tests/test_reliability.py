@@ -250,7 +250,7 @@ class Setup:
         """A run directory whose lock and log files are /dev/full: every write to them fails with ENOSPC."""
         path = self.root / name
         path.mkdir()
-        for file in (".lock", "common.log"):  # common.log: Hydra names the log after hydra_entry's module
+        for file in (".lock", "ask-train.log", "ask-attack.log"):  # Hydra logs to <hydra.job.name>.log
             (path / file).symlink_to("/dev/full")
         return path
 

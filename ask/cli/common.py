@@ -463,7 +463,7 @@ def _end_worker(status: int) -> NoReturn:
 
 
 def _rank_overrides(group: Any, arguments: list[str], program: str, task: str) -> list[str]:
-    """Hydra overrides that put every ``torchrun`` rank in rank 0's output directory (under ``outputs/<task>``).
+    """Hydra overrides that put every ``torchrun`` rank in rank 0's output directory (``<output_root>/<task>/...``).
 
     Hydra names the directory by the clock, which can tick between ranks, so rank 0 picks it and
     broadcasts it. The other ranks neither save Hydra's config copy nor open its log file there.
@@ -477,7 +477,7 @@ def _rank_overrides(group: Any, arguments: list[str], program: str, task: str) -
         from datetime import datetime
 
         stamp = group.broadcast(datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
-        extra.append(f"hydra.run.dir=outputs/{task}/{stamp}")
+        extra.append(f"hydra.run.dir=${{output_root}}/{task}/{stamp}")
     if not group.is_main:
         extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
     return extra

@@ -360,6 +360,8 @@ class RunConfig:
     # A run directory holding results of other settings is refused; overwrite=true deletes them
     # and runs afresh there (see ask.utils.rundir).
     overwrite: bool = field(default=False, metadata=ignored_by(EVALUATION_KEY, SAME_RUN, REPORT_ROWS))
+    # Where run directories go (<output_root>/<task>/<date>/<time>) when hydra.run.dir names none.
+    output_root: str = field(default="outputs", metadata=ignored_by(EVALUATION_KEY, SAME_RUN, REPORT_ROWS))
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
@@ -369,7 +371,7 @@ class RunConfig:
     eval: EvalConfig | None = None
 
     def __post_init__(self) -> None:
-        # conf/train.yaml takes the default from $ASK_DEVICE: a bad value there must say so.
+        # conf/run.yaml takes the default from $ASK_DEVICE: a bad value there must say so.
         source = " (from ASK_DEVICE)" if os.environ.get("ASK_DEVICE") == self.device else ""
         _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
                  f"device={self.device!r}{source} must be auto, cpu, cuda or cuda:N")

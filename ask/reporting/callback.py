@@ -1,6 +1,6 @@
 """A Hydra callback that turns a finished ``-m`` sweep into ``report.md`` in its sweep directory.
 
-Registered for every console script in ``conf/train.yaml`` (``hydra.callbacks.report``). After an
+Registered for every console script in ``conf/run.yaml`` (``hydra.callbacks.report``). After an
 ``ask-attack`` sweep it writes the report beside the job directories; after an ``ask-train`` sweep
 there is nothing to report and it returns quietly. It never raises: a sweep whose jobs all
 finished must not end in an error because its summary could not be written. It also notes the
