@@ -23,7 +23,14 @@ from ask.attacks import Attack, ThreatModel, attack_seed, build_attack
 from ask.config.schema import EXTERNAL_MODELS, RunConfig
 from ask.data import DataBundle, ImageSplit, balanced_indices
 from ask.errors import CheckpointError, ConfigError
-from ask.knn import DkNNClassifier, DkNNVoteClassifier, KNNClassifier, ReferenceStore, store_cache_key
+from ask.knn import (
+    DkNNClassifier,
+    DkNNVoteClassifier,
+    IndexSettings,
+    KNNClassifier,
+    ReferenceStore,
+    store_cache_key,
+)
 from ask.models import FeatureModel, build_model
 from ask.models.checkpoint import check_compatible, load_checkpoint, load_plain_weights, load_weights
 from ask.utils.runtime import float32_precision
@@ -92,6 +99,13 @@ def reference_pool(run: RunConfig, data: DataBundle) -> Tensor:
                             "knn.pool_per_class", data.classes)
 
 
+def index_settings(run: RunConfig) -> IndexSettings:
+    """The run's ``knn.index`` / ``nlist`` / ``nprobe`` / ``feature_dtype`` / ``use_gpu``, as one object."""
+    knn = run.knn
+    return IndexSettings(kind=knn.index, nlist=knn.nlist, nprobe=knn.nprobe, feature_dtype=knn.feature_dtype,
+                         use_gpu=knn.use_gpu)
+
+
 def feature_cache_key(run: RunConfig, checkpoint_digest: str, layers: list[str], pool: torch.Tensor,
                       image_shape: Sequence[int], device: torch.device) -> dict[str, Any]:
     """What identifies the pool's features in the cache: :func:`store_cache_key` plus the dataset,
@@ -136,8 +150,7 @@ def build_store(run: RunConfig, model: FeatureModel, data: DataBundle, checkpoin
     store = ReferenceStore.build(
         model, data.train.images_at(pool), labels, layers, run.knn.metric, data.num_classes,
         pool_indices=pool, batch_size=run.knn.batch_size, device=device, cache_path=cache_path,
-        cache_key=key, progress=run.progress, use_gpu_index=run.knn.use_gpu,
-        feature_dtype=run.knn.feature_dtype, index=run.knn.index, nlist=run.knn.nlist, nprobe=run.knn.nprobe,
+        cache_key=key, progress=run.progress, settings=index_settings(run),
     )
     if run.knn.index != "flat":
         # Approximate neighbours change robustness numbers: say how approximate, before any attack.
@@ -160,7 +173,7 @@ def build_exact_store(run: RunConfig, model: FeatureModel, data: DataBundle, lay
     return ReferenceStore.build(
         model, data.train.images_at(pool), data.train.labels[pool], layers, run.knn.metric, data.num_classes,
         pool_indices=pool, batch_size=run.knn.batch_size, device=device, progress=False,
-        use_gpu_index=run.knn.use_gpu,
+        settings=IndexSettings(use_gpu=run.knn.use_gpu),
     )
 
 

@@ -252,7 +252,7 @@ def _make_batch(s: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, 
 
 def _build_store(s: dict[str, Any], model: torch.nn.Module, cache_path: Path) -> Any:
     """``ReferenceStore.build`` over the fixed pool, cached at ``cache_path``."""
-    from ask.knn.store import ReferenceStore, store_cache_key, tensor_digest
+    from ask.knn import ReferenceStore, store_cache_key, tensor_digest
 
     images, labels = _make_pool(s)
     digest = "-".join(tensor_digest(t) for t in model.state_dict().values())[:64]
@@ -265,7 +265,7 @@ def _build_store(s: dict[str, Any], model: torch.nn.Module, cache_path: Path) ->
 # ------------------------------------------------------------------------------ workers
 def worker_store(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Fresh ``ReferenceStore.build`` (features + cache write) against a reuse of its cache."""
-    from ask.knn.store import ReferenceStore
+    from ask.knn import ReferenceStore
     from ask.utils.io import atomic_save
 
     model = _make_model(s, device)
@@ -394,8 +394,8 @@ def _profile_attacks(s: dict[str, Any], attacks: dict[str, Any], x: torch.Tensor
 
 def worker_search(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Exact kNN search of one batch over a large pool against the backbone's forward pass."""
+    from ask.knn import ReferenceStore
     from ask.knn.similarity import l2_normalize
-    from ask.knn.store import ReferenceStore
 
     model = _make_model(s, device)
     timer = Timer(device)
@@ -443,7 +443,7 @@ def worker_search(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
     _, brute_rows = brute()
     pairs = zip(faiss_rows.cpu().tolist(), brute_rows.cpu().tolist(), strict=True)
     agreement = sum(len(set(a) & set(b)) for a, b in pairs) / faiss_rows.numel()
-    gpu_index = store._gpu_device(query.device) is not None
+    gpu_index = store.indexes.gpu_device(query.device) is not None
     if s["profile"]:
         prof = cProfile.Profile()
         prof.enable()

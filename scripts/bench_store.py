@@ -47,7 +47,7 @@ def _dir_bytes(path: Path) -> int:
 
 # ------------------------------------------------------------------------------ workers
 def worker_build(a: argparse.Namespace) -> dict[str, Any]:
-    from ask.knn.store import ReferenceStore
+    from ask.knn import IndexSettings, ReferenceStore
     from ask.knn.synthetic import LAYER, SyntheticPool
 
     pool = SyntheticPool(a.points, a.dim, a.classes, seed=a.seed)
@@ -69,7 +69,8 @@ def worker_build(a: argparse.Namespace) -> dict[str, Any]:
 
     start = time.perf_counter()
     store = ReferenceStore.from_chunks(timed_chunks(), a.points, [LAYER], "cosine", a.classes,
-                                       feature_dtype=a.dtype, cache_path=cache, cache_key={"bench": a.seed})
+                                       cache_path=cache, cache_key={"bench": a.seed},
+                                       settings=IndexSettings(feature_dtype=a.dtype))
     total = time.perf_counter() - start
     peak = status_mib("VmHWM")
     assert len(store) == a.points
@@ -78,11 +79,12 @@ def worker_build(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(a: argparse.Namespace, index: str) -> Any:
-    from ask.knn.store import ReferenceStore
+    from ask.knn import IndexSettings, ReferenceStore
     from ask.knn.synthetic import LAYER
 
     store = ReferenceStore.load(Path(a.scratch) / f"cache-{a.dtype}", {"bench": a.seed}, [LAYER], "cosine",
-                                a.classes, feature_dtype=a.dtype, index=index, nlist=a.nlist, nprobe=a.nprobe)
+                                a.classes, settings=IndexSettings(kind=index, nlist=a.nlist, nprobe=a.nprobe,
+                                                                  feature_dtype=a.dtype))
     if store is None:
         raise RuntimeError("the build step's cache could not be loaded")
     return store
@@ -108,7 +110,7 @@ def worker_index(a: argparse.Namespace) -> dict[str, Any]:
     _, rows = store.search(LAYER, queries, a.k)
     search_s = time.perf_counter() - t
     out = {"index_s": index_s, "index_rss_mib": index_rss, "search_qps": len(queries) / search_s,
-           "peak_delta_mib": status_mib("VmHWM") - before, "info": store._index_info[(LAYER, None)]}
+           "peak_delta_mib": status_mib("VmHWM") - before, "info": store.indexes.info(LAYER)}
     truth = Path(a.scratch) / f"exact-{a.dtype}.npy"
     if a.index == "flat":
         np.save(truth, rows.numpy())
@@ -118,10 +120,10 @@ def worker_index(a: argparse.Namespace) -> dict[str, Any]:
         if out["info"]["kind"] == "ivf":  # how recall moves with nprobe, on the same index
             from ask.knn.indexes import set_nprobe
 
-            index = store._indexes[(LAYER, None, None)]
+            index = store.indexes.cached[(LAYER, None, None)]
             for nprobe in a.nprobe_sweep:
                 set_nprobe(index, nprobe)
-                _, found = index.search(store._faiss_queries(queries), a.k)
+                _, found = index.search(store.indexes.faiss_queries(queries), a.k)
                 out[f"recall_heldout_nprobe{nprobe}"] = recall_at_k(found, exact)
             set_nprobe(index, a.nprobe)
         if a.report_queries:

@@ -235,7 +235,7 @@ def step_environment(ctx: Context) -> dict[str, Any]:
 def step_faiss(ctx: Context) -> dict[str, Any]:
     import torch
 
-    from ask.knn import ReferenceStore
+    from ask.knn import IndexSettings, ReferenceStore
     from ask.knn.indexes import recall_at_k
     from ask.knn.synthetic import LAYER, SyntheticPool
 
@@ -244,24 +244,25 @@ def step_faiss(ctx: Context) -> dict[str, Any]:
     k = 10
 
     def store(**settings: Any) -> ReferenceStore:
-        return ReferenceStore.from_chunks(pool.chunks(8192), pool.n, [LAYER], "cosine", pool.classes, **settings)
+        return ReferenceStore.from_chunks(pool.chunks(8192), pool.n, [LAYER], "cosine", pool.classes,
+                                          settings=IndexSettings(**settings))
 
-    exact = store(use_gpu_index=False)
+    exact = store(use_gpu=False)
     _, truth = exact.search(LAYER, queries, k)
     _, truth_per_class = exact.search_per_class(LAYER, queries, 5)
     found: dict[str, Any] = {"n": pool.n, "d": pool.d, "queries": len(queries), "k": k}
     problems = []
     for kind in ("flat", "ivf"):
-        gpu_store = store(index=kind, nprobe=32)
+        gpu_store = store(kind=kind, nprobe=32)
         start = time.perf_counter()
         _, rows = gpu_store.search(LAYER, queries.cuda(), k)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        index = gpu_store._indexes.get((LAYER, None, torch.cuda.current_device()))
+        index = gpu_store.indexes.cached.get((LAYER, None, torch.cuda.current_device()))
         entry = {"recall_at_k": recall_at_k(rows.cpu().numpy(), truth.numpy()), "first_search_s": round(seconds, 3),
-                 "faiss_index": type(index).__name__, "host_copy_kept": (LAYER, None, None) in gpu_store._indexes}
+                 "faiss_index": type(index).__name__, "host_copy_kept": (LAYER, None, None) in gpu_store.indexes.cached}
         if kind == "ivf":  # the same cells searched on the host: a GPU clone must probe as many
-            entry["cpu_recall_at_k"] = store(index=kind, nprobe=32, use_gpu_index=False).measure_recall(
+            entry["cpu_recall_at_k"] = store(kind=kind, nprobe=32, use_gpu=False).measure_recall(
                 LAYER, k, queries=queries)["recall_at_k"]
         else:
             _, per_class = gpu_store.search_per_class(LAYER, queries.cuda(), 5)

@@ -464,11 +464,11 @@ def test_ask_attack_zero_features_stay_finite(random_start):
 
 
 def test_ask_attack_with_the_real_reference_store():
-    from ask.knn.store import ReferenceStore
+    from ask.knn import IndexSettings, ReferenceStore
 
     model, brute, x, y = make_setup("cosine")
     store = ReferenceStore(["block2"], "cosine", brute.num_classes, brute.labels,
-                           {"block2": brute.features["block2"]}, use_gpu_index=False)
+                           {"block2": brute.features["block2"]}, settings=IndexSettings(use_gpu=False))
     threat = ThreatModel(eps=8 / 255, steps=2)
     real = ASKAttack(model, threat, store=store, layers=["block2"], k=3)
     stand_in = ASKAttack(model, threat, store=brute, layers=["block2"], k=3)

@@ -20,7 +20,7 @@ from ask.attacks.dknn_attack import DkNNAttack
 from ask.attacks.feature import FeatureAttack
 from ask.attacks.minnorm import MinNormAttack
 from ask.errors import ConfigError
-from ask.knn import KNNClassifier, ReferenceStore
+from ask.knn import IndexSettings, KNNClassifier, ReferenceStore
 
 BASELINES = ["dknn", "advknn", "feature", "minnorm"]
 LAYER = "pix"
@@ -56,7 +56,7 @@ def two_clusters(metric: str = "l2", per_class: int = 30, seed: int = 0):
     pts = pts.clamp(0, 1)
     labels = torch.arange(2).repeat_interleave(per_class)
     store = ReferenceStore([LAYER, "twice"], metric, 2, labels, {LAYER: pts, "twice": 2 * pts},
-                           use_gpu_index=False)
+                           settings=IndexSettings(use_gpu=False))
     return store, pts, labels
 
 
@@ -128,7 +128,7 @@ def test_baseline_cosine_store_and_two_layers(name):
     pts = torch.cat([a, b]).clamp(0.01, 1)
     labels = torch.arange(2).repeat_interleave(20)
     store = ReferenceStore([LAYER, "twice"], "cosine", 2, labels, {LAYER: pts, "twice": 2 * pts},
-                           use_gpu_index=False)
+                           settings=IndexSettings(use_gpu=False))
     x = torch.tensor([[0.6, 0.45], [0.55, 0.4]]).view(-1, 1, 1, 2)
     y = torch.zeros(2, dtype=torch.long)
     assert bool((knn_labels(store, x) == 0).all())
@@ -151,7 +151,7 @@ def test_dknn_guides_pick_the_nearest_other_class_and_its_nearest_points():
     centres = torch.tensor([[0.2, 0.2], [0.9, 0.9], [0.2, 0.6]])
     pts = torch.cat([centres[c] + 0.03 * torch.randn(12, 2, generator=gen) for c in range(3)]).clamp(0, 1)
     labels = torch.arange(3).repeat_interleave(12)
-    store = ReferenceStore([LAYER], "l2", 3, labels, {LAYER: pts}, use_gpu_index=False)
+    store = ReferenceStore([LAYER], "l2", 3, labels, {LAYER: pts}, settings=IndexSettings(use_gpu=False))
     attack = DkNNAttack(PixelModel(3), ThreatModel(eps=0.1), store=store, layers=[LAYER], m=4, k=3)
     x = torch.tensor([[0.2, 0.35], [0.6, 0.75]]).view(-1, 1, 1, 2)
     y = torch.tensor([0, 2])

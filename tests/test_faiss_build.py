@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ask.knn import faiss_build
+from ask.knn import IndexSettings, ReferenceStore, faiss_build
 from ask.knn.faiss_build import faiss_distributions, gpu_index_problem, probe_problem
-from ask.knn.store import ReferenceStore
 from tests.conftest import run_cli
 
 
@@ -38,7 +37,7 @@ def test_a_self_test_that_fails_or_hangs_says_so() -> None:
 def test_the_real_self_test_refuses_a_build_without_gpu_support() -> None:
     if hasattr(faiss_build.faiss, "StandardGpuResources") and torch.cuda.is_available():
         pytest.skip("a GPU build on a GPU machine: the self-test may pass")
-    problem = probe_problem(faiss_build._PROBE, 0)
+    problem = probe_problem(faiss_build.GPU_SELF_TEST, 0)
     assert problem is not None and "AttributeError" in problem and "gpu" in problem, problem
 
 
@@ -60,13 +59,13 @@ def test_gpu_searches_fall_back_to_the_cpu_index_when_the_self_test_fails(
     features = torch.randn(30, 4)
     store = ReferenceStore(["f"], "cosine", 3, torch.arange(30) % 3, {"f": features})
     with caplog.at_level(logging.WARNING, logger="ask.knn.faiss_build"):
-        assert store._gpu_device(torch.device("cuda", 1)) is None
-        assert store._gpu_device(torch.device("cuda", 1)) is None
+        assert store.indexes.gpu_device(torch.device("cuda", 1)) is None
+        assert store.indexes.gpu_device(torch.device("cuda", 1)) is None
     assert calls == [1]  # tested once per process and device
     (warning,) = [r.getMessage() for r in caplog.records if "not usable" in r.getMessage()]
     assert "cuda:1" in warning and "SIGABRT" in warning and "knn.use_gpu=false" in warning
     # The searches themselves still answer, from the CPU index.
-    _, positions = store._index("f", None, torch.device("cpu"), 3).search(
+    _, positions = store.indexes.index_for("f", None, torch.device("cpu"), 3).search(
         np.ascontiguousarray(torch.nn.functional.normalize(features[:2], dim=1).numpy()), 1)
     assert positions[:, 0].tolist() == [0, 1]
 
@@ -77,9 +76,10 @@ def test_a_gpu_index_that_passed_its_self_test_is_used(monkeypatch: pytest.Monke
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
     monkeypatch.setattr(faiss_build, "probe_problem", lambda code, device: None)
     store = ReferenceStore(["f"], "cosine", 3, torch.arange(30) % 3, {"f": torch.randn(30, 4)})
-    assert store._gpu_device(torch.device("cuda", 0)) == 0
-    assert ReferenceStore(["f"], "cosine", 3, torch.arange(30) % 3, {"f": torch.randn(30, 4)},
-                          use_gpu_index=False)._gpu_device(torch.device("cuda", 0)) is None
+    assert store.indexes.gpu_device(torch.device("cuda", 0)) == 0
+    on_the_host = ReferenceStore(["f"], "cosine", 3, torch.arange(30) % 3, {"f": torch.randn(30, 4)},
+                                 settings=IndexSettings(use_gpu=False))
+    assert on_the_host.indexes.gpu_device(torch.device("cuda", 0)) is None
 
 
 def test_two_faiss_builds_and_a_cuda_mismatch_are_each_said_once(

@@ -180,16 +180,16 @@ def test_search_per_class_equals_brute_force(metric: str) -> None:
             sims[:, c], rows[:, c], queries, store.features["f"][members], members, metric, 5
         )
     # indexes are built once and reused
-    n_indexes = len(store._indexes)
+    n_indexes = len(store.indexes.cached)
     store.search_per_class("f", queries[:2], 3)
-    assert len(store._indexes) == n_indexes == 4
+    assert len(store.indexes.cached) == n_indexes == 4
 
 
 @pytest.mark.parametrize("metric", METRICS)
 def test_shared_searches_give_the_same_neighbours_with_one_faiss_search(metric: str, monkeypatch) -> None:
     store = random_store(metric, n=400)
     calls: list[int] = []
-    faiss_search = store._faiss_search
+    faiss_search = store.indexes.faiss_search
 
     def counted(index, layer, cls, q, k):
         calls.append(k)
@@ -203,7 +203,7 @@ def test_shared_searches_give_the_same_neighbours_with_one_faiss_search(metric: 
         alone = {k: store.search("f", queries, k) for k in ks}
         alone_per_class = {k: store.search_per_class("f", queries, k) for k in ks}
         alone_other = store.search("f", other, 5)
-        monkeypatch.setattr(store, "_faiss_search", counted)
+        monkeypatch.setattr(store.indexes, "faiss_search", counted)
         calls.clear()
         with store.shared_searches(depth=16):
             for k in ks:
@@ -216,7 +216,7 @@ def test_shared_searches_give_the_same_neighbours_with_one_faiss_search(metric: 
         assert calls == [16, 16, 16, 16, 16, 20, 20, 20, 20, 20, 16]
         monkeypatch.undo()
         # After the block nothing is remembered.
-        assert store._shared is None and torch.equal(store.search("f", queries, 5)[1], alone[5][1])
+        assert not store.indexes.sharing and torch.equal(store.search("f", queries, 5)[1], alone[5][1])
 
 
 def test_zero_features_in_pool_and_queries_are_searchable() -> None:
@@ -329,7 +329,7 @@ def test_cache_round_trip_and_invalidation(tmp_path, caplog) -> None:
 
     other = store_cache_key("def456", ["block1"], "l2", pool, images.shape[1:])
     assert other != key
-    with caplog.at_level(logging.WARNING, logger="ask.knn.store"):
+    with caplog.at_level(logging.WARNING, logger="ask.knn.cache"):
         third = ReferenceStore.build(model, images, labels, ["block1"], "l2", 4, cache_key=other, **kwargs)
     assert not third.from_cache and model.calls == 80
     assert "another model" in caplog.text
@@ -339,7 +339,7 @@ def test_cache_round_trip_and_invalidation(tmp_path, caplog) -> None:
     data = feature_file.read_bytes()
     feature_file.write_bytes(data[: len(data) // 2])
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ask.knn.store"):
+    with caplog.at_level(logging.WARNING, logger="ask.knn.cache"):
         fourth = ReferenceStore.build(model, images, labels, ["block1"], "l2", 4, cache_key=other, **kwargs)
     assert not fourth.from_cache and model.calls == 120
     assert f"its features-0.npy has {len(data) // 2} bytes, not the {len(data)} written" in caplog.text

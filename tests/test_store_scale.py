@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ask.attacks._common import gather_pool
 from ask.config.schema import KnnConfig
 from ask.errors import ConfigError
-from ask.knn import ReferenceStore, store_cache_key
+from ask.knn import IndexSettings, ReferenceStore, store_cache_key
 from ask.knn.synthetic import LAYER, SyntheticPool
 from ask.utils.diskarrays import verify_dir
 from tests.conftest import kill_when_it_prints, npy_data_offset, zero_in_place
@@ -46,8 +46,10 @@ def _images(n: int = 300, seed: int = 0) -> tuple[Tensor, Tensor]:
     return torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8), torch.arange(n) % 5
 
 
-def _pool_store(pool: SyntheticPool, chunk: int = 4096, **kwargs) -> ReferenceStore:
-    return ReferenceStore.from_chunks(pool.chunks(chunk), pool.n, [LAYER], "cosine", pool.classes, **kwargs)
+def _pool_store(pool: SyntheticPool, chunk: int = 4096, cache_path: Path | None = None, cache_key: dict | None = None,
+                **settings) -> ReferenceStore:
+    return ReferenceStore.from_chunks(pool.chunks(chunk), pool.n, [LAYER], "cosine", pool.classes,
+                                      cache_path=cache_path, cache_key=cache_key, settings=IndexSettings(**settings))
 
 
 # ------------------------------------------------------------------ chunked = in memory
@@ -63,7 +65,7 @@ def test_chunked_cache_gives_the_in_memory_neighbours(tmp_path, metric) -> None:
     with torch.no_grad():
         direct = model.forward_features(images.float() / 255, ["a", "b"])
     in_memory = ReferenceStore(["a", "b"], metric, 5, labels, direct)
-    assert isinstance(on_disk.features["a"], Tensor) and on_disk._files  # memory-mapped, not loaded
+    assert isinstance(on_disk.features["a"], Tensor) and on_disk.mapped_layers  # memory-mapped, not loaded
     reloaded = ReferenceStore.build(model, images, labels, ["a", "b"], metric, 5, batch_size=7, progress=False,
                                     cache_path=tmp_path / "cache", cache_key=key)
     assert reloaded.from_cache and model.calls == 600  # the build and the direct call, not the reload
@@ -80,8 +82,8 @@ def test_chunked_cache_gives_the_in_memory_neighbours(tmp_path, metric) -> None:
         torch.testing.assert_close(s, s_ref)
     # the exact chunked scan (recall's ground truth) agrees with faiss's flat search
     small_chunks = ReferenceStore(["a"], metric, 5, labels, {"a": direct["a"]})
-    small_chunks._chunk_rows = lambda layer: 64  # several chunks: exercises the running top-k merge
-    assert np.array_equal(small_chunks._exact_topk("a", queries, 5), in_memory.search("a", queries, 5)[1].numpy())
+    small_chunks.chunk_rows = lambda layer: 64  # several chunks: exercises the running top-k merge
+    assert np.array_equal(small_chunks.indexes.exact_topk("a", queries, 5), in_memory.search("a", queries, 5)[1].numpy())
 
 
 def test_float16_store_agrees_with_float32(tmp_path) -> None:
@@ -115,7 +117,7 @@ def test_ivf_recall_is_measured_and_nprobe_matters() -> None:
     for name, pool in (("clustered", clustered), ("uniform", uniform)):
         queries = torch.from_numpy(pool.queries(200))
         for nprobe in (1, 4):
-            store = _pool_store(pool, index="ivf", nlist=64, nprobe=nprobe)
+            store = _pool_store(pool, kind="ivf", nlist=64, nprobe=nprobe)
             recall[name, nprobe] = store.measure_recall(LAYER, 5, queries=queries)["recall_at_k"]
             report = store.index_report(k=5, n_queries=200)
             entry = report["layers"][LAYER]
@@ -134,7 +136,7 @@ def test_ivf_recall_is_measured_and_nprobe_matters() -> None:
 
 def test_ivf_falls_back_to_flat_where_it_would_scan_everything() -> None:
     pool = SyntheticPool(3000, 16, 6, seed=1)
-    store = _pool_store(pool, index="ivf", nprobe=32)  # 3000 points: at most 76 cells < 4 x 32
+    store = _pool_store(pool, kind="ivf", nprobe=32)  # 3000 points: at most 76 cells < 4 x 32
     entry = store.index_report(k=5)["layers"][LAYER]
     assert entry["kind"] == "flat" and "recall_at_k" not in entry and entry["per_class_ivf"] == 0
     flat = _pool_store(pool)
@@ -145,10 +147,10 @@ def test_ivf_falls_back_to_flat_where_it_would_scan_everything() -> None:
 def test_ivf_pads_missing_neighbours_with_exact_ones(monkeypatch) -> None:
     # 64 cells for 2,600 points of 2 dims: some cells hold fewer than k=40 points at nprobe=1
     pool = SyntheticPool(2600, 2, 2, seed=2, clustered=False)
-    store = _pool_store(pool, index="ivf", nlist=64, nprobe=1)
+    store = _pool_store(pool, kind="ivf", nlist=64, nprobe=1)
     padded = []
-    exact = store._exact_topk
-    monkeypatch.setattr(store, "_exact_topk", lambda *a, **kw: padded.append(len(a[1])) or exact(*a, **kw))
+    exact = store.indexes.exact_topk
+    monkeypatch.setattr(store.indexes, "exact_topk", lambda *a, **kw: padded.append(len(a[1])) or exact(*a, **kw))
     queries = torch.from_numpy(pool.queries(300))
     _, rows = store.search(LAYER, queries, 40)
     assert padded and 0 < padded[0] < 300  # only the short queries were answered exactly
@@ -167,19 +169,19 @@ def test_stale_cache_is_rebuilt_not_reused(tmp_path, caplog) -> None:
     ReferenceStore.build(model, images, labels, ["a"], "cosine", 5, cache_key=key, **kwargs)
     assert model.calls == 300
     other = store_cache_key("ck2", ["a"], "cosine", torch.arange(300), images.shape[1:])
-    with caplog.at_level(logging.WARNING, logger="ask.knn.store"):
+    with caplog.at_level(logging.WARNING, logger="ask.knn.cache"):
         rebuilt = ReferenceStore.build(model, images, labels, ["a"], "cosine", 5, cache_key=other, **kwargs)
     assert not rebuilt.from_cache and model.calls == 600 and "stale key" in caplog.text
     assert json.loads((path / "meta.json").read_text())["key"] == other
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ask.knn.store"):  # another dtype is another cache
+    with caplog.at_level(logging.WARNING, logger="ask.knn.cache"):  # another dtype is another cache
         f16 = ReferenceStore.build(model, images, labels, ["a"], "cosine", 5, cache_key=other,
-                                   feature_dtype="float16", **kwargs)
+                                   settings=IndexSettings(feature_dtype="float16"), **kwargs)
     assert not f16.from_cache and model.calls == 900 and "feature_dtype" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ask.knn.store"):  # other labels: same key, other pool
+    with caplog.at_level(logging.WARNING, logger="ask.knn.cache"):  # other labels: same key, other pool
         moved = ReferenceStore.build(model, images, labels.flip(0), ["a"], "cosine", 5, cache_key=other,
-                                     feature_dtype="float16", **kwargs)
+                                     settings=IndexSettings(feature_dtype="float16"), **kwargs)
     assert not moved.from_cache and model.calls == 1200 and "labels differ" in caplog.text
     assert [p.name for p in path.parent.iterdir()] == ["pool"]  # no temporaries or old copies left
 
@@ -200,7 +202,7 @@ def test_a_cache_changed_in_place_is_rebuilt_with_a_warning(tmp_path, caplog) ->
 
     features = path / "features-1.npy"  # layer b's rows: same size, same header, zeros
     zero_in_place(features, npy_data_offset(features))
-    with caplog.at_level(logging.WARNING, logger="ask.knn.store"):
+    with caplog.at_level(logging.WARNING, logger="ask.knn.cache"):
         rebuilt = ReferenceStore.build(model, images, labels, ["a", "b"], "cosine", 5, **kwargs)
     assert (f"ignoring reference-feature cache {path}: its features-1.npy does not match the checksum recorded "
             "when it was written (changed or corrupted since); recomputing the features") in caplog.text
@@ -212,7 +214,7 @@ def test_a_cache_changed_in_place_is_rebuilt_with_a_warning(tmp_path, caplog) ->
 
     (path / "checksums.json").unlink()  # what a cache written without checksums looks like
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ask.knn.store"):
+    with caplog.at_level(logging.WARNING, logger="ask.knn.cache"):
         assert not ReferenceStore.build(model, images, labels, ["a", "b"], "cosine", 5, **kwargs).from_cache
     assert "its checksums.json is missing or unreadable" in caplog.text
 
@@ -272,7 +274,7 @@ def test_partial_cache_is_never_read(tmp_path, caplog) -> None:
     # A directory at the cache path without its meta.json (e.g. copied half-way) is unreadable.
     path.mkdir()
     (path / "features-0.npy").write_bytes(b"garbage")
-    with caplog.at_level(logging.WARNING, logger="ask.knn.store"):
+    with caplog.at_level(logging.WARNING, logger="ask.knn.cache"):
         assert ReferenceStore.load(path, {"p": 1}, [LAYER], "cosine", 4) is None
     assert "unreadable" in caplog.text
     path.rename(tmp_path / "junk")
@@ -342,9 +344,8 @@ def test_chunked_build_stays_under_a_memory_bound_that_a_whole_array_build_excee
 def test_bad_index_settings_are_config_errors(field, value, fragment) -> None:
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
         KnnConfig(**{field: value})
-    store_kwargs = {"index": "flat", "nlist": None, "nprobe": 32, "feature_dtype": "float32", field: value}
-    with pytest.raises(ConfigError):
-        ReferenceStore.from_chunks(iter(()), 1, [LAYER], "cosine", 1, **store_kwargs)
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
+        IndexSettings(**{"kind" if field == "index" else field: value})
 
 
 def test_knn_config_accepts_ivf_and_float16() -> None:
@@ -371,37 +372,38 @@ def test_a_gpu_index_is_not_kept_twice_and_comes_back_without_a_rebuild(monkeypa
     import faiss
 
     pool = SyntheticPool(6000, 16, 2, seed=0)
-    store = _pool_store(pool, index="ivf", nlist=64, nprobe=8)
+    store = _pool_store(pool, kind="ivf", nlist=64, nprobe=8)
+    indexes = store.indexes
     builds, to_gpu, to_host = [], [], []
-    build = store._build_cpu_index
-    monkeypatch.setattr(store, "_build_cpu_index", lambda *a: builds.append(a) or build(*a))
-    monkeypatch.setattr(store, "_gpu_device", lambda device: 0 if device.type == "cuda" else None)
+    build = indexes.build_cpu_index
+    monkeypatch.setattr(indexes, "build_cpu_index", lambda *a: builds.append(a) or build(*a))
+    monkeypatch.setattr(indexes, "gpu_device", lambda device: 0 if device.type == "cuda" else None)
     monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
     monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, gpu, index: to_gpu.append(index) or _FakeGpuIndex(index),
                         raising=False)
     monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda index: to_host.append(index) or faiss.clone_index(index.host),
                         raising=False)
-    monkeypatch.setattr("ask.knn.store.set_nprobe", lambda index, nprobe: None)
+    monkeypatch.setattr("ask.knn.search.set_nprobe", lambda index, nprobe: None)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     queries = torch.from_numpy(pool.queries(50))
 
     # The recall is measured on the host first, as ask-attack does before any attack.
     report = store.index_report(k=5)
-    assert list(store._indexes) == [(LAYER, None, None)] and len(builds) == 1
-    on_gpu = store._index(LAYER, None, cuda, 5)
-    assert isinstance(on_gpu, _FakeGpuIndex) and list(store._indexes) == [(LAYER, None, 0)]
+    assert list(indexes.cached) == [(LAYER, None, None)] and len(builds) == 1
+    on_gpu = indexes.index_for(LAYER, None, cuda, 5)
+    assert isinstance(on_gpu, _FakeGpuIndex) and list(indexes.cached) == [(LAYER, None, 0)]
     # The metrics' second report reuses what it measured: no host copy comes back for it.
-    assert store.index_report(k=5) == report and to_host == [] and list(store._indexes) == [(LAYER, None, 0)]
+    assert store.index_report(k=5) == report and to_host == [] and list(indexes.cached) == [(LAYER, None, 0)]
     for c in range(2):  # per-class indexes: built on the host, cloned, and only the clone kept
-        store._index(LAYER, c, cuda, 5)
-    assert sorted(store._indexes, key=str) == sorted([(LAYER, None, 0), (LAYER, 0, 0), (LAYER, 1, 0)], key=str)
+        indexes.index_for(LAYER, c, cuda, 5)
+    assert sorted(indexes.cached, key=str) == sorted([(LAYER, None, 0), (LAYER, 0, 0), (LAYER, 1, 0)], key=str)
     assert len(builds) == 3 and len(to_gpu) == 3
 
     # A CPU search afterwards copies the GPU index back instead of training IVF cells again.
-    expected = on_gpu.search(store._faiss_queries(queries), 5)[1]
-    host = store._index(LAYER, None, cpu, 5)
+    expected = on_gpu.search(indexes.faiss_queries(queries), 5)[1]
+    host = indexes.index_for(LAYER, None, cpu, 5)
     assert to_host == [on_gpu] and len(builds) == 3
-    assert np.array_equal(host.search(store._faiss_queries(queries), 5)[1], expected)
+    assert np.array_equal(host.search(indexes.faiss_queries(queries), 5)[1], expected)
 
 
 
@@ -414,13 +416,13 @@ def test_gpu_ivf_index_matches_cpu() -> None:
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         pytest.skip("faiss has no GPU support in this build")
     pool = SyntheticPool(20000, 32, 10, seed=0)
-    store = _pool_store(pool, index="ivf", nlist=64, nprobe=4)
+    store = _pool_store(pool, kind="ivf", nlist=64, nprobe=4)
     queries = torch.from_numpy(pool.queries(200))
     _, cpu_rows = store.search(LAYER, queries, 5)
     sims, gpu_rows = store.search(LAYER, queries.cuda(), 5)
     assert gpu_rows.is_cuda and sims.is_cuda
-    assert type(store._indexes[(LAYER, None, torch.cuda.current_device())]).__name__.startswith("Gpu")
-    assert (LAYER, None, None) not in store._indexes  # the host copy went with the clone
+    assert type(store.indexes.cached[(LAYER, None, torch.cuda.current_device())]).__name__.startswith("Gpu")
+    assert (LAYER, None, None) not in store.indexes.cached  # the host copy went with the clone
     agree = (gpu_rows.cpu() == cpu_rows).float().mean().item()
     assert agree >= 0.95, agree
     start = time.perf_counter()

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ask.errors import ConfigError
+from ask.knn.cache import model_device, to_float_images
 from ask.knn.fitted import cached_fit, content_digest
-from ask.knn.store import ReferenceStore, _model_device, _to_float_images
+from ask.knn.store import ReferenceStore
 from ask.knn.victims import vote
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class _MultiLayerKNN:
         was_training = self.model.training
         self.model.eval()
         try:
-            x = _to_float_images(x.to(_model_device(self.model)))
+            x = to_float_images(x.to(model_device(self.model)))
             out = self.model.forward_features(x, list(self.layers))
         finally:
             self.model.train(was_training)
@@ -223,7 +224,7 @@ class DkNNClassifier(_MultiLayerKNN):
         settings = {
             "layers": list(self.layers), "k": self.k, "batch_size": self.batch_size,
             "images": content_digest(torch.as_tensor(calibration_images)), "labels": content_digest(labels),
-            "model": content_digest(*model.state_dict().values()), "device": _model_device(model).type,
+            "model": content_digest(*model.state_dict().values()), "device": model_device(model).type,
         }
         self.calibration_scores: Tensor = cached_fit(store, "dknn-calibration", settings, calibrate, checked)
         log.info(

@@ -42,7 +42,7 @@ PROBE_TIMEOUT_S = 300
 
 # Builds the same kind of index the store clones to the GPU (flat inner product), searches it, and
 # compares with the CPU's answer: a build without kernels for this GPU aborts or answers wrongly.
-_PROBE = """
+GPU_SELF_TEST = """
 import sys
 import numpy as np
 import faiss
@@ -117,7 +117,7 @@ def gpu_index_problem(device: int) -> str | None:
             log.warning("%s is built for CUDA %d and torch for CUDA %d: both runtimes load side by side, "
                         "which needs a driver for CUDA %d; a torch build for CUDA %d avoids it (README, 'GPU')",
                         distribution, faiss_major, torch_major, max(faiss_major, torch_major), faiss_major)
-    problem = probe_problem(_PROBE, device)
+    problem = probe_problem(GPU_SELF_TEST, device)
     if problem is not None:
         log.warning("faiss's GPU index is not usable on cuda:%d (%s); kNN searches use faiss's CPU index "
                     "instead; %s", device, problem, _FIX)

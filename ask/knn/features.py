@@ -19,12 +19,14 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from ask.constants import FEATURE_DTYPES
 from ask.utils.diskarrays import (
@@ -220,6 +222,58 @@ def read_rows(info: FeatureFile, lo: int, hi: int) -> np.ndarray:
     if out.size != count:
         raise OSError(f"{info.path} is shorter than its header says")
     return out.reshape(hi - lo, d)
+
+
+def as_feature_tensor(f: Any) -> Tensor:
+    """A [N, D] CPU tensor without copying a memmap; float16 stays float16, the rest float32."""
+    if isinstance(f, np.ndarray):
+        if f.dtype not in (np.float16, np.float32):
+            f = f.astype(np.float32)
+        t = torch.from_numpy(f)
+    else:
+        t = f.detach().to("cpu")
+        if t.dtype != torch.float16:
+            t = t.to(torch.float32)
+    t = t.reshape(t.shape[0], -1)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def scan_rows(features: Tensor, info: FeatureFile | None, rows: Tensor | None,
+              step: int) -> Iterator[tuple[int, Tensor]]:
+    """``(position, features)`` chunks of ``step`` ``rows`` (default: all) of a layer's ``features``.
+
+    A whole-pool scan of a cached store reads the file (``info``) with plain I/O: pages touched
+    through the memory map would stay in this process's resident set, doubling the apparent
+    memory of an index build.
+    """
+    total = features.shape[0] if rows is None else rows.numel()
+    info = info if rows is None else None
+    for lo in range(0, total, step):
+        hi = min(total, lo + step)
+        if info is not None:
+            yield lo, torch.from_numpy(read_rows(info, lo, hi))
+        elif rows is None:
+            yield lo, features[lo:hi]
+        else:
+            yield lo, features[rows[lo:hi]]
+
+
+def gather_rows(features: Tensor, info: FeatureFile | None, rows: Tensor, step: int) -> Tensor:
+    """Features of many sorted ``rows`` (e.g. a training sample of 1 % of the pool).
+
+    Through the memory map each scattered row would fault in a 64 KiB neighbourhood that then
+    stays resident: a 64k-row sample mapped 1 GB. Reading the file (``info``) chunk by chunk and
+    keeping the wanted rows costs one sequential pass instead.
+    """
+    if info is None or rows.numel() < 4096:
+        return features[rows]
+    parts = []
+    for lo, f in scan_rows(features, info, None, step):
+        hi = lo + f.shape[0]
+        inside = rows[(rows >= lo) & (rows < hi)]
+        if inside.numel():
+            parts.append(f[inside - lo].clone())
+    return torch.cat(parts)
 
 
 def _as_numpy(x: Any) -> np.ndarray:

@@ -8,15 +8,21 @@ L2-normalised vectors; ``l2`` uses the squared Euclidean distance.
 query: ``IndexIVFFlat``, or ``IndexIVFScalarQuantizer`` with fp16 codes for a float16 store (the
 codes are then exactly the stored values, at half the memory). Its neighbours can differ from the
 exact ones, so a store using it measures its recall (:func:`recall_at_k`) against exact search.
+
+:class:`IndexSettings` is the one object that carries these choices (kind, nlist, nprobe, the
+stored dtype, GPU use) from the config to the store and its indexes.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ask.constants import FEATURE_DTYPES, INDEX_KINDS
+from ask.errors import ConfigError
 from ask.knn.faiss_build import faiss
 
 # faiss warns below this many training points per k-means cell (the clustering is then poor).
@@ -24,6 +30,41 @@ MIN_POINTS_PER_LIST = 39
 # Training sample size per cell: above faiss's minimum, far below its 256 default cap, because
 # k-means costs sample x nlist x D per iteration and dominates the build on a CPU.
 TRAIN_POINTS_PER_LIST = 64
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How a reference store keeps and searches its features (``knn.index``, ``knn.nlist``, ...).
+
+    ``kind``: ``flat`` (exact) or ``ivf`` (approximate); ``nlist``: IVF cells of the whole-pool
+    index (None: about 4 sqrt(N)); ``nprobe``: cells scanned per query; ``feature_dtype``: how the
+    features are stored (a store built from arrays reports the arrays' dtype); ``use_gpu``: clone
+    indexes to the GPU of CUDA queries when faiss can. Bad values are :class:`ConfigError`.
+    """
+
+    kind: str = "flat"
+    nlist: int | None = None
+    nprobe: int = 32
+    feature_dtype: str = "float32"
+    use_gpu: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise ConfigError(f"knn.index={self.kind!r} is not one of {', '.join(INDEX_KINDS)}")
+        nlist = self.nlist
+        if nlist is not None and (isinstance(nlist, bool) or not isinstance(nlist, int) or nlist < 1):
+            raise ConfigError(f"knn.nlist={nlist!r} must be a positive integer or null (about 4 sqrt(N))")
+        if isinstance(self.nprobe, bool) or not isinstance(self.nprobe, int) or self.nprobe < 1:
+            raise ConfigError(f"knn.nprobe={self.nprobe!r} must be a positive integer, e.g. 32")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise ConfigError(
+                f"knn.feature_dtype={self.feature_dtype!r} is not one of {', '.join(FEATURE_DTYPES)}"
+            )
+
+    def for_class(self) -> IndexSettings:
+        """The settings of a one-class index: a user's nlist is sized for the whole pool, so a
+        class gets the default for its own size."""
+        return replace(self, nlist=None)
 
 
 def ivf_nlist(n: int, nlist: int | None) -> int:
@@ -37,10 +78,10 @@ def ivf_nlist(n: int, nlist: int | None) -> int:
 MIN_CELLS_PER_PROBE = 4
 
 
-def uses_ivf(kind: str, n: int, nlist: int | None, nprobe: int) -> bool:
+def uses_ivf(settings: IndexSettings, n: int) -> bool:
     """Whether an index over ``n`` points is IVF: only when asked and when ``nprobe`` probes
     scan at most a quarter of its cells (so with nprobe=32, pools or classes of >= ~5,000 points)."""
-    return kind == "ivf" and ivf_nlist(n, nlist) >= MIN_CELLS_PER_PROBE * nprobe
+    return settings.kind == "ivf" and ivf_nlist(n, settings.nlist) >= MIN_CELLS_PER_PROBE * settings.nprobe
 
 
 def new_index(kind: str, d: int, metric: str, feature_dtype: str, nlist: int) -> faiss.Index:
@@ -57,28 +98,24 @@ def new_index(kind: str, d: int, metric: str, feature_dtype: str, nlist: int) ->
 
 
 def build_index(
-    kind: str,
+    settings: IndexSettings,
     d: int,
     metric: str,
-    feature_dtype: str,
     n: int,
     chunks: Callable[[], Iterator[np.ndarray]],
     sample: Callable[[int], np.ndarray],
-    *,
-    nlist: int | None = None,
-    nprobe: int = 32,
 ) -> faiss.Index:
     """An index over the ``n`` rows that ``chunks()`` yields (float32, already normalised for cosine).
 
     ``sample(m)`` returns ``m`` seeded rows (same preparation) to train the IVF cells on. ``kind``
     ``"ivf"`` falls back to flat where :func:`uses_ivf` says IVF would not skip anything.
     """
-    ivf = uses_ivf(kind, n, nlist, nprobe)
-    cells = ivf_nlist(n, nlist) if ivf else 0
-    index = new_index("ivf" if ivf else "flat", d, metric, feature_dtype, cells)
+    ivf = uses_ivf(settings, n)
+    cells = ivf_nlist(n, settings.nlist) if ivf else 0
+    index = new_index("ivf" if ivf else "flat", d, metric, settings.feature_dtype, cells)
     if ivf:
         index.train(np.ascontiguousarray(sample(min(n, TRAIN_POINTS_PER_LIST * cells)), dtype=np.float32))
-        index.nprobe = int(nprobe)
+        index.nprobe = int(settings.nprobe)
         _add_presized(index, chunks, n)
     else:
         for chunk in chunks():

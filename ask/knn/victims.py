@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from ask.errors import ConfigError
-from ask.knn.store import ReferenceStore, _model_device
+from ask.knn.cache import model_device
+from ask.knn.store import ReferenceStore
 
 
 def vote(neighbor_labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -59,7 +60,7 @@ class KNNClassifier:
         was_training = self.model.training
         self.model.eval()
         try:
-            f = self.model.forward_features(x.to(_model_device(self.model)), [self.layer])[self.layer]
+            f = self.model.forward_features(x.to(model_device(self.model)), [self.layer])[self.layer]
         finally:
             self.model.train(was_training)
         return f.reshape(f.shape[0], -1).float()
