@@ -6,6 +6,12 @@ a dependency). Imports built from strings (``importlib.import_module``) are not 
 package may import itself and the packages of lower layers; packages of one layer are peers and
 import neither each other nor anything above. No two packages import each other, however
 indirectly, and no module takes a ``_private`` name (a module or a member) from another package.
+
+Attributes are checked too, by name, for the packages in ``SEALED``: no code outside such a package
+(other packages, tests, scripts) reads, sets or monkeypatches an attribute whose name is one of
+the package's private names (``obj._indexes``, ``setattr(obj, "_fit", ...)``). Without types
+this cannot tell whose ``_name`` it is, so a name is refused wherever it is spelled; a sealed
+package's private names are distinctive enough that nothing else uses them today.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "constants"),
 ]
 ROOT_PACKAGE = "ask"
+#: Packages whose private attributes no outside code touches (see the module docstring).
+SEALED: tuple[str, ...] = ("knn",)
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,47 @@ def private_crossings(imports: list[Import]) -> list[str]:
             for imp in imports if imp.private and imp.target != imp.importer]
 
 
+def private_names(package_dir: Path) -> set[str]:
+    """The ``_private`` names a package defines: functions, classes, module names, attributes it sets."""
+    names = set()
+    for path in sorted(package_dir.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+    return {name for name in names if _is_private(name) and name != "_"}
+
+
+def private_attribute_uses(source_root: Path, package: str, folders: tuple[str, ...]) -> list[str]:
+    """Where code under ``folders`` (outside ``ask/<package>``) names a private attribute of ``package``:
+    ``x._name`` with ``x`` not ``self`` / ``cls``, or ``"_name"`` / ``"a.b._name"`` as a string."""
+    sealed = source_root / "ask" / package
+    names = private_names(sealed)
+    problems = []
+    for folder in folders:
+        for path in sorted((source_root / folder).rglob("*.py")):
+            if path.is_relative_to(sealed):
+                continue
+            nodes = sorted(ast.walk(ast.parse(path.read_text(), filename=str(path))),
+                           key=lambda node: (getattr(node, "lineno", 0), getattr(node, "col_offset", 0)))
+            for node in nodes:
+                if isinstance(node, ast.Attribute) and node.attr in names:
+                    if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                        continue
+                    used = ast.unparse(node)
+                elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                        and node.value.rsplit(".", 1)[-1] in names:
+                    used = repr(node.value)
+                else:
+                    continue
+                problems.append(f"{path.relative_to(source_root)}:{node.lineno} `{used}` is private to "
+                                f"ask.{package}; use or add a public accessor there")
+    return problems
+
+
 @pytest.fixture(scope="module")
 def imports() -> list[Import]:
     return collect_imports(REPO)
@@ -163,6 +212,30 @@ def test_no_cycle_between_packages(imports: list[Import]) -> None:
 def test_no_private_name_crosses_a_package(imports: list[Import]) -> None:
     problems = private_crossings(imports)
     assert not problems, "private names imported from another package:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("package", SEALED)
+def test_no_private_attribute_of_a_sealed_package_is_used_outside_it(package: str) -> None:
+    assert len(private_names(REPO / "ask" / package)) > 10  # the parse found them
+    problems = private_attribute_uses(REPO, package, ("ask", "tests", "scripts"))
+    assert not problems, "private attributes used from outside:\n" + "\n".join(problems)
+
+
+def test_the_attribute_check_catches_reads_writes_and_monkeypatches(tmp_path: Path) -> None:
+    files = {
+        "ask/low/store.py": "_LIMIT = 3\n\nclass Store:\n    def __init__(self):\n        self._rows = []\n\n"
+                            "    def _scan(self):\n        return self._rows\n",
+        "tests/test_low.py": "def test(store, monkeypatch):\n    store._rows.append(1)\n    self._scan = None\n"
+                             "    monkeypatch.setattr(store, '_scan', None)\n"
+                             "    monkeypatch.setattr('ask.low.store._LIMIT', 1)\n    store.rows = store._other\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert private_names(tmp_path / "ask" / "low") == {"_LIMIT", "_rows", "_scan"}
+    assert [line.split(" is ")[0] for line in private_attribute_uses(tmp_path, "low", ("ask", "tests"))] == [
+        "tests/test_low.py:2 `store._rows`", "tests/test_low.py:4 `'_scan'`",
+        "tests/test_low.py:5 `'ask.low.store._LIMIT'`"]
 
 
 def test_the_checks_catch_lazy_relative_and_private_imports(tmp_path: Path) -> None:

@@ -194,13 +194,13 @@ def test_dknn_calibration_is_cached_per_split_and_model(digits, monkeypatch, cap
 
     run, data, model = digits
     calls: list[int] = []
-    nonconformity = DkNNClassifier._nonconformity_cpu
+    neighbor_labels = DkNNClassifier.neighbor_labels
 
-    def counted(self, x, labels=None):
+    def counted(self, x):  # calibration looks up each batch's neighbours once
         calls.append(x.shape[0])
-        return nonconformity(self, x, labels)
+        return neighbor_labels(self, x)
 
-    monkeypatch.setattr(DkNNClassifier, "_nonconformity_cpu", counted)
+    monkeypatch.setattr(DkNNClassifier, "neighbor_labels", counted)
     store = store_of(digits, checkpoint="ckpt-calibration")
     images, labels = data.test.images[:120], data.test.labels[:120]  # any labelled split held out of the pool
 
