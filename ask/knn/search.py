@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,9 +26,6 @@ from torch import Tensor
 from ask.knn.faiss_build import faiss, gpu_index_problem
 from ask.knn.indexes import IndexSettings, build_index, ivf_nlist, recall_at_k, set_nprobe, uses_ivf
 from ask.knn.similarity import l2_normalize, rowwise_similarity
-
-if TYPE_CHECKING:
-    from ask.knn.store import ReferenceStore
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +60,27 @@ def _configure_faiss_threads() -> None:
         _threads_configured = True
 
 
+class Pool(Protocol):
+    """What the indexes read from their store (:class:`ask.knn.store.ReferenceStore`)."""
+
+    metric: str
+    features: dict[str, Tensor]
+
+    def __len__(self) -> int: ...
+    def class_counts(self) -> Tensor: ...
+    def class_rows(self, cls: int) -> Tensor: ...
+    def check_layer(self, layer: str) -> None: ...
+    def prepare_queries(self, layer: str, queries: Tensor) -> Tensor: ...
+    def rows(self, layer: str, rows: Tensor) -> Tensor: ...
+    def scan(self, layer: str, rows: Tensor | None = None) -> Iterator[tuple[int, Tensor]]: ...
+    def gather(self, layer: str, rows: Tensor) -> Tensor: ...
+
+
 class PoolIndexes:
     """The indexes over ``store``'s features, keyed by (layer, class or None for the whole pool,
     GPU device or None for the host). ``cached`` is a read-only view of them."""
 
-    def __init__(self, store: ReferenceStore, settings: IndexSettings) -> None:
+    def __init__(self, store: Pool, settings: IndexSettings) -> None:
         self.store = store
         self.settings = settings
         self._indexes: dict[tuple, Any] = {}
