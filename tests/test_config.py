@@ -226,13 +226,13 @@ def test_the_typed_settings_are_the_composed_values(cache_dir: Path) -> None:
 
 # The hand-written lists the schema's ignored_by metadata replaced, as they stood (wip-wiring):
 # ask/evaluation/evaluate.py's _KEY_IGNORED, ask/utils/rundir.py's IGNORED_KEYS and
-# ask/reporting/report.py's _IGNORED_SETTINGS.
-OLD_EVALUATION_KEY = {"progress", "cache_dir", "overwrite", "model.checkpoint", "dataset.download", "dataset.cache",
-                      "knn.cache", "train.resume"}
-OLD_SAME_RUN = {"progress", "cache_dir", "overwrite", "device", "train.resume", "dataset.download", "dataset.cache",
-                "knn.cache"}
+# ask/reporting/report.py's _IGNORED_SETTINGS; plus output_root (added since: where runs go).
+OLD_EVALUATION_KEY = {"progress", "cache_dir", "overwrite", "output_root", "model.checkpoint", "dataset.download",
+                      "dataset.cache", "knn.cache", "train.resume"}
+OLD_SAME_RUN = {"progress", "cache_dir", "overwrite", "output_root", "device", "train.resume", "dataset.download",
+                "dataset.cache", "knn.cache"}
 OLD_REPORT_ROWS = {
-    "task", "seed", "device", "deterministic", "progress", "cache_dir", "overwrite",
+    "task", "seed", "device", "deterministic", "progress", "cache_dir", "overwrite", "output_root",
     "dataset.name", "dataset.download", "dataset.cache", "model.name", "model.checkpoint", "defense.name",
     "attack.eps", "attack.norm", "knn.use_gpu", "knn.cache", "knn.batch_size",
     "train.resume", "train.eval_every", "train.eval_batch_size", "eval.batch_size", "eval.victims",
