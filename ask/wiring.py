@@ -285,3 +285,37 @@ def build_victims(names: list[str], model: FeatureModel, store: ReferenceStore, 
         else:
             raise ConfigError(f"unknown victim '{name}'; choose from dnn, knn, dknn, dknn_vote")
     return victims
+
+
+# ------------------------------------------------------------------------ model selection's parts
+def selection_attack_settings(run: RunConfig) -> dict[str, Any]:
+    """The attacks model selection runs (``train.select_metric``): PGD-CE against the network and
+    ASK-Atk against the kNN victim, with the settings of the run's ``pgd`` and ``ask`` where they
+    are among ``attack.methods``, otherwise the attacks' own defaults (ASK-Atk on ``knn.layers``
+    with ``knn.k``)."""
+    assert run.attack is not None
+    selected = run.attack.methods
+    ask = run.attack.settings("ask") if "ask" in selected else {"layers": list(run.knn.layers), "k": run.knn.k}
+    return {"pgd": run.attack.settings("pgd") if "pgd" in selected else {}, "ask": ask}
+
+
+@dataclass
+class SelectionParts:
+    """What robust validation judges with: the attacks by name (``pgd``, ``ask``) and the victims
+    they are judged against by name (``dnn``, ``knn``)."""
+
+    attacks: dict[str, Attack]
+    victims: dict[str, Victim]
+
+
+def build_selection_parts(run: RunConfig, model: FeatureModel, data: DataBundle,
+                          device: torch.device) -> SelectionParts:
+    """Model selection's attacks and victims for the model's current weights, on an exact, uncached
+    store of the reference pool (:func:`build_exact_store`) at the kNN victim's and ASK-Atk's layers."""
+    settings = selection_attack_settings(run)
+    ask_layers = settings["ask"]["layers"] if isinstance(settings["ask"], Mapping) else settings["ask"].layers
+    layers = list(dict.fromkeys([run.knn.layers[0], *ask_layers]))
+    store = build_exact_store(run, model, data, layers, device)
+    victims = build_victims(["dnn", "knn"], model, store, run)
+    attacks = build_attacks(run, model, build_threat_model(run), store, device, settings)
+    return SelectionParts(attacks=attacks, victims={victim.name: victim for victim in victims})

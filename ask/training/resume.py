@@ -1,0 +1,110 @@
+"""Resuming a training run from ``last.pt`` (a rerun in the same directory) or ``train.resume``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ask.errors import ConfigError
+from ask.models.checkpoint import check_compatible, load_checkpoint, load_weights
+from ask.training.checkpoints import truncate_metrics
+from ask.training.distributed import Distributed
+from ask.training.state import Progress, TrainingState, plain_config
+from ask.utils.runtime import restore_generator, restore_rng_state
+
+log = logging.getLogger(__name__)
+
+
+def resume(state: TrainingState) -> None:
+    """Restore weights, optimiser, schedule, every random stream and ``state.progress`` from the
+    checkpoint to continue, if there is one: ``train.resume``, else ``last.pt`` of the run directory.
+
+    Refused with a :class:`ConfigError`: another network or dataset shape, another schedule shape,
+    and a mid-epoch checkpoint of another number of processes.
+    """
+    run = state.run
+    resume_from = Path(run.train.resume).expanduser() if run.train.resume else state.files.last
+    if not (run.train.resume or state.files.last.exists()):
+        return
+    saved = load_checkpoint(resume_from, setting="train.resume")
+    check_compatible(saved["model"], resume_from, model_name=run.model.name, num_classes=state.data.num_classes,
+                     in_channels=state.data.in_channels, image_size=state.data.image_size)
+    _check_schedule(saved["config"]["train"], plain_config(run)["train"], bool(run.train.resume), resume_from)
+    load_weights(state.model, saved["state_dict"], resume_from, "train.resume")
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.order_rng.set_state(saved["order_rng"])
+    rank_state = _rank_state(saved, state.group)
+    restore_generator(state.augment_rng, rank_state["augment_rng"], "augmentation")
+    restore_rng_state(rank_state["rng"])
+    state.defense.load_state_dict(rank_state.get("defense") or {})
+    partial = saved.get("partial")
+    saved_world = len(saved.get("rank_states") or [None])
+    if partial is not None and saved_world != state.group.world_size:
+        raise ConfigError(
+            f"{resume_from} was saved mid-epoch by {saved_world} process(es); resume it with "
+            f"torchrun --nproc_per_node={saved_world} (each process holds part of the epoch)"
+        )
+    state.progress = Progress(epoch=saved["epoch"], best_metric=saved["best_metric"], record=saved["metrics"],
+                              partial=partial, partial_sums=rank_state["sums"])
+    where = f"epoch {saved['epoch']}" + (f" and step {partial['step']} of epoch {partial['epoch']}" if partial else "")
+    log.info("resuming from %s after %s", resume_from, where)
+    if state.group.is_main:
+        truncate_metrics(state.files.metrics, saved["epoch"])
+
+
+def _check_schedule(saved: dict[str, Any], current: dict[str, Any], given: bool, path: Path) -> None:
+    """The schedule's shape comes from the config, its position from the checkpoint: resuming under
+    another shape would silently change the run. ``saved`` and ``current`` are ``train`` configs;
+    ``given``: the checkpoint is ``train.resume``'s rather than the run directory's."""
+    if current["schedule"] == "constant" or _schedule_key(saved) == _schedule_key(current):
+        return
+    saved_details, settings = _describe_schedule(saved)
+    current_details, _ = _describe_schedule(current)
+    fresh = "drop train.resume" if given else "choose a new hydra.run.dir"
+    raise ConfigError(
+        f"{path} follows a {saved['schedule']} schedule{saved_details}, not {current['schedule']}{current_details}; "
+        f"set {settings} to resume it, or {fresh} to start afresh"
+    )
+
+
+def _schedule_key(train: dict[str, Any]) -> tuple[Any, ...]:
+    """What a resumed run must share with the checkpoint's (a ``train`` config as plain data).
+
+    One-cycle and cosine schedules are laid out over the whole run, so their length counts; a step
+    schedule depends only on its milestones and factor, so such a run may be given more epochs.
+    """
+    schedule = train["schedule"]
+    if schedule == "step":
+        return schedule, tuple(train.get("step_milestones") or ()), float(train.get("step_gamma", 0.1))
+    if schedule == "constant":
+        return (schedule,)
+    return schedule, train["epochs"]
+
+
+def _describe_schedule(train: dict[str, Any]) -> tuple[str, str]:
+    """(its details in words, e.g. ``" of 30 epochs"``; the overrides that select it) for a ``train`` config."""
+    schedule = train["schedule"]
+    if schedule == "step":
+        milestones = "[" + ",".join(str(m) for m in train.get("step_milestones") or ()) + "]"
+        gamma = train.get("step_gamma", 0.1)
+        return (f" (lr x{gamma} after epochs {milestones})",
+                f"train.schedule=step train.step_milestones={milestones} train.step_gamma={gamma}")
+    if schedule == "constant":
+        return "", "train.schedule=constant"
+    n = train["epochs"]
+    return f" of {n} epoch{'' if n == 1 else 's'}", f"train.epochs={n} train.schedule={schedule}"
+
+
+def _rank_state(saved: dict[str, Any], group: Distributed) -> dict[str, Any]:
+    """This rank's saved random state; a checkpoint from another world size only has rank 0's."""
+    ranks = saved.get("rank_states")
+    if ranks and len(ranks) == group.world_size:
+        return ranks[group.rank]
+    if group.enabled:
+        log.warning("the checkpoint was written by %d process(es), this run has %d: the random streams restart",
+                    len(ranks) if ranks else 1, group.world_size)
+    partial = saved.get("partial") or {}
+    return {"rng": saved["rng"], "augment_rng": saved["augment_rng"], "sums": partial.get("sums"),
+            "defense": saved.get("defense")}
