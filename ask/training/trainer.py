@@ -169,7 +169,8 @@ def _defense_context(name: str, available: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in available.items() if key in accepted}
 
 
-def _make_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig, steps_per_epoch: int):
+def _make_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The learning-rate schedule, stepped once per optimisation step (``steps_per_epoch`` of them an epoch)."""
     total = run.train.epochs * steps_per_epoch
     if run.train.schedule == "onecycle":
