@@ -15,7 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
-from ask.reporting.report import t_interval
+from ask.reporting.intervals import t_interval
 
 DEFENSES = ("at", "ask_def_authors", "ask_def")
 MEASURES = (("ask", "ASK-Atk"), ("any", "worst case over all attacks"))

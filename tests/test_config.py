@@ -241,11 +241,11 @@ OLD_REPORT_ROWS = {
 
 def test_the_ignored_settings_derived_from_the_schema_are_the_old_lists() -> None:
     from ask.config.schema import EVALUATION_KEY, REPORT_ROWS, SAME_RUN, ignored_settings
-    from ask.reporting import report
+    from ask.reporting import runs
     from ask.utils import rundir
 
     derived = {purpose: ignored_settings(purpose) for purpose in (EVALUATION_KEY, SAME_RUN, REPORT_ROWS)}
     assert all(len(paths) == len(set(paths)) for paths in derived.values())
     assert set(derived[EVALUATION_KEY]) == OLD_EVALUATION_KEY
     assert set(derived[SAME_RUN]) == set(rundir.IGNORED_KEYS) == OLD_SAME_RUN
-    assert set(derived[REPORT_ROWS]) == set(report._IGNORED_SETTINGS) == OLD_REPORT_ROWS
+    assert set(derived[REPORT_ROWS]) == set(runs.IGNORED_SETTINGS) == OLD_REPORT_ROWS

@@ -14,13 +14,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from ask.reporting import ReportCallback, ReportError, write_report
+from ask.reporting.intervals import t_interval, t_quantile_975, wilson_interval
 from ask.reporting.labels import format_eps
-from ask.reporting.report import (
-    default_out_dir,
-    t_interval,
-    t_quantile_975,
-    wilson_interval,
-)
+from ask.reporting.report import default_out_dir
 from tests.conftest import run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -52,7 +52,8 @@ class ReportCallback(Callback):
         if not self.enabled:
             return
         try:
-            from ask.reporting.report import find_runs, write_report
+            from ask.reporting.report import write_report
+            from ask.reporting.runs import find_runs
 
             if not sweep_dir.is_dir() or find_runs([sweep_dir]).empty:
                 log.info("no ask-attack results under %s; no sweep report written", sweep_dir)

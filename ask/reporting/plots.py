@@ -1,4 +1,4 @@
-"""PNG plots of the aggregated report rows (see :func:`ask.reporting.report.aggregate`).
+"""PNG plots of the aggregated report rows (see :func:`ask.reporting.aggregate.aggregate`).
 
 Figures are drawn on matplotlib's ``Figure`` directly, never through ``pyplot``, so no display and
 no global backend are involved (a report written from a Hydra callback on a headless node works),
