@@ -10,20 +10,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ask.attacks.base import (
-    ATTACKS,
-    AscentResult,
-    Attack,
-    ThreatModel,
-    ascent_step,
-    attack_seed,
-    available_attacks,
-    build_attack,
-    pgd_maximise,
-    project,
-    random_init,
-    register_attack,
-)
+from ask.attacks.ascent import AscentResult, pgd_maximise
+from ask.attacks.base import Attack
+from ask.attacks.registry import ATTACKS, attack_seed, available_attacks, build_attack, register_attack
+from ask.attacks.threat import ThreatModel, ascent_step, project, random_init
 
 # Fill the registry: one module per attack, discovered rather than listed.
 for _module in pkgutil.iter_modules(__path__):

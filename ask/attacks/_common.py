@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ask.attacks.base import AscentResult, LossFn, ThreatModel, _check_objective, project, random_init
+from ask.attacks.ascent import AscentResult, LossFn, _check_objective
+from ask.attacks.threat import ThreatModel, project, random_init
 from ask.errors import ConfigError, require_named_layers
 
 __all__ = [

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ask.attacks._common import POOL_SEED, check_int, check_knn_layers, check_positive, flat_features
-from ask.attacks.base import Attack, ThreatModel, register_attack
+from ask.attacks.base import Attack
+from ask.attacks.registry import register_attack
+from ask.attacks.threat import ThreatModel
 from ask.errors import ConfigError
 from ask.knn.fitted import cached_fit
 from ask.knn.similarity import l2_normalize

@@ -26,7 +26,9 @@ from ask.attacks._common import (
     gather_pool,
     smallest_class,
 )
-from ask.attacks.base import Attack, ThreatModel, register_attack, warn_about
+from ask.attacks.base import Attack, warn_about
+from ask.attacks.registry import register_attack
+from ask.attacks.threat import ThreatModel
 from ask.errors import ConfigError
 from ask.knn.fitted import cached_fit
 from ask.knn.similarity import l2_normalize, rowwise_similarity

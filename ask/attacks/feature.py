@@ -13,7 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from ask.attacks._common import check_knn_layers, check_labels, flat_features, gather_pool
-from ask.attacks.base import Attack, ThreatModel, register_attack
+from ask.attacks.base import Attack
+from ask.attacks.registry import register_attack
+from ask.attacks.threat import ThreatModel
 from ask.errors import ConfigError
 
 __all__ = ["FeatureAttack"]

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ask.attacks.ask_loss import logit_margin
-from ask.attacks.base import Attack, ThreatModel, register_attack
+from ask.attacks.base import Attack
+from ask.attacks.registry import register_attack
+from ask.attacks.threat import ThreatModel
 
 __all__ = ["PGDAttack"]
 

@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ask.attacks.ascent import pgd_maximise
 from ask.attacks.ask_loss import KINDS, ask_margin, loss_from_margin
-from ask.attacks.base import pgd_maximise
 from ask.data import ImageSplit, augment_batch, to_float
 from ask.defenses.at import check_number, inner_mode, make_threat, module_mode, pgd_ce
 from ask.defenses.base import Defense, register_defense

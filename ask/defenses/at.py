@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ask.attacks.ascent import pgd_maximise
 from ask.attacks.ask_loss import logit_margin
-from ask.attacks.base import NORMS, ThreatModel, pgd_maximise, start_point
+from ask.attacks.threat import ThreatModel, start_point
 from ask.config.schema import parse_size
+from ask.constants import NORMS
 from ask.defenses.base import Defense, register_defense
 from ask.errors import ConfigError
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ask.attacks.base import ascent_step, project
+from ask.attacks.threat import ascent_step, project
 from ask.defenses.at import check_number, inner_mode, make_threat
 from ask.defenses.base import Defense, register_defense
 
