@@ -6,7 +6,7 @@ import torch
 
 from ask.attacks import attack_seed
 from ask.data import ImageSplit, select_points
-from ask.evaluation.evaluate import sanity_warnings, worst_case
+from ask.evaluation.outcomes import sanity_warnings, worst_case
 from ask.reporting import format_results_table
 from ask.reporting.labels import ANY_ATTACK
 
