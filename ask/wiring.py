@@ -19,9 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ask.attacks import Attack, ThreatModel, attack_seed, build_attack
+from ask.attacks import Attack, ThreatModel, attack_class, attack_seed, build_attack
 from ask.config.schema import EXTERNAL_MODELS, RunConfig
+from ask.config.settings import settings_values
 from ask.data import DataBundle, ImageSplit, balanced_indices
+from ask.defenses import defense_class
 from ask.errors import CheckpointError, ConfigError
 from ask.knn import (
     DkNNClassifier,
@@ -36,6 +38,17 @@ from ask.models.checkpoint import check_compatible, load_checkpoint, load_plain_
 from ask.utils.runtime import float32_precision
 
 log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ the settings
+def check_run_settings(run: RunConfig) -> None:
+    """Check every selected attack's and the defence's settings that need no data and no model
+    (``check_settings`` of each class), so a value out of range stops the run before any dataset
+    loads or any model trains; :class:`ConfigError` names the first bad one."""
+    if run.attack is not None:
+        for name in run.attack.methods:
+            attack_class(name).check_settings(settings_values(run.attack.settings(name)))
+    defense_class(run.defense.name).check_settings(settings_values(run.defense.settings()))
 
 
 # ------------------------------------------------------------------------------------ the network

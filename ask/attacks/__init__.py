@@ -12,7 +12,14 @@ import pkgutil
 
 from ask.attacks.ascent import AscentResult, pgd_maximise
 from ask.attacks.base import Attack
-from ask.attacks.registry import ATTACKS, attack_seed, available_attacks, build_attack, register_attack
+from ask.attacks.registry import (
+    ATTACKS,
+    attack_class,
+    attack_seed,
+    available_attacks,
+    build_attack,
+    register_attack,
+)
 from ask.attacks.threat import ThreatModel, ascent_step, project, random_init
 
 # Fill the registry: one module per attack, discovered rather than listed.
@@ -33,6 +40,7 @@ __all__ = [
     "ThreatModel",
     "ascent_step",
     "ask_loss",
+    "attack_class",
     "attack_seed",
     "available_attacks",
     "build_attack",

@@ -7,7 +7,7 @@ Approximate Gradients*, arXiv:1911.06591, 2019.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -136,23 +136,34 @@ class AdvKNNAttack(Attack):
             keep_best=keep_best,
         )
         self.layers = check_knn_layers(self.name, model, store, layer_list)
-        self.k = check_int(self.name, "k", k)
-        self.fit_steps = check_int(self.name, "fit_steps", fit_steps, minimum=0)
-        self.fit_lr = check_positive(self.name, "fit_lr", fit_lr)
-        self.fit_points = check_int(self.name, "fit_points", fit_points, minimum=2)
-        self.weight_decay = check_positive(self.name, "weight_decay", weight_decay, allow_zero=True)
-        self.smoothing = check_positive(self.name, "smoothing", smoothing)
-        if self.smoothing > 1:
-            raise ConfigError(f"attack 'advknn' smoothing={smoothing!r} must lie in (0, 1], e.g. 0.01")
+        checked = self.check_settings({"k": k, "fit_steps": fit_steps, "fit_lr": fit_lr, "fit_points": fit_points,
+                                       "weight_decay": weight_decay, "smoothing": smoothing, "kl": kl})
+        self.k, self.fit_steps, self.fit_lr = checked["k"], checked["fit_steps"], checked["fit_lr"]
+        self.fit_points, self.weight_decay = checked["fit_points"], checked["weight_decay"]
+        self.smoothing = checked["smoothing"]
         if self.k + 1 > len(store.labels):
             raise ConfigError(f"attack 'advknn' k={k} needs at least k + 1 = {k + 1} pool points")
-        if kl not in KL_DIRECTIONS:
-            raise ConfigError(f"attack 'advknn' kl={kl!r} is not one of {', '.join(KL_DIRECTIONS)}")
         self.kl = kl
         self.keep_best = bool(keep_best)
         self.num_classes = int(store.num_classes)
         self._heads: dict[str, VoteHead] | None = None
         self.fit_agreement: dict[str, float] = {}
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        checked = {
+            "k": check_int(cls.name, "k", settings["k"]),
+            "fit_steps": check_int(cls.name, "fit_steps", settings["fit_steps"], minimum=0),
+            "fit_lr": check_positive(cls.name, "fit_lr", settings["fit_lr"]),
+            "fit_points": check_int(cls.name, "fit_points", settings["fit_points"], minimum=2),
+            "weight_decay": check_positive(cls.name, "weight_decay", settings["weight_decay"], allow_zero=True),
+            "smoothing": check_positive(cls.name, "smoothing", settings["smoothing"]),
+        }
+        if checked["smoothing"] > 1:
+            raise ConfigError(f"attack 'advknn' smoothing={settings['smoothing']!r} must lie in (0, 1], e.g. 0.01")
+        if settings["kl"] not in KL_DIRECTIONS:
+            raise ConfigError(f"attack 'advknn' kl={settings['kl']!r} is not one of {', '.join(KL_DIRECTIONS)}")
+        return checked
 
     # ------------------------------------------------------------------------- the kNN vote
     def votes(self, layer: str, features: Tensor, exclude: Tensor | None = None) -> Tensor:

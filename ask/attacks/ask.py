@@ -6,7 +6,7 @@ Defense*, IEEE Access 10 (2022), arXiv:2106.14300.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -138,11 +138,8 @@ class ASKAttack(Attack):
                 f"attack '{self.name}' has {len(kappa_list)} kappa weights for {len(layer_list)} layers; "
                 "give one weight per layer or leave kappa unset"
             )
-        temperature = check_positive(self.name, "temperature", temperature, example="0.01")
-        chunk_mb = check_positive(self.name, "chunk_mb", chunk_mb, example="1024")
-        k = check_int(self.name, "k", k)
-        if kind not in KINDS:
-            raise ConfigError(f"attack '{self.name}' kind={kind!r} is not one of {', '.join(KINDS)}")
+        checked = self.check_settings({"temperature": temperature, "chunk_mb": chunk_mb, "k": k, "kind": kind})
+        temperature, chunk_mb, k = checked["temperature"], checked["chunk_mb"], checked["k"]
         resolved_metric = store.metric if metric is None else metric
         if resolved_metric not in METRICS:
             raise ConfigError(f"attack '{self.name}' metric={resolved_metric!r} is not one of {', '.join(METRICS)}")
@@ -162,6 +159,17 @@ class ASKAttack(Attack):
         self.keep_best = keep_best
         self.metric = resolved_metric
         self.chunk_bytes = max(1, int(chunk_mb * _MB))
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        checked = {
+            "temperature": check_positive(cls.name, "temperature", settings["temperature"], example="0.01"),
+            "chunk_mb": check_positive(cls.name, "chunk_mb", settings["chunk_mb"], example="1024"),
+            "k": check_int(cls.name, "k", settings["k"]),
+        }
+        if settings["kind"] not in KINDS:
+            raise ConfigError(f"attack '{cls.name}' kind={settings['kind']!r} is not one of {', '.join(KINDS)}")
+        return checked
 
     @property
     def summed(self) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any, ClassVar
 
@@ -100,6 +101,19 @@ class Attack(ABC):
         self.generator = generator
         self.hyper: dict[str, Any] = dict(hyper)
         self.last_result: AscentResult | None = None
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """The hyperparameters that need neither the model, the store nor the data, checked, as the
+        values the attack uses (an int, a float); :class:`ConfigError` names the first bad one.
+
+        ``settings`` maps hyperparameter names to values (the attack's typed settings, as
+        :func:`~ask.config.settings.settings_values` gives them). The constructor checks through
+        this, and :func:`ask.wiring.check_run_settings` calls it before any data loads or any
+        model trains; checks against the model, the store or the data stay in the constructor.
+        The default checks nothing.
+        """
+        return {}
 
     # ------------------------------------------------------------------------------ calling
     def __call__(self, images: Tensor, labels: Tensor) -> Tensor:

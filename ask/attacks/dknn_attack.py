@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -87,6 +87,16 @@ class DkNNAttack(Attack):
     name = "dknn"
     needs_store = True
 
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "m": check_int(cls.name, "m", settings["m"]),
+            "a": check_positive(cls.name, "a", settings["a"]),
+            "lr": check_positive(cls.name, "lr", settings["lr"]),
+            "k": check_int(cls.name, "k", settings["k"]),
+            "eta_points": check_int(cls.name, "eta_points", settings["eta_points"]),
+        }
+
     def __init__(
         self,
         model: nn.Module,
@@ -108,11 +118,9 @@ class DkNNAttack(Attack):
             eta_points=eta_points, keep_best=keep_best,
         )
         self.layers = check_knn_layers(self.name, model, store, layer_list)
-        self.m = check_int(self.name, "m", m)
-        self.a = check_positive(self.name, "a", a)
-        self.lr = check_positive(self.name, "lr", lr)
-        self.k = check_int(self.name, "k", k)
-        self.eta_points = check_int(self.name, "eta_points", eta_points)
+        checked = self.check_settings({"m": m, "a": a, "lr": lr, "k": k, "eta_points": eta_points})
+        self.m, self.a, self.lr = checked["m"], checked["a"], checked["lr"]
+        self.k, self.eta_points = checked["k"], checked["eta_points"]
         self.keep_best = bool(keep_best)
         smallest = smallest_class(store)
         if self.m > smallest:

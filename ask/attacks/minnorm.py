@@ -7,7 +7,7 @@ Security and Privacy Workshops (DLS) 2020, arXiv:2003.06559.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -119,6 +119,16 @@ class MinNormAttack(Attack):
     name = "minnorm"
     needs_store = True
 
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "m": check_int(cls.name, "m", settings["m"], minimum=2),
+            "c": check_positive(cls.name, "c", settings["c"], allow_zero=True),
+            "lr": check_positive(cls.name, "lr", settings["lr"]),
+            "k": check_int(cls.name, "k", settings["k"]),
+            "margin": check_positive(cls.name, "margin", settings["margin"], allow_zero=True),
+        }
+
     def __init__(
         self,
         model: nn.Module,
@@ -139,11 +149,9 @@ class MinNormAttack(Attack):
             margin=margin,
         )
         self.layers = check_knn_layers(self.name, model, store, layer_list)
-        self.m = check_int(self.name, "m", m, minimum=2)
-        self.c = check_positive(self.name, "c", c, allow_zero=True)
-        self.lr = check_positive(self.name, "lr", lr)
-        self.k = check_int(self.name, "k", k)
-        self.margin = check_positive(self.name, "margin", margin, allow_zero=True)
+        checked = self.check_settings({"m": m, "c": c, "lr": lr, "k": k, "margin": margin})
+        self.m, self.c, self.lr = checked["m"], checked["c"], checked["lr"]
+        self.k, self.margin = checked["k"], checked["margin"]
         if store.num_classes < 2:
             raise ConfigError("attack 'minnorm' needs a reference pool with at least two classes")
         smallest = smallest_class(store)

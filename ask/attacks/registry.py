@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import inspect
 import zlib
-from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any, TypeVar
 
 from torch import nn
 
 from ask.attacks.base import Attack
 from ask.attacks.threat import ThreatModel
+from ask.config.settings import settings_values
 from ask.errors import ConfigError
 
-__all__ = ["ATTACKS", "attack_seed", "available_attacks", "build_attack", "register_attack"]
+__all__ = ["ATTACKS", "attack_class", "attack_seed", "available_attacks", "build_attack", "register_attack"]
 
 
 def attack_seed(seed: int, attack_name: str) -> int:
@@ -46,6 +45,16 @@ def available_attacks() -> list[str]:
     return sorted(ATTACKS)
 
 
+def attack_class(name: str) -> type[Attack]:
+    """The attack class registered as ``name``; :class:`ConfigError` naming the choices if none is."""
+    cls = ATTACKS.get(name)
+    if cls is None:
+        raise ConfigError(
+            f"unknown attack '{name}'; available attacks: {', '.join(available_attacks())}"
+        )
+    return cls
+
+
 def build_attack(name: str, model: nn.Module, threat: ThreatModel, settings: Any = None, **kwargs: Any) -> Attack:
     """Instantiate the registered attack ``name``.
 
@@ -54,14 +63,9 @@ def build_attack(name: str, model: nn.Module, threat: ThreatModel, settings: Any
     ``generator`` and, from Python, hyperparameters left to the attack's defaults otherwise. An
     unknown name or an unknown hyperparameter raises :class:`ConfigError` naming the valid choices.
     """
-    cls = ATTACKS.get(name)
-    if cls is None:
-        raise ConfigError(
-            f"unknown attack '{name}'; available attacks: {', '.join(available_attacks())}"
-        )
+    cls = attack_class(name)
     if settings is not None:
-        given = settings if isinstance(settings, Mapping) else {f.name: getattr(settings, f.name) for f in fields(settings)}
-        kwargs = {**given, **kwargs}
+        kwargs = {**settings_values(settings), **kwargs}
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     if not takes_any:

@@ -203,6 +203,14 @@ DEFENSE_SETTINGS: dict[str, type] = {
 
 
 # ------------------------------------------------------------- each attack's and defence's settings
+def settings_values(settings: Any) -> dict[str, Any]:
+    """One attack's or defence's settings as a plain dict of keyword arguments: from its settings
+    dataclass, or from a mapping of them (as Python callers give them)."""
+    if isinstance(settings, Mapping):
+        return dict(settings)
+    return {f.name: getattr(settings, f.name) for f in fields(settings)}
+
+
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
                Size: "a number or a fraction such as 8/255"}
 

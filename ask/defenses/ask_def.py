@@ -47,6 +47,7 @@ labels, never by position.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -69,6 +70,7 @@ __all__ = [
     "MODES",
     "REFERENCE_DRAWS",
     "ReferenceSampler",
+    "check_reference_draw",
     "group_by_class",
     "mix_references",
 ]
@@ -76,6 +78,12 @@ __all__ = [
 
 REFERENCE_DRAWS = ("random", "cycle")
 MODES = ("train", "eval")
+
+
+def check_reference_draw(draw: Any) -> None:
+    """:class:`ConfigError` unless ``draw`` is one of :data:`REFERENCE_DRAWS`."""
+    if draw not in REFERENCE_DRAWS:
+        raise ConfigError(f"defense.params.reference_draw={draw!r} is not one of {', '.join(REFERENCE_DRAWS)}")
 
 
 class ReferenceSampler:
@@ -89,8 +97,7 @@ class ReferenceSampler:
     """
 
     def __init__(self, split: ImageSplit, num_classes: int, per_class: int, draw: str = "random") -> None:
-        if draw not in REFERENCE_DRAWS:
-            raise ConfigError(f"defense.params.reference_draw={draw!r} is not one of {', '.join(REFERENCE_DRAWS)}")
+        check_reference_draw(draw)
         counts = split.class_counts(num_classes)
         short = [c for c in range(num_classes) if int(counts[c]) < per_class]
         if short:
@@ -285,33 +292,20 @@ class ASKDefense(Defense):
             layer = knn_layers[0]
         if hasattr(model, "check_layers"):
             model.check_layers([layer])
-        if metric not in METRICS:
-            raise ConfigError(f"defense '{self.name}' metric={metric!r} is not one of {', '.join(METRICS)}")
-        if kind not in KINDS:
-            raise ConfigError(f"defense '{self.name}' kind={kind!r} is not one of {', '.join(KINDS)}")
-        for name, value in (("reference_mode", reference_mode), ("ask_mode", ask_mode), ("pgd_mode", pgd_mode)):
-            if value not in MODES:
-                raise ConfigError(f"defense.params.{name}={value!r} is not one of {', '.join(MODES)}")
-        for name, value in (("augment_references", augment_references), ("reference_grad", reference_grad),
-                            ("ask_start_clip", ask_start_clip), ("clean_pass", clean_pass)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"defense.params.{name}={value!r} must be true or false")
+        checked = self.check_settings({
+            "metric": metric, "kind": kind, "temperature": temperature, "beta": beta, "n_ref": n_ref,
+            "reference_chunk": reference_chunk, "eps_pgd": eps_pgd, "eps_ask": eps_ask, "step_size": step_size,
+            "steps": steps, "norm": norm, **switches,
+        })
         if augment_references and augment == "none":
             raise ConfigError("defense.params.augment_references=true but dataset.augment=none; "
                               "set dataset.augment=crop_flip or augment_references=false")
         self.layer = layer
         self.metric = metric
         self.kind = kind
-        self.temperature = check_number(self.name, "temperature", temperature, strict=True)
-        self.beta = check_number(self.name, "beta", beta)
-        n_ref = check_number(self.name, "n_ref", n_ref, minimum=1, integer=True)
-        if reference_chunk is not None:
-            reference_chunk = check_number(self.name, "reference_chunk", reference_chunk, minimum=1, integer=True)
-        self.reference_chunk = reference_chunk
-        self.pgd_threat = make_threat(self.name, eps=eps_pgd, step_size=step_size, steps=steps, norm=norm,
-                                      eps_name="eps_pgd")
-        self.ask_threat = make_threat(self.name, eps=eps_ask, step_size=step_size, steps=steps, norm=norm,
-                                      eps_name="eps_ask")
+        self.temperature, self.beta, n_ref = checked["temperature"], checked["beta"], checked["n_ref"]
+        self.reference_chunk = checked["reference_chunk"]
+        self.pgd_threat, self.ask_threat = checked["pgd_threat"], checked["ask_threat"]
         num_classes = getattr(model, "num_classes", None) or int(train_split.labels.max()) + 1
         self.num_classes = int(num_classes)
         self.sampler = ReferenceSampler(train_split, self.num_classes, n_ref, reference_draw)
@@ -322,6 +316,31 @@ class ASKDefense(Defense):
         self.pgd_train = pgd_mode == "train"
         self.ask_start_clip = ask_start_clip
         self.clean_pass = clean_pass
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        if settings["metric"] not in METRICS:
+            raise ConfigError(f"defense '{cls.name}' metric={settings['metric']!r} is not one of {', '.join(METRICS)}")
+        if settings["kind"] not in KINDS:
+            raise ConfigError(f"defense '{cls.name}' kind={settings['kind']!r} is not one of {', '.join(KINDS)}")
+        for name in ("reference_mode", "ask_mode", "pgd_mode"):
+            if settings[name] not in MODES:
+                raise ConfigError(f"defense.params.{name}={settings[name]!r} is not one of {', '.join(MODES)}")
+        for name in ("augment_references", "reference_grad", "ask_start_clip", "clean_pass"):
+            if not isinstance(settings[name], bool):
+                raise ConfigError(f"defense.params.{name}={settings[name]!r} must be true or false")
+        check_reference_draw(settings["reference_draw"])
+        chunk = settings["reference_chunk"]
+        budget = {"step_size": settings["step_size"], "steps": settings["steps"], "norm": settings["norm"]}
+        return {
+            "temperature": check_number(cls.name, "temperature", settings["temperature"], strict=True),
+            "beta": check_number(cls.name, "beta", settings["beta"]),
+            "n_ref": check_number(cls.name, "n_ref", settings["n_ref"], minimum=1, integer=True),
+            "reference_chunk": None if chunk is None else check_number(cls.name, "reference_chunk", chunk, minimum=1,
+                                                                       integer=True),
+            "pgd_threat": make_threat(cls.name, eps=settings["eps_pgd"], eps_name="eps_pgd", **budget),
+            "ask_threat": make_threat(cls.name, eps=settings["eps_ask"], eps_name="eps_ask", **budget),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict()}

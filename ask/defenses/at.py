@@ -11,7 +11,7 @@ PGD-CE is the building block of the other defences too (ASK-Def's CE term is exa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -166,8 +166,14 @@ class AdversarialTraining(Defense):
         **unknown: Any,
     ) -> None:
         super().__init__(model, label_smoothing=label_smoothing, **unknown)
-        self.threat = make_threat(self.name, eps=eps, step_size=step_size, steps=steps, norm=norm,
-                                  random_start=random_start)
+        self.threat = self.check_settings({"eps": eps, "step_size": step_size, "steps": steps, "norm": norm,
+                                           "random_start": random_start})["threat"]
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        return {"threat": make_threat(cls.name, eps=settings["eps"], step_size=settings["step_size"],
+                                      steps=settings["steps"], norm=settings["norm"],
+                                      random_start=settings["random_start"])}
 
     def adversarial(self, images: Tensor, labels: Tensor) -> Tensor:
         """x_PGD for the batch (inner maximisation, eval mode, model flags restored)."""

@@ -8,6 +8,7 @@ so an ascent from x itself would never move).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -65,11 +66,19 @@ class TRADES(Defense):
         **unknown: Any,
     ) -> None:
         super().__init__(model, label_smoothing=label_smoothing, **unknown)
-        self.beta = check_number(self.name, "beta", beta)
-        self.init_std = check_number(self.name, "init_std", init_std)
-        # The Gaussian start replaces the ball's uniform one.
-        self.threat = make_threat(self.name, eps=eps, step_size=step_size, steps=steps, norm=norm,
-                                  random_start=False)
+        checked = self.check_settings({"beta": beta, "eps": eps, "step_size": step_size, "steps": steps,
+                                       "norm": norm, "init_std": init_std})
+        self.beta, self.init_std, self.threat = checked["beta"], checked["init_std"], checked["threat"]
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "beta": check_number(cls.name, "beta", settings["beta"]),
+            "init_std": check_number(cls.name, "init_std", settings["init_std"]),
+            # The Gaussian start replaces the ball's uniform one.
+            "threat": make_threat(cls.name, eps=settings["eps"], step_size=settings["step_size"],
+                                  steps=settings["steps"], norm=settings["norm"], random_start=False),
+        }
 
     def adversarial(self, images: Tensor) -> Tensor:
         """x_adv maximising KL(f(x) || f(x_adv)) (eval mode, model flags restored), detached."""
