@@ -603,7 +603,18 @@ def _failed_sweep_still_ran_the_other_job(outcome: Outcome, setup: Setup) -> Non
     assert json.loads((sweep / "1" / "failure.json").read_text())["type"] == "ConfigError"
 
 
+def _nothing_loaded_or_trained(outcome: Outcome, setup: Setup) -> None:
+    # The row's own cache_dir: a setting out of range must stop the run before it decodes a
+    # dataset into the cache or trains (and caches) the default model, not minutes after.
+    cache = Path(outcome.values["tmp"]) / "cache"
+    written = sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
+    assert "datasets" not in written and "models" not in written, written
+
+
 EXTRA_CHECKS: dict[str, Callable[[Outcome, Setup], None]] = {
+    "ask-atk-temperature-0-without-a-checkpoint-refused-before-any-data-loads-or-any-model-trains":
+        _nothing_loaded_or_trained,
+    "authors-ask-def-temperature-0-refused-before-the-dataset-loads": _nothing_loaded_or_trained,
     "finished-attack-run-other-settings-in-its-directory": _records_are_kept,
     "finished-training-rerun-with-another-learning-rate": _records_are_kept,
     "finished-attack-run-the-same-settings-again-nothing-to-do-nothing-rewritten": _records_are_kept,
