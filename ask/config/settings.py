@@ -5,8 +5,9 @@ One dataclass per ``conf/attack/<name>.yaml`` (the section ``attack.methods.<nam
 comment; a dataclass states only names and types, never a default.** A field without a YAML key,
 or a YAML key without a field, fails ``tests/test_config.py``. :func:`ask.config.resolve` checks a
 composed config against these classes, so a mistyped key or a value of the wrong type is refused
-in one line before any data loads; range checks that need the data (a ``k`` larger than the pool's
-smallest class) stay with the attack or defence.
+in one line before any data loads. Value ranges are the attack's or defence's own
+(``check_settings``, run by ``ask.wiring.check_run_settings`` before any data loads too); range
+checks that need the data (a ``k`` larger than the pool's smallest class) stay in its constructor.
 
 The classes live here rather than beside ``ask/attacks/<name>.py`` because the check runs while
 the config is resolved, and ``ask.config`` sits below the attacks and defences (it may not
