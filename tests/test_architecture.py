@@ -5,7 +5,8 @@ functions included (the console scripts import torch-heavy code lazily, and a la
 a dependency). Imports built from strings (``importlib.import_module``) are not seen. A
 package may import itself and the packages of lower layers; packages of one layer are peers and
 import neither each other nor anything above. No two packages import each other, however
-indirectly, and no module takes a ``_private`` name (a module or a member) from another package.
+indirectly, and no module takes a ``_private`` name (a module or a member) from another package;
+nor does any test or script.
 
 Attributes are checked too, by name, for the packages in ``SEALED``: no code outside such a package
 (other packages, tests, scripts) reads, sets or monkeypatches an attribute whose name is one of
@@ -64,10 +65,10 @@ def _is_private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
-def collect_imports(source_root: Path) -> list[Import]:
-    """Every import of an ``ask`` module by a module under ``source_root / "ask"``."""
+def collect_imports(source_root: Path, folder: str = "ask") -> list[Import]:
+    """Every import of an ``ask`` module by a module under ``source_root / folder``."""
     found = []
-    for path in sorted((source_root / "ask").rglob("*.py")):
+    for path in sorted((source_root / folder).rglob("*.py")):
         parts = path.relative_to(source_root).with_suffix("").parts
         is_package = parts[-1] == "__init__"
         module = ".".join(parts[:-1] if is_package else parts)
@@ -92,7 +93,8 @@ def collect_imports(source_root: Path) -> list[Import]:
                     continue
                 private = tuple(p for p in target.split(".")[1:] if _is_private(p)) + tuple(
                     n for n in names if _is_private(n))
-                found.append(Import(str(path.relative_to(source_root)), node.lineno, package_of(module),
+                importer = package_of(module) if folder == "ask" else folder
+                found.append(Import(str(path.relative_to(source_root)), node.lineno, importer,
                                     package_of(target), statement, private))
     return found
 
@@ -212,6 +214,14 @@ def test_no_cycle_between_packages(imports: list[Import]) -> None:
 def test_no_private_name_crosses_a_package(imports: list[Import]) -> None:
     problems = private_crossings(imports)
     assert not problems, "private names imported from another package:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("folder", ["tests", "scripts"])
+def test_tests_and_scripts_use_only_public_names_of_the_package(folder: str) -> None:
+    imports = collect_imports(REPO, folder)
+    assert len(imports) > 10  # the parse found them
+    problems = private_crossings(imports)
+    assert not problems, f"private names of ask imported by {folder}/:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize("package", SEALED)

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from ask.attacks import ThreatModel, build_attack
-from ask.attacks._common import adam_minimise
 from ask.attacks.advknn import AdvKNNAttack
 from ask.attacks.dknn_attack import DkNNAttack
 from ask.attacks.feature import FeatureAttack
 from ask.attacks.minnorm import MinNormAttack
+from ask.attacks.support import adam_minimise
 from ask.errors import ConfigError
 from ask.knn import IndexSettings, KNNClassifier, ReferenceStore
 

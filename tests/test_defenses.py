@@ -19,7 +19,7 @@ from ask.defenses.trades import kl_divergence
 from ask.errors import ConfigError, DataError
 from ask.models import build_model
 from ask.models.checkpoint import load_checkpoint
-from ask.training.trainer import _defense_context, train
+from ask.training.trainer import defense_context, train
 from tests.conftest import compose_run
 
 TINY = ["dataset.train_per_class=20", "dataset.test_per_class=5", "train.batch_size=32",
@@ -40,7 +40,7 @@ def _setup(digits, name: str, overrides: list[str] = (), train_split: ImageSplit
     torch.manual_seed(0)
     model = build_model(run.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
                         image_size=data.image_size, mean=data.mean, std=data.std, width=run.model.width)
-    context = _defense_context(name, {"train_split": train_split or data.train, "knn_layers": list(run.knn.layers)})
+    context = defense_context(name, {"train_split": train_split or data.train, "knn_layers": list(run.knn.layers)})
     defense = build_defense(name, model, dict(run.defense.params), **context)
     images, labels = to_float(data.train.images[:20]), data.train.labels[:20]
     return defense, model, images, labels
@@ -245,7 +245,7 @@ def test_unknown_defense_setting_is_a_config_error(digits) -> None:
         build_defense("at", model, {"epss": 0.1})
     with pytest.raises(ConfigError, match="eps_ask"):
         build_defense("ask_def", model, {"eps_ask": "eight"}, train_split=data.train, knn_layers=["block2"])
-    assert _defense_context("none", {"train_split": data.train}) == {}
+    assert defense_context("none", {"train_split": data.train}) == {}
     assert set(DEFENSES) >= {"none", "at", "ask_def", "trades"}
 
 

@@ -138,10 +138,10 @@ def test_leaving_the_group_stops_its_threads_before_the_interpreter_ends(tmp_pat
 
 
 def test_a_torchrun_worker_exits_with_the_status_python_would_give() -> None:
-    from ask.cli.common import _exit_status
+    from ask.cli.common import exit_status
 
-    assert [_exit_status(code) for code in (None, 0, 2, 143, True)] == [0, 0, 2, 143, 1]
-    assert _exit_status("ask-train: bad") == 1
+    assert [exit_status(code) for code in (None, 0, 2, 143, True)] == [0, 0, 2, 143, 1]
+    assert exit_status("ask-train: bad") == 1
 
 
 def test_ask_def_trains_per_rank(tmp_path: Path, shared_cache: Path) -> None:

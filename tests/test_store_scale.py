@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from ask.attacks._common import gather_pool
+from ask.attacks.support import gather_pool
 from ask.config.schema import KnnConfig
 from ask.errors import ConfigError
 from ask.knn import IndexSettings, ReferenceStore, store_cache_key

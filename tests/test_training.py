@@ -13,7 +13,7 @@ import torch
 from ask.config.schema import RunConfig, TrainConfig
 from ask.errors import ConfigError
 from ask.models.checkpoint import load_checkpoint, save_checkpoint
-from ask.training.trainer import _make_scheduler, train
+from ask.training.trainer import make_scheduler, train
 from ask.utils.runtime import capture_rng_state, restore_generator, restore_rng_state
 from tests.conftest import compose_run
 
@@ -60,7 +60,7 @@ def test_step_schedule_is_multisteplr_stepped_per_epoch(milestones: list[int], g
     run = RunConfig(train=TrainConfig(epochs=epochs, lr=0.1, schedule="step", step_milestones=milestones,
                                       step_gamma=gamma))
     ours = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=run.train.lr)
-    scheduler = _make_scheduler(ours, run, steps_per_epoch)
+    scheduler = make_scheduler(ours, run, steps_per_epoch)
     reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=run.train.lr)
     multistep = torch.optim.lr_scheduler.MultiStepLR(reference, milestones=milestones, gamma=gamma)
     seen = []

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ask.attacks._common import POOL_SEED, check_int, check_knn_layers, check_positive, flat_features
 from ask.attacks.base import Attack
 from ask.attacks.registry import register_attack
+from ask.attacks.support import POOL_SEED, check_int, check_knn_layers, check_positive, flat_features
 from ask.attacks.threat import ThreatModel
 from ask.errors import ConfigError
 from ask.knn.fitted import cached_fit

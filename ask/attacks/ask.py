@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ask.attacks._common import check_int, check_knn_layers, check_labels, check_positive, smallest_class
 from ask.attacks.ask_loss import KINDS, ClassSums, multi_layer_ask_objective
 from ask.attacks.base import Attack
 from ask.attacks.registry import register_attack
+from ask.attacks.support import check_int, check_knn_layers, check_labels, check_positive, smallest_class
 from ask.attacks.threat import ThreatModel
 from ask.constants import METRICS
 from ask.errors import ConfigError

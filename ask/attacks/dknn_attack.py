@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ask.attacks._common import (
+from ask.attacks.base import Attack, warn_about
+from ask.attacks.registry import register_attack
+from ask.attacks.support import (
     POOL_SEED,
     adam_minimise,
     check_int,
@@ -26,8 +28,6 @@ from ask.attacks._common import (
     gather_pool,
     smallest_class,
 )
-from ask.attacks.base import Attack, warn_about
-from ask.attacks.registry import register_attack
 from ask.attacks.threat import ThreatModel
 from ask.errors import ConfigError
 from ask.knn.fitted import cached_fit

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ask.attacks._common import check_knn_layers, check_labels, flat_features, gather_pool
 from ask.attacks.base import Attack
 from ask.attacks.registry import register_attack
+from ask.attacks.support import check_knn_layers, check_labels, flat_features, gather_pool
 from ask.attacks.threat import ThreatModel
 from ask.errors import ConfigError
 

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ask.attacks._common import (
+from ask.attacks.base import Attack, warn_about
+from ask.attacks.registry import register_attack
+from ask.attacks.support import (
     adam_minimise,
     check_int,
     check_knn_layers,
@@ -24,8 +26,6 @@ from ask.attacks._common import (
     gather_pool,
     smallest_class,
 )
-from ask.attacks.base import Attack, warn_about
-from ask.attacks.registry import register_attack
 from ask.attacks.threat import ThreatModel
 from ask.errors import ConfigError
 from ask.knn.similarity import l2_normalize, rowwise_similarity

@@ -202,7 +202,7 @@ def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, progra
         sys.argv.extend(_rank_overrides(group, sys.argv[1:], program, config_name))
         hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(_main)()
     except SystemExit as stop:
-        status = _exit_status(stop.code)
+        status = exit_status(stop.code)
     except KeyboardInterrupt:
         traceback.print_exc()
         status = EXIT_INTERRUPTED
@@ -219,7 +219,7 @@ def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, progra
     _end_worker(status)
 
 
-def _exit_status(code: Any) -> int:
+def exit_status(code: Any) -> int:
     """The status that ``sys.exit(code)`` ends the interpreter with: None is 0, a non-integer is printed and is 1."""
     if code is None:
         return 0

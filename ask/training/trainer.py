@@ -82,7 +82,7 @@ def build_state(run: RunConfig, files: RunFiles, data: DataBundle | None,
         log.info(precision.describe(run.train.amp, amp_dtype, device, "training"))
     if run.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    context = _defense_context(run.defense.name, {"train_split": data.train, "knn_layers": list(run.knn.layers),
+    context = defense_context(run.defense.name, {"train_split": data.train, "knn_layers": list(run.knn.layers),
                                                   "augment": run.dataset.augment})
     defense = build_defense(run.defense.name, model, run.defense.settings(),
                             label_smoothing=run.train.label_smoothing, **context)
@@ -100,7 +100,7 @@ def build_state(run: RunConfig, files: RunFiles, data: DataBundle | None,
     steps_per_epoch = _steps_per_epoch(len(data.train), batch_size, group.world_size)
     return TrainingState(
         run=run, data=data, group=group, device=device, amp_dtype=amp_dtype, model=model, defense=defense,
-        step=step, optimizer=optimizer, scheduler=_make_scheduler(optimizer, run, steps_per_epoch),
+        step=step, optimizer=optimizer, scheduler=make_scheduler(optimizer, run, steps_per_epoch),
         order_rng=torch.Generator().manual_seed(run.seed),
         augment_rng=torch.Generator(device=device).manual_seed(run.seed + 1 + 1000 * group.rank),
         batch_size=batch_size, steps_per_epoch=steps_per_epoch, spec=_checkpoint_spec(run, model, data), files=files,
@@ -160,7 +160,7 @@ def _checkpoint_spec(run: RunConfig, model: FeatureModel, data: DataBundle) -> d
     return spec
 
 
-def _defense_context(name: str, available: dict[str, Any]) -> dict[str, Any]:
+def defense_context(name: str, available: dict[str, Any]) -> dict[str, Any]:
     """The trainer-side inputs a defence's constructor names (e.g. ``train_split``); none for the others."""
     cls = DEFENSES.get(name)
     if cls is None:
@@ -169,8 +169,8 @@ def _defense_context(name: str, available: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in available.items() if key in accepted}
 
 
-def _make_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The learning-rate schedule, stepped once per optimisation step (``steps_per_epoch`` of them an epoch)."""
     total = run.train.epochs * steps_per_epoch
     if run.train.schedule == "onecycle":

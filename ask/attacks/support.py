@@ -2,8 +2,8 @@
 
 Hyperparameter and layer checks with one message format, reads of the reference pool (class
 sizes, distances behind similarities, pool features by row), flattened hidden features, and
-:func:`adam_minimise`, Adam inside the threat ball. The leading underscore keeps the attack
-registry from importing this module as an attack.
+:func:`adam_minimise`, Adam inside the threat ball. Public so that tests can check these pieces
+on their own; it registers no attack.
 """
 
 from __future__ import annotations
