@@ -57,12 +57,13 @@ def _is_multirun() -> bool:
 def run_task(task: Callable[[RunConfig, Path], Any], cfg: DictConfig, program: str) -> Any:
     """Resolve ``cfg``, run ``task`` in the Hydra output directory, and turn user errors into one line."""
     from ask.training import distributed  # imports torch: after the arguments were checked
-    from ask.wiring import check_run_settings
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     group = distributed.current()
     try:
         run = resolve(cfg)
+        from ask.wiring import check_run_settings  # inside: a missing faiss is one line too
+
         check_run_settings(run)  # a value out of range stops here, before any data loads or model trains
         with _own_run_directory(output_dir, cfg, run, group):
             return task(run, output_dir)

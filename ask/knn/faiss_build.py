@@ -25,6 +25,10 @@ import sys
 
 from ask.errors import DependencyError
 
+# faiss's loader logs at INFO which CPU build it tried and why one failed: four lines in every run's
+# output (before a one-line error too) that say nothing about the run. Its warnings still show.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
 try:
     import faiss
 except ImportError:
