@@ -19,7 +19,8 @@ from ask.attacks import ThreatModel, pgd_maximise
 from ask.attacks.ask_loss import loss_from_margin
 from ask.data import ImageSplit, augment_batch, to_float
 from ask.defenses import build_defense
-from ask.defenses.ask_def import ASKDefense, AuthorsASKDefense, ReferenceSampler
+from ask.defenses.ask_def import ASKDefense, AuthorsASKDefense
+from ask.defenses.references import ReferenceSampler
 from ask.errors import ConfigError
 from tests.test_attacks import TinyNet
 

@@ -14,7 +14,7 @@ from ask.attacks.ask_loss import ask_margin
 from ask.config.schema import parse_size
 from ask.data import ImageSplit, load_dataset, to_float
 from ask.defenses import DEFENSES, build_defense
-from ask.defenses.ask_def import ReferenceSampler, group_by_class, mix_references
+from ask.defenses.references import ReferenceSampler, group_by_class, mix_references
 from ask.defenses.trades import kl_divergence
 from ask.errors import ConfigError, DataError
 from ask.models import build_model
