@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import ask.data.folders as folders
+import ask.data.decoding as decoding
 from ask.config.schema import DatasetConfig
 from ask.data import (
     DataBundle,
@@ -245,7 +245,7 @@ def test_cifar10_folder_pixels_labels_and_cache(tmp_path, monkeypatch):
     def broken(path, size, short_side=None):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(folders, "decode_image", broken)
+    monkeypatch.setattr(decoding, "decode_image", broken)
     again = load_dataset(cfg, tmp_path / "cache", seed=0, progress=False)
     assert torch.equal(again.train.images, bundle.train.images)
     assert torch.equal(again.test.labels, bundle.test.labels)

@@ -73,10 +73,10 @@ def test_a_killed_decode_leaves_no_cache_and_the_next_build_cleans_up(tmp_path: 
     cache = tmp_path / "cache"
     script = textwrap.dedent(f"""
         import threading, time
-        import ask.data.folders as folders
+        import ask.data.decoding as decoding
         from ask.config.schema import DatasetConfig
         from ask.data import load_dataset
-        decode, count, lock = folders.decode_image, [0], threading.Lock()
+        decode, count, lock = decoding.decode_image, [0], threading.Lock()
         def slow(path, size, short_side=None):
             with lock:
                 count[0] += 1
@@ -85,7 +85,7 @@ def test_a_killed_decode_leaves_no_cache_and_the_next_build_cleans_up(tmp_path: 
             if count[0] >= 500:
                 time.sleep(60)
             return decode(path, size, short_side)
-        folders.decode_image = slow
+        decoding.decode_image = slow
         load_dataset(DatasetConfig(name="imagenette", root={str(root)!r}, image_size=32), {str(cache)!r}, 0,
                      progress=False)
     """)
