@@ -52,6 +52,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ask.utils.runfiles import METRICS_FILE
+
 log = logging.getLogger("bench_eval")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +115,7 @@ def run_attack(tree: Path, overrides: list[str], run_dir: Path, cache: Path, thr
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"ask-attack failed in {tree} (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / METRICS_FILE).read_text())
     return {
         "wall_s": wall,
         "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),

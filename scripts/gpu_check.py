@@ -73,7 +73,10 @@ class Context:
         return self.work / "cache"
 
     def vgg16_checkpoint(self) -> Path:
-        return self.work / "vgg16_epoch" / "best.pt"
+        # Imported here: without ask, the dry run must still get as far as listing what is missing.
+        from ask.utils.runfiles import BEST_CHECKPOINT
+
+        return self.work / "vgg16_epoch" / BEST_CHECKPOINT
 
 
 @dataclass
@@ -164,12 +167,14 @@ def _read_gpu_tests(ctx: Context, log: Path) -> dict[str, Any]:
 
 def _read_train_run(run_dir: Callable[[Context], Path], world_size: int) -> Callable[[Context, Path], dict[str, Any]]:
     def read(ctx: Context, log: Path) -> dict[str, Any]:
+        from ask.utils.runfiles import EPOCH_METRICS_FILE, TRAIN_SUMMARY_FILE
+
         directory = run_dir(ctx)
-        summary_path = directory / "train_summary.json"
+        summary_path = directory / TRAIN_SUMMARY_FILE
         if not summary_path.is_file():
             raise CheckFailed(f"no {summary_path}; see the log")
         summary = json.loads(summary_path.read_text())
-        record = json.loads((directory / "metrics.jsonl").read_text().splitlines()[-1])
+        record = json.loads((directory / EPOCH_METRICS_FILE).read_text().splitlines()[-1])
         if not math.isfinite(record["train_loss"]):
             raise CheckFailed(f"the training loss is {record['train_loss']}")
         if summary.get("world_size") != world_size:

@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ask.utils.runfiles import BEST_CHECKPOINT, METRICS_FILE, TRAIN_SUMMARY_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS: dict[str, list[str]] = {
     # CIFAR-10 smallcnn width 16 on 10,000 training images for 5 epochs, 2,000 test images; no
@@ -77,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     for amp in ("off", "bf16"):
         run_dir = out / f"train-{amp}"
         _run([_cli("ask-train"), *budget, f"train.amp={amp}", f"hydra.run.dir={run_dir}"],
-             run_dir / "train_summary.json")
-        summaries[amp] = json.loads((run_dir / "train_summary.json").read_text())
+             run_dir / TRAIN_SUMMARY_FILE)
+        summaries[amp] = json.loads((run_dir / TRAIN_SUMMARY_FILE).read_text())
 
-    checkpoint = out / "train-off" / "best.pt"
+    checkpoint = out / "train-off" / BEST_CHECKPOINT
     attacks = {}
     suffix = "" if args.eps is None else "-eps" + args.eps.replace("/", "_")
     radius = [] if args.eps is None else [f"attack.eps={args.eps}"]
@@ -88,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = out / f"attack-{amp}{suffix}"
         _run([_cli("ask-attack"), *budget, *ATTACK, *radius, f"model.checkpoint={checkpoint}",
               f"eval.n_points={args.points}", f"eval.amp={amp}", f"hydra.run.dir={run_dir}"],
-             run_dir / "metrics.json")
-        attacks[amp] = json.loads((run_dir / "metrics.json").read_text())
+             run_dir / METRICS_FILE)
+        attacks[amp] = json.loads((run_dir / METRICS_FILE).read_text())
 
     checks = {"test_acc": (100 * summaries["off"]["test_acc"], 100 * summaries["bf16"]["test_acc"])}
     for attack, victim in (("pgd", "dnn"), ("pgd", "knn"), ("ask", "knn")):

@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 
 from ask.reporting.intervals import t_interval
+from ask.utils.runfiles import METRICS_FILE
 
 DEFENSES = ("at", "ask_def_authors", "ask_def")
 MEASURES = (("ask", "ASK-Atk"), ("any", "worst case over all attacks"))
@@ -23,7 +24,7 @@ MEASURES = (("ask", "ASK-Atk"), ("any", "worst case over all attacks"))
 
 def robust_knn(study: Path, defense: str, seed: int) -> dict[str, float] | None:
     """Robust kNN accuracy per attack (and the clean one) of one finished run, else None."""
-    path = study / "attack" / f"{defense}-seed{seed}" / "metrics.json"
+    path = study / "attack" / f"{defense}-seed{seed}" / METRICS_FILE
     if not path.exists():
         return None
     rows = [r for r in json.loads(path.read_text())["results"] if r["victim"] == "knn"]

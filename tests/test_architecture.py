@@ -8,6 +8,10 @@ import neither each other nor anything above. No two packages import each other,
 indirectly, and no module takes a ``_private`` name (a module or a member) from another package;
 nor does any test or script.
 
+The names of a run directory's files (``metrics.json``, ``last.pt``, ...) are spelled only in
+``RUN_FILES_MODULE``: a string in ``ask/`` or ``scripts/`` that is such a name, or a path ending in
+one, is refused anywhere else (tests keep their literals: they check the on-disk contract).
+
 Attributes are checked too, by name, for the packages in ``SEALED``: no code outside such a package
 (other packages, tests, scripts) reads, sets or monkeypatches an attribute whose name is one of
 the package's private names (``obj._indexes``, ``setattr(obj, "_fit", ...)``). Without types
@@ -41,6 +45,8 @@ LAYERS: list[tuple[str, ...]] = [
 ROOT_PACKAGE = "ask"
 #: Packages whose private attributes no outside code touches (see the module docstring).
 SEALED: tuple[str, ...] = ("knn",)
+#: The one module that names the files of a run directory (see the module docstring).
+RUN_FILES_MODULE = "ask/utils/runfiles.py"
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,38 @@ def private_attribute_uses(source_root: Path, package: str, folders: tuple[str, 
     return problems
 
 
+def run_file_names(module: Path) -> dict[str, str]:
+    """``{"metrics.json": "METRICS_FILE", ...}``: the module's top-level string constants."""
+    names = {}
+    for node in ast.parse(module.read_text(), filename=str(module)).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            for target in node.targets:
+                if isinstance(target, ast.Name) and target.id.isupper():
+                    names[node.value.value] = target.id
+    return names
+
+
+def run_file_literals(source_root: Path, folders: tuple[str, ...]) -> list[str]:
+    """Where code under ``folders`` spells a run file's name itself, alone or at the end of a path
+    (``"metrics.json"``, ``f"{d}/metrics.json"``), instead of taking it from ``RUN_FILES_MODULE``."""
+    source = source_root / RUN_FILES_MODULE
+    names = run_file_names(source)
+    problems = []
+    for folder in folders:
+        for path in sorted((source_root / folder).rglob("*.py")):
+            if path == source:
+                continue
+            strings = sorted((node for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+                              if isinstance(node, ast.Constant) and isinstance(node.value, str)),
+                             key=lambda node: (node.lineno, node.col_offset))
+            for node in strings:
+                name = node.value.rsplit("/", 1)[-1]
+                if name in names:
+                    problems.append(f"{path.relative_to(source_root)}:{node.lineno} `{node.value!r}` spells a run "
+                                    f"file's name; use {names[name]} from {RUN_FILES_MODULE}")
+    return problems
+
+
 @pytest.fixture(scope="module")
 def imports() -> list[Import]:
     return collect_imports(REPO)
@@ -229,6 +267,29 @@ def test_no_private_attribute_of_a_sealed_package_is_used_outside_it(package: st
     assert len(private_names(REPO / "ask" / package)) > 10  # the parse found them
     problems = private_attribute_uses(REPO, package, ("ask", "tests", "scripts"))
     assert not problems, "private attributes used from outside:\n" + "\n".join(problems)
+
+
+def test_run_file_names_are_spelled_in_one_module_only() -> None:
+    assert len(run_file_names(REPO / RUN_FILES_MODULE)) > 10  # the parse found them
+    problems = run_file_literals(REPO, ("ask", "scripts"))
+    assert not problems, "run file names spelled outside their module:\n" + "\n".join(problems)
+
+
+def test_the_run_file_check_catches_names_and_paths_but_not_prose(tmp_path: Path) -> None:
+    files = {
+        RUN_FILES_MODULE: 'METRICS_FILE = "metrics.json"\nLOCK_FILE = ".lock"\nlocal = "best.pt"\n',
+        "ask/cli/job.py": 'from ask.utils.runfiles import METRICS_FILE\n\n'
+                          'def run(d):\n    (d / METRICS_FILE).touch()\n    (d / ".lock").touch()\n'
+                          '    print(f"wrote {d / \'metrics.json\'}")\n    return "no metrics.json here"\n',
+        "scripts/summary.py": 'def read(d):\n    return open(f"{d}/metrics.json"), d.glob("**/.lock"), "best.pt"\n',
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert run_file_names(tmp_path / RUN_FILES_MODULE) == {"metrics.json": "METRICS_FILE", ".lock": "LOCK_FILE"}
+    assert [line.split(" spells ")[0] for line in run_file_literals(tmp_path, ("ask", "scripts"))] == [
+        "ask/cli/job.py:5 `'.lock'`", "ask/cli/job.py:6 `'metrics.json'`",
+        "scripts/summary.py:2 `'/metrics.json'`", "scripts/summary.py:2 `'**/.lock'`"]
 
 
 def test_the_attribute_check_catches_reads_writes_and_monkeypatches(tmp_path: Path) -> None:

@@ -20,6 +20,15 @@ from ask.cli.common import hydra_entry
 from ask.config import RunConfig
 from ask.constants import ANY_ATTACK
 from ask.errors import CheckpointError, ConfigError
+from ask.utils.runfiles import (
+    AUTO_TRAIN_LOCK_FILE,
+    BEST_CHECKPOINT,
+    EVAL_STATE_FILE,
+    METRICS_FILE,
+    PER_POINT_FILE,
+    RUN_FILES,
+    TRAIN_SUMMARY_FILE,
+)
 
 if TYPE_CHECKING:
     from ask.data import DataBundle
@@ -44,7 +53,7 @@ def auto_checkpoint(run: RunConfig, data: DataBundle) -> Path:
     if not run.dataset.auto_train:
         raise ConfigError(
             f"no model.checkpoint given for dataset '{run.dataset.name}'; train one with "
-            f"`ask-train dataset={run.dataset.name} ...` and pass model.checkpoint=PATH/best.pt"
+            f"`ask-train dataset={run.dataset.name} ...` and pass model.checkpoint=PATH/{BEST_CHECKPOINT}"
         )
     recipe = {
         "dataset": OmegaConf.to_container(OmegaConf.structured(run.dataset)),
@@ -57,17 +66,17 @@ def auto_checkpoint(run: RunConfig, data: DataBundle) -> Path:
     }
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     directory = Path(run.cache_dir).expanduser() / "models" / f"{run.dataset.name}-{run.model.name}-{key}"
-    best = directory / "best.pt"
+    best = directory / BEST_CHECKPOINT
     # Parallel sweep jobs wanting the same model: the first trains it, the others wait and reuse it.
-    with run_lock(directory, wait=True, name=".auto_train.lock"):
-        if best.exists() and (directory / "train_summary.json").exists():
+    with run_lock(directory, wait=True, name=AUTO_TRAIN_LOCK_FILE):
+        if best.exists() and (directory / TRAIN_SUMMARY_FILE).exists():
             try:
                 load_checkpoint(best)
             except CheckpointError as error:
                 # A cache entry is rebuilt, not repaired by the user: model.checkpoint is not theirs to fix.
                 log.warning("the cached %s model %s is damaged; training it again", run.dataset.name, best)
                 log.debug("why the cached model was refused: %s", error)
-                for name in ("best.pt", "last.pt", "train_summary.json", "metrics.jsonl"):
+                for name in RUN_FILES["train"].names:
                     (directory / name).unlink(missing_ok=True)
             else:
                 log.info("using the cached %s model %s", run.dataset.name, best)
@@ -94,7 +103,6 @@ def _with_default_model(run: RunConfig) -> tuple[RunConfig, DataBundle | None]:
 
 def print_results(run: RunConfig, metrics: dict[str, Any], output_dir: Path) -> None:
     """The console table of ``metrics.json``, with its worst-case note and warnings."""
-    from ask.evaluation.job import PER_POINT_FILE
     from ask.reporting import format_results_table
 
     assert run.attack is not None
@@ -107,7 +115,7 @@ def print_results(run: RunConfig, metrics: dict[str, Any], output_dir: Path) -> 
           f"if right on x and every attack failed on it; per point: {PER_POINT_FILE})")
     for warning in metrics["warnings"]:
         print(f"warning: {warning}")
-    print(f"\nwrote {output_dir / 'metrics.json'}")
+    print(f"\nwrote {output_dir / METRICS_FILE}")
 
 
 def attack_task(run: RunConfig, output_dir: Path) -> float:
@@ -127,20 +135,21 @@ def attack_task(run: RunConfig, output_dir: Path) -> float:
             return float("nan")
         log.warning("ask-attack under torchrun: rank 0 evaluates alone and the other %d process(es) exit; "
                     "ask-attack needs no torchrun", group.world_size - 1)
-    done = output_dir / "metrics.json"
+    done = output_dir / METRICS_FILE
     if done.is_file():  # the directory was claimed for these settings, so these are its results
         log.info("%s already holds the results of these settings; nothing to do (overwrite=true computes them "
                  "again)", output_dir)
         return _lowest_robust_accuracy(json.loads(done.read_text()))
 
     def stopped(signal_name: str) -> str:
-        return (f"stopped by {signal_name}; the completed batches (eval_state.pt) in {output_dir} are kept; "
+        return (f"stopped by {signal_name}; the completed batches ({EVAL_STATE_FILE}) in {output_dir} are kept; "
                 "run the same command to resume")
 
     # Two evaluations in one directory would overwrite each other's state.
     with run_lock(output_dir), stop_on_sigterm(stopped):
         # The same command after a crash picks up the crashed evaluation's per-batch state.
-        continue_unfinished_run(output_dir, "eval_state.pt", "metrics.json", ("eval_state.pt",))
+        files = RUN_FILES["attack"]
+        continue_unfinished_run(output_dir, files.resumed_from, files.done, files.progress)
         run, data = _with_default_model(run)
         metrics = run_attack_job(run, output_dir, data=data)
         print_results(run, metrics, output_dir)

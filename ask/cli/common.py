@@ -38,6 +38,16 @@ from ask.config import RunConfig, config_dir, register_configs, resolve
 from ask.errors import AskError, ConfigError, RunDirectoryError, os_error_message
 from ask.training.preemption import RunStopped
 from ask.utils.io import atomic_write_text
+from ask.utils.runfiles import (
+    CONFIG_FILE,
+    EVAL_STATE_FILE,
+    FAILURE_FILE,
+    HYDRA_FILE,
+    HYDRA_RECORDS_DIR,
+    LAST_CHECKPOINT,
+    OVERRIDES_FILE,
+    RUN_FILES,
+)
 
 log = logging.getLogger("ask")
 
@@ -100,7 +110,7 @@ def _own_run_directory(output_dir: Path, cfg: DictConfig, run: RunConfig, group:
 
     Rank 0 of a ``torchrun`` group decides and tells the others, which neither lock nor write.
     """
-    from ask.utils.rundir import RUN_FILES, claim_run_directory, run_lock
+    from ask.utils.rundir import claim_run_directory, run_lock
 
     if not group.is_main:
         refusal = group.broadcast(None)
@@ -128,20 +138,21 @@ def _own_run_directory(output_dir: Path, cfg: DictConfig, run: RunConfig, group:
 
 def _write_records(output_dir: Path, cfg: DictConfig) -> None:
     """``config.yaml`` resolved, and what Hydra would have written into ``.hydra/`` before the task."""
-    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    records = output_dir / ".hydra"
-    atomic_write_text(records / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(output_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    records = output_dir / HYDRA_RECORDS_DIR
+    atomic_write_text(records / CONFIG_FILE, OmegaConf.to_yaml(cfg))
     try:
         hydra_config = HydraConfig.instance().cfg
     except ValueError:  # not under hydra.main (a test calling run_task): nothing more to record
         return
     if hydra_config is not None:
-        atomic_write_text(records / "hydra.yaml", OmegaConf.to_yaml(hydra_config))
-        atomic_write_text(records / "overrides.yaml", OmegaConf.to_yaml(hydra_config.hydra.overrides.task))
+        atomic_write_text(records / HYDRA_FILE, OmegaConf.to_yaml(hydra_config))
+        atomic_write_text(records / OVERRIDES_FILE, OmegaConf.to_yaml(hydra_config.hydra.overrides.task))
 
 
 # What an interrupted run leaves for the same command to continue from.
-_PROGRESS = {"ask-train": "completed epochs (last.pt)", "ask-attack": "completed batches (eval_state.pt)"}
+_PROGRESS = {"ask-train": f"completed epochs ({LAST_CHECKPOINT})",
+             "ask-attack": f"completed batches ({EVAL_STATE_FILE})"}
 
 
 def user_problem(error: BaseException) -> str | None:
@@ -162,7 +173,7 @@ def _record_failure(output_dir: Path, error: BaseException, trace: str | None = 
     record = {"error": str(error), "type": type(error).__name__}
     if trace:
         record["traceback"] = trace
-    (output_dir / "failure.json").write_text(json.dumps(record) + "\n")
+    (output_dir / FAILURE_FILE).write_text(json.dumps(record) + "\n")
 
 
 def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, program: str) -> None:
@@ -185,7 +196,7 @@ def hydra_entry(task: Callable[[RunConfig, Path], Any], config_name: str, progra
         FAILED_JOBS.clear()  # what an earlier sweep in this process left
         hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(_main)()
         if FAILED_JOBS:  # a sweep: the others finished, but a scheduler must see that it is not all done
-            where = ", ".join(str(path / "failure.json") for path in FAILED_JOBS[:3])
+            where = ", ".join(str(path / FAILURE_FILE) for path in FAILED_JOBS[:3])
             more = f" and {len(FAILED_JOBS) - 3} more" if len(FAILED_JOBS) > 3 else ""
             print(f"{program}: error: {len(FAILED_JOBS)} sweep job(s) failed: see {where}{more}; fix them and "
                   "rerun those jobs", file=sys.stderr)

@@ -9,6 +9,7 @@ from typing import Any
 
 from ask.cli.common import hydra_entry
 from ask.config import RunConfig
+from ask.utils.runfiles import RUN_FILES
 
 log = logging.getLogger(__name__)
 
@@ -19,15 +20,15 @@ def train_task(run: RunConfig, output_dir: Path) -> float:
     from ask.utils.rundir import continue_unfinished_run
 
     group = distributed.current()
-    done = output_dir / "train_summary.json"
+    files = RUN_FILES["train"]
+    done = output_dir / files.done
     # The directory was claimed for these settings, so a summary there is this run's: nothing to do.
     if group.broadcast(done.is_file()):
         log.info("%s already holds the finished run of these settings; nothing to do (overwrite=true trains "
                  "it again)", output_dir)
         return float("nan") if not group.is_main else float(json.loads(done.read_text())["test_acc"])
     if group.is_main and not run.train.resume:
-        continue_unfinished_run(output_dir, "last.pt", "train_summary.json",
-                                ("last.pt", "best.pt", "metrics.jsonl"))
+        continue_unfinished_run(output_dir, files.resumed_from, files.done, files.progress)
     group.barrier()
     summary: dict[str, Any] = train(run, output_dir)
     if not group.is_main:

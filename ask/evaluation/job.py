@@ -15,13 +15,11 @@ from ask.evaluation.evaluate import evaluate, evaluation_key
 from ask.models.checkpoint import load_checkpoint
 from ask.utils import precision
 from ask.utils.io import atomic_write_text, require_file_slot
+from ask.utils.runfiles import BEST_CHECKPOINT, EVAL_STATE_FILE, METRICS_FILE, PER_POINT_FILE
 from ask.utils.runtime import configure_backends, seed_everything, select_device
 from ask.wiring import build_model_for, build_store, load_model
 
 log = logging.getLogger(__name__)
-
-#: Per point and victim, right (1) or wrong (0) on x and on each attack's x' (PointOutcomes.to_csv).
-PER_POINT_FILE = "per_point.csv"
 
 
 def file_digest(path: str | Path) -> str:
@@ -51,7 +49,7 @@ def run_attack_job(run: RunConfig, output_dir: str | Path, data: DataBundle | No
     """
     assert run.attack is not None and run.eval is not None
     output_dir = Path(output_dir)
-    require_file_slot(output_dir / "metrics.json", output_dir / PER_POINT_FILE, output_dir / "eval_state.pt")
+    require_file_slot(output_dir / METRICS_FILE, output_dir / PER_POINT_FILE, output_dir / EVAL_STATE_FILE)
     device = select_device(run.device)
     seed_everything(run.seed, run.deterministic)
     fp32_mode = configure_backends(device, run.deterministic, run.tf32)
@@ -67,8 +65,8 @@ def run_attack_job(run: RunConfig, output_dir: str | Path, data: DataBundle | No
         checkpoint = Path(run.model.checkpoint).expanduser()
         model = load_model(checkpoint, run, data, device, given)
     else:
-        raise ConfigError("no model.checkpoint and no model.weights given; point model.checkpoint at a best.pt "
-                          "written by ask-train (ask-attack trains the default model itself)")
+        raise ConfigError("no model.checkpoint and no model.weights given; point model.checkpoint at a "
+                          f"{BEST_CHECKPOINT} written by ask-train (ask-attack trains the default model itself)")
 
     dknn_layers = list(run.knn.dknn_layers) if {"dknn", "dknn_vote"} & set(run.eval.victims) else []
     layers = list(dict.fromkeys(
@@ -84,7 +82,7 @@ def run_attack_job(run: RunConfig, output_dir: str | Path, data: DataBundle | No
         log.warning("eval.n_points=%d but the test split has %d points; evaluating all %d",
                     run.eval.n_points, len(points), len(points))
     # Per-batch progress: the same command in the same output directory resumes an interrupted run.
-    state_path = output_dir / "eval_state.pt"
+    state_path = output_dir / EVAL_STATE_FILE
     state_key = evaluation_key(run, checkpoint_digest, points, device)
     rows, warnings, outcomes = evaluate(run, model, points, store, device, calibration=data.calib,
                                         state_path=state_path, state_key=state_key)
@@ -117,7 +115,7 @@ def run_attack_job(run: RunConfig, output_dir: str | Path, data: DataBundle | No
         "results": rows,
         "warnings": warnings,
     }
-    atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(output_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     # Only once the results are safely on disk: a crash before this line still resumes.
     state_path.unlink(missing_ok=True)
     return metrics

@@ -17,6 +17,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ask.utils.runfiles import FAILURE_FILE
+
 log = logging.getLogger(__name__)
 
 #: The job directories of the sweep that just ended that hold a ``failure.json``.
@@ -45,7 +47,7 @@ class ReportCallback(Callback):
         # Whatever the launcher, a failed job left failure.json; the console script exits non-zero on them.
         started = getattr(self, "_started", 0.0) - 1.0  # a reused sweep.dir holds older failures
         try:
-            FAILED_JOBS[:] = sorted(path.parent for path in sweep_dir.glob("**/failure.json")
+            FAILED_JOBS[:] = sorted(path.parent for path in sweep_dir.glob(f"**/{FAILURE_FILE}")
                                     if path.stat().st_mtime >= started)
         except OSError as error:
             log.warning("cannot look for failed jobs under %s: %s", sweep_dir, error)

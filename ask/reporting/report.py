@@ -19,6 +19,7 @@ from ask.reporting.aggregate import aggregate
 from ask.reporting.render import render_csv, render_markdown
 from ask.reporting.runs import Collection, ReportError, find_runs
 from ask.utils.io import atomic_write_bytes, atomic_write_text, require_file_slot
+from ask.utils.runfiles import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def write_report(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     collection = find_runs(paths)
     if collection.empty:
         where = ", ".join(str(p) for p in paths)
-        raise ReportError(f"no runs found under {where}: expected metrics.json files written by ask-attack")
+        raise ReportError(f"no runs found under {where}: expected {METRICS_FILE} files written by ask-attack")
     out_dir = Path(out).expanduser() if out is not None else default_out_dir(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     require_file_slot(*(out_dir / name for name in ("report.md", "report.csv", "robust_vs_eps.png", "asr_bars.png")))

@@ -23,10 +23,14 @@ import yaml
 
 from ask.config.schema import REPORT_ROWS, ignored_settings
 from ask.errors import AskError
-
-METRICS_FILE = "metrics.json"
-FAILURE_FILE = "failure.json"
-CONFIG_FILE = "config.yaml"
+from ask.utils.runfiles import (
+    CONFIG_FILE,
+    EPOCH_METRICS_FILE,
+    FAILURE_FILE,
+    HYDRA_RECORDS_DIR,
+    METRICS_FILE,
+    TRAIN_SUMMARY_FILE,
+)
 
 # Config entries that never change a number in metrics.json (bookkeeping, paths, batch sizes) or
 # that are part of the row key already; they never split rows. The schema marks them (REPORT_ROWS).
@@ -117,7 +121,7 @@ def compact_value(value: Any) -> str:
 
 def _job_config(directory: Path) -> dict[str, Any] | None:
     """The resolved ``config.yaml``, else Hydra's own (unresolved) copy."""
-    for path in (directory / CONFIG_FILE, directory / ".hydra" / "config.yaml"):
+    for path in (directory / CONFIG_FILE, directory / HYDRA_RECORDS_DIR / CONFIG_FILE):
         if path.is_file():
             return _read_yaml(path)
     return None
@@ -127,7 +131,7 @@ def _training_summary(checkpoint: Any) -> dict[str, Any]:
     """The ``train_summary.json`` that ``ask-train`` wrote beside the checkpoint, if it is there to read."""
     if not checkpoint:
         return {}
-    summary = Path(str(checkpoint)).expanduser().parent / "train_summary.json"
+    summary = Path(str(checkpoint)).expanduser().parent / TRAIN_SUMMARY_FILE
     try:
         data = json.loads(summary.read_text())
     except (OSError, ValueError):
@@ -153,10 +157,10 @@ def _load_run(directory: Path, collection: Collection) -> None:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        collection.problems.append(Problem(path, f"unreadable metrics.json ({reason})"))
+        collection.problems.append(Problem(path, f"unreadable {METRICS_FILE} ({reason})"))
         return
     if not isinstance(metrics, dict) or not isinstance(metrics.get("results"), list):
-        collection.problems.append(Problem(path, "metrics.json has no 'results' list"))
+        collection.problems.append(Problem(path, f"{METRICS_FILE} has no 'results' list"))
         return
     good, listed = [], set()
     for index, row in enumerate(metrics["results"]):
@@ -172,13 +176,13 @@ def _load_run(directory: Path, collection: Collection) -> None:
             listed.add((str(row["attack"]), str(row["victim"])))
             good.append(row)
     if not good:
-        collection.problems.append(Problem(path, "metrics.json has no usable results"))
+        collection.problems.append(Problem(path, f"{METRICS_FILE} has no usable results"))
         return
     metrics = {**metrics, "results": good}
 
     config = _job_config(directory)
     if config is None:
-        collection.notes.append(f"{directory}: no readable config.yaml; settings taken from metrics.json")
+        collection.notes.append(f"{directory}: no readable {CONFIG_FILE}; settings taken from {METRICS_FILE}")
     defense_node = (config or {}).get("defense")
     configured = defense_node.get("name") if isinstance(defense_node, dict) else None
     summary = _training_summary(metrics.get("checkpoint"))
@@ -203,12 +207,12 @@ def _load_failure(directory: Path, collection: Collection) -> None:
         data = json.loads((directory / FAILURE_FILE).read_text())
         error, kind = str(data.get("error", "")), str(data.get("type", ""))
     except (OSError, ValueError, AttributeError):
-        error, kind = "failure.json is unreadable", ""
+        error, kind = f"{FAILURE_FILE} is unreadable", ""
     collection.failures.append(Failure(directory, error or "(no message)", kind or "error"))
 
 
 def _is_train_job(directory: Path) -> bool:
-    if (directory / "train_summary.json").exists() or (directory / "metrics.jsonl").exists():
+    if (directory / TRAIN_SUMMARY_FILE).exists() or (directory / EPOCH_METRICS_FILE).exists():
         return True
     config = _job_config(directory)
     return bool(config) and config.get("task") == "train"
@@ -224,9 +228,9 @@ def _classify(directory: Path, names: set[str], collection: Collection) -> None:
         _load_failure(directory, collection)
     elif has_metrics:
         _load_run(directory, collection)
-    elif (CONFIG_FILE in names or (directory / ".hydra").is_dir()) and not _is_train_job(directory):
+    elif (CONFIG_FILE in names or (directory / HYDRA_RECORDS_DIR).is_dir()) and not _is_train_job(directory):
         collection.problems.append(
-            Problem(directory, "no metrics.json (the job crashed, was killed, or is still running)"))
+            Problem(directory, f"no {METRICS_FILE} (the job crashed, was killed, or is still running)"))
 
 
 def find_runs(paths: Iterable[str | os.PathLike[str]]) -> Collection:
@@ -242,7 +246,7 @@ def find_runs(paths: Iterable[str | os.PathLike[str]]) -> Collection:
             raise ReportError(f"'{given}' does not exist; pass ask-attack run or sweep directories")
         if root.is_file():
             if root.name not in (METRICS_FILE, FAILURE_FILE):
-                raise ReportError(f"'{given}' is a file; pass a run or sweep directory (or a metrics.json)")
+                raise ReportError(f"'{given}' is a file; pass a run or sweep directory (or a {METRICS_FILE})")
             root = root.parent
         for current, dirs, files in os.walk(root):
             # Hydra's .hydra/ and other hidden folders hold no results of their own.

@@ -15,32 +15,33 @@ from ask.data import DataBundle
 from ask.defenses import Defense
 from ask.models import FeatureModel
 from ask.training.distributed import Distributed
+from ask.utils.runfiles import BEST_CHECKPOINT, EPOCH_METRICS_FILE, LAST_CHECKPOINT, TRAIN_SUMMARY_FILE
 
 
 @dataclass(frozen=True)
 class RunFiles:
-    """The files a training run writes in its directory."""
+    """The files a training run writes in its directory (named in :mod:`ask.utils.runfiles`)."""
 
     directory: Path
 
     @property
     def last(self) -> Path:
         """The latest checkpoint, rewritten atomically after every epoch (and on a stop mid-epoch)."""
-        return self.directory / "last.pt"
+        return self.directory / LAST_CHECKPOINT
 
     @property
     def best(self) -> Path:
         """A byte-for-byte copy of ``last.pt`` of the epoch that is best by ``train.select_metric``."""
-        return self.directory / "best.pt"
+        return self.directory / BEST_CHECKPOINT
 
     @property
     def metrics(self) -> Path:
         """One JSON line of metrics per completed epoch."""
-        return self.directory / "metrics.jsonl"
+        return self.directory / EPOCH_METRICS_FILE
 
     @property
     def summary(self) -> Path:
-        return self.directory / "train_summary.json"
+        return self.directory / TRAIN_SUMMARY_FILE
 
 
 @dataclass

@@ -10,7 +10,9 @@ finished (``eval_state.pt`` and ``metrics.json`` for ``ask-attack``). Hydra
 names default run directories by the clock, so the same command started again after a crash
 lands in a new directory: :func:`find_unfinished_run` looks among the sibling runs for an
 unfinished one with the same resolved config, and :func:`adopt_run` copies its checkpoints and
-metrics in, so the new directory continues it and holds the whole history.
+metrics in, so the new directory continues it and holds the whole history. The files' names,
+and which of them each command leaves (:data:`~ask.utils.runfiles.RUN_FILES`), are in
+:mod:`ask.utils.runfiles`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,31 +31,16 @@ from omegaconf import OmegaConf
 from ask.config.schema import SAME_RUN, ignored_settings
 from ask.errors import RunDirectoryError
 from ask.utils.io import require_file_slot, with_filename
+from ask.utils.runfiles import ADOPTED_MARKER, CONFIG_FILE, FAILURE_FILE, LOCK_FILE, RUN_FILES, RunFiles
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".lock"
-ADOPTED_MARKER = "continued_in.txt"
-CONFIG_FILE = "config.yaml"
-FAILURE_FILE = "failure.json"
 # Settings that change how or where a run is shown, cached or computed, not its numbers: a run may
 # be resumed, or found finished, with other values of these (a run saved on a GPU resumes on the CPU).
 # The schema marks them (SAME_RUN in ask.config.schema).
 IGNORED_KEYS = ignored_settings(SAME_RUN)
 
-
-@dataclass(frozen=True)
-class RunFiles:
-    """What a command leaves in its run directory: the file that says it finished, and its progress."""
-
-    done: str
-    progress: tuple[str, ...]
-
-
-RUN_FILES = {
-    "attack": RunFiles("metrics.json", ("eval_state.pt",)),
-    "train": RunFiles("train_summary.json", ("last.pt", "best.pt", "metrics.jsonl")),
-}
+_TRAIN_FILES = RUN_FILES["train"]  # the defaults of finding and adopting an unfinished run
 
 # Locks this process holds with reentrant=True: the console script holds its directory's lock
 # around the whole task, and the trainer or the evaluation inside it take the same lock again.
@@ -157,8 +143,8 @@ def claim_run_directory(directory: Path, config: dict[str, Any], files: RunFiles
     Returns whether the directory holds this run finished already (then there is nothing to write).
     """
     # A folder where a run file belongs is neither results nor progress: say so, not "no config.yaml".
-    require_file_slot(*(directory / name for name in (files.done, *files.progress)))
-    present = [name for name in (files.done, *files.progress) if (directory / name).exists()]
+    require_file_slot(*(directory / name for name in files.names))
+    present = [name for name in files.names if (directory / name).exists()]
     if not present:
         return False
     if overwrite:
@@ -186,8 +172,8 @@ def _read_config(path: Path) -> dict[str, Any] | None:
     return saved if isinstance(saved, dict) else None
 
 
-def find_unfinished_run(output_dir: Path, config: dict[str, Any], progress_file: str = "last.pt",
-                        done_file: str = "train_summary.json") -> Path | None:
+def find_unfinished_run(output_dir: Path, config: dict[str, Any], progress_file: str = _TRAIN_FILES.resumed_from,
+                        done_file: str = _TRAIN_FILES.done) -> Path | None:
     """The most recent sibling run (``<root>/<date>/<time>``) with this config, a ``progress_file``,
     no ``done_file``, not running and not already continued elsewhere."""
     wanted = comparable_config(config)
@@ -196,7 +182,7 @@ def find_unfinished_run(output_dir: Path, config: dict[str, Any], progress_file:
     for progress in root.glob(f"*/*/{progress_file}"):
         directory = progress.parent
         if (directory == output_dir.resolve() or (directory / done_file).exists()
-                or (directory / ADOPTED_MARKER).exists() or not (directory / "config.yaml").exists()):
+                or (directory / ADOPTED_MARKER).exists() or not (directory / CONFIG_FILE).exists()):
             continue
         saved = _read_config(directory / CONFIG_FILE)
         if saved is None:  # an unreadable config cannot be matched; it is someone else's run
@@ -207,7 +193,7 @@ def find_unfinished_run(output_dir: Path, config: dict[str, Any], progress_file:
     return max(candidates)[1] if candidates else None
 
 
-def adopt_run(source: Path, target: Path, files: tuple[str, ...] = ("last.pt", "best.pt", "metrics.jsonl")) -> None:
+def adopt_run(source: Path, target: Path, files: tuple[str, ...] = _TRAIN_FILES.progress) -> None:
     """Copy an unfinished run's progress files into ``target`` and mark ``source`` as continued."""
     for name in files:
         if (source / name).exists():
@@ -223,9 +209,9 @@ def continue_unfinished_run(output_dir: Path, progress_file: str, done_file: str
     Returns the directory continued from. A directory that already has ``progress_file`` resumes
     by itself and is left alone.
     """
-    if (output_dir / progress_file).exists() or not (output_dir / "config.yaml").exists():
+    if (output_dir / progress_file).exists() or not (output_dir / CONFIG_FILE).exists():
         return None
-    config = OmegaConf.to_container(OmegaConf.load(output_dir / "config.yaml"), resolve=True)
+    config = OmegaConf.to_container(OmegaConf.load(output_dir / CONFIG_FILE), resolve=True)
     source = find_unfinished_run(output_dir, config, progress_file, done_file)  # type: ignore[arg-type]
     if source is not None:
         log.info("continuing the unfinished run %s (same config) in %s", source, output_dir)
