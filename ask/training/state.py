@@ -19,7 +19,7 @@ from ask.utils.runfiles import BEST_CHECKPOINT, EPOCH_METRICS_FILE, LAST_CHECKPO
 
 
 @dataclass(frozen=True)
-class RunFiles:
+class TrainingPaths:
     """The files a training run writes in its directory (named in :mod:`ask.utils.runfiles`)."""
 
     directory: Path
@@ -76,7 +76,7 @@ class TrainingState:
     batch_size: int  # images per step over all ranks
     steps_per_epoch: int
     spec: dict[str, Any]  # how the network was built, as the checkpoint records it
-    files: RunFiles
+    files: TrainingPaths
     progress: Progress = field(default_factory=Progress)
 
 

@@ -35,7 +35,7 @@ from ask.models.checkpoint import load_checkpoint, model_spec
 from ask.training import distributed
 from ask.training.loop import check_ranks_agree, run_epochs
 from ask.training.resume import resume
-from ask.training.state import RunFiles, TrainingState, plain_config
+from ask.training.state import TrainingPaths, TrainingState, plain_config
 from ask.training.validation import accuracy, check_selection, has_val
 from ask.utils import precision
 from ask.utils.io import atomic_write_text
@@ -56,7 +56,7 @@ def train(run: RunConfig, output_dir: str | Path, data: DataBundle | None = None
     if group.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(output_dir) if group.is_main else contextlib.nullcontext():
-        state = build_state(run, RunFiles(output_dir), data, group)
+        state = build_state(run, TrainingPaths(output_dir), data, group)
         resume(state)
         check_selection(run, state.data)
         run_epochs(state)
@@ -66,7 +66,7 @@ def train(run: RunConfig, output_dir: str | Path, data: DataBundle | None = None
         return summarise(state)
 
 
-def build_state(run: RunConfig, files: RunFiles, data: DataBundle | None,
+def build_state(run: RunConfig, files: TrainingPaths, data: DataBundle | None,
                 group: distributed.Distributed) -> TrainingState:
     """Seed, load the data (``data`` if given) and build the network, defence, optimiser, schedule
     and random streams of a fresh run, in this order (the network's initial weights draw from the
