@@ -64,6 +64,9 @@ The table goes to stdout; ``bench.json`` (in ``--out``) holds the environment (d
 faiss versions, CPU count, threads, load average), the settings and every raw timing.
 ``--profile`` also writes a torch.profiler table of one call of each attack (ASK-Atk, its
 instance-wise variant, PGD-CE) and a cProfile of the faiss search next to it.
+
+One file of about 800 lines on purpose: each measurement runs in a worker that is this script
+again (``--worker NAME``), and a reader finds every method beside its target in one place.
 """
 
 from __future__ import annotations

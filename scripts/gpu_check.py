@@ -20,6 +20,9 @@ marker and its tests, the CIFAR-10 folder, the time budget; it lists the steps a
 
 The CIFAR-10 ImageFolder tree is ``../shared/data/cifar10-jpeg`` from the repository root, or
 ``--cifar-root`` / ``$ASK_GPU_CHECK_CIFAR``.
+
+One file of over 500 lines on purpose: the GPU machine gets one script to copy and run, and
+``--dry-run`` must work before ``ask`` itself can be imported.
 """
 
 from __future__ import annotations
