@@ -444,17 +444,46 @@ def run_step(step: Step, ctx: Context) -> dict[str, Any]:
 
 
 def _stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the step's process group (ask-train saves its step on it), SIGKILL after 10 s."""
+    """SIGTERM to the step's process group (ask-train saves its step on it), SIGKILL after 10 s.
+
+    Returns when no process of the group is left, not when its leader is: a torchrun worker or a
+    data-loading child that outlives the leader would hold the GPU while the next step starts.
+    """
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             return
+        deadline = time.monotonic() + wait
         try:
             process.wait(timeout=wait)
-            return
         except subprocess.TimeoutExpired:
             continue
+        while _group_alive(process.pid):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        else:
+            return
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of ``group`` still runs (a zombie waiting to be reaped does not count)."""
+    stats = list(Path("/proc").glob("[0-9]*/stat"))
+    if not stats:  # no /proc: the signal test, which counts zombies too
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in stats:
+        try:
+            state, _parent, process_group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while it was being read
+        if int(process_group) == group and state != "Z":
+            return True
+    return False
 
 
 def _write(out: Path, report: dict[str, Any]) -> None:

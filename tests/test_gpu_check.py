@@ -94,12 +94,16 @@ def test_the_runner_stops_at_the_first_failure_and_keeps_what_ran(tmp_path: Path
     out = tmp_path / "out" / "gpu_check.json"
     # The second step reads the JSON the runner wrote after the first: evidence is on disk at once.
     peek = f"import json; print(json.load(open({str(out)!r}))['steps'][0]['status'])"
-    # The slow step's child sleeps in the same process group: the limit must stop it too.
+    # The slow step's child runs in the same process group and, like a torchrun worker saving its
+    # state, takes a second to end after SIGTERM: the runner must wait for it too, not only for the
+    # step's own process (once in about 20 runs under load it did not, and the child outlived it).
     pid_file = tmp_path / "child.pid"
-    slow = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
-            f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)")
+    child = tmp_path / "child.sh"
+    child.write_text(f"trap 'sleep 1; exit 0' TERM\necho $$ > '{pid_file}'\nwhile :; do sleep 0.1; done\n")
+    slow = gpu_check.Step("slow", 3, "fake slow", lambda ctx: ["sh", "-c", f"sh '{child}' & sleep 60"],
+                          lambda ctx, log: {})
     steps = [_fake_step(gpu_check, "first", "print('one')"), _fake_step(gpu_check, "peek", peek),
-             _fake_step(gpu_check, "slow", slow, timeout=3), _fake_step(gpu_check, "late", "print('late')")]
+             slow, _fake_step(gpu_check, "late", "print('late')")]
     monkeypatch.setattr(gpu_check, "STEPS", steps)
     ctx = gpu_check.Context(python=sys.executable, cifar=tmp_path, work=tmp_path / "work", logs=out.parent / "logs")
     ctx.work.mkdir()
