@@ -162,6 +162,7 @@ def test_a_stop_signal_only_sets_a_flag_then_reaches_the_previous_handler() -> N
 
 def test_a_fresh_directory_takes_over_only_an_unfinished_run_of_the_same_config(tmp_path: Path) -> None:
     from ask.utils.rundir import continue_unfinished_run
+    from ask.utils.runfiles import RunFiles
 
     def run_dir(stamp: str, config: str, files: dict[str, str]) -> Path:
         directory = tmp_path / "outputs" / "attack" / "2026-11-24" / stamp
@@ -177,15 +178,15 @@ def test_a_fresh_directory_takes_over_only_an_unfinished_run_of_the_same_config(
     crashed = run_dir("10-00-02", same, {"eval_state.pt": "crashed"})
     fresh = run_dir("10-00-03", "seed: 0\nprogress: false\n", {})  # progress does not change results
 
-    files = ("eval_state.pt",)
-    assert continue_unfinished_run(fresh, "eval_state.pt", "metrics.json", files) == crashed
+    files = RunFiles("metrics.json", ("eval_state.pt",))
+    assert continue_unfinished_run(fresh, files) == crashed
     assert (fresh / "eval_state.pt").read_text() == "crashed"
     assert (crashed / ADOPTED_MARKER).read_text().strip() == str(fresh.resolve())
     # A directory with progress of its own resumes by itself; a crashed run is taken over once, so a
     # later restart continues the newest copy, never the old one again.
-    assert continue_unfinished_run(fresh, "eval_state.pt", "metrics.json", files) is None
+    assert continue_unfinished_run(fresh, files) is None
     later = run_dir("10-00-04", same, {})
-    assert continue_unfinished_run(later, "eval_state.pt", "metrics.json", files) == fresh
+    assert continue_unfinished_run(later, files) == fresh
 
 
 @pytest.mark.gpu

@@ -148,8 +148,7 @@ def attack_task(run: RunConfig, output_dir: Path) -> float:
     # Two evaluations in one directory would overwrite each other's state.
     with run_lock(output_dir), stop_on_sigterm(stopped):
         # The same command after a crash picks up the crashed evaluation's per-batch state.
-        files = RUN_FILES["attack"]
-        continue_unfinished_run(output_dir, files.resumed_from, files.done, files.progress)
+        continue_unfinished_run(output_dir, RUN_FILES["attack"])
         run, data = _with_default_model(run)
         metrics = run_attack_job(run, output_dir, data=data)
         print_results(run, metrics, output_dir)

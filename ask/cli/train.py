@@ -28,7 +28,7 @@ def train_task(run: RunConfig, output_dir: Path) -> float:
                  "it again)", output_dir)
         return float("nan") if not group.is_main else float(json.loads(done.read_text())["test_acc"])
     if group.is_main and not run.train.resume:
-        continue_unfinished_run(output_dir, files.resumed_from, files.done, files.progress)
+        continue_unfinished_run(output_dir, files)
     group.barrier()
     summary: dict[str, Any] = train(run, output_dir)
     if not group.is_main:

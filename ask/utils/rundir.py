@@ -203,17 +203,17 @@ def adopt_run(source: Path, target: Path, files: tuple[str, ...] = _TRAIN_FILES.
     (source / ADOPTED_MARKER).write_text(f"{target.resolve()}\n")
 
 
-def continue_unfinished_run(output_dir: Path, progress_file: str, done_file: str, files: tuple[str, ...]) -> Path | None:
+def continue_unfinished_run(output_dir: Path, files: RunFiles) -> Path | None:
     """In a fresh directory, take over the unfinished run of the same command, if there is one.
 
-    Returns the directory continued from. A directory that already has ``progress_file`` resumes
-    by itself and is left alone.
+    Returns the directory continued from. A directory that already has ``files.resumed_from``
+    resumes by itself and is left alone.
     """
-    if (output_dir / progress_file).exists() or not (output_dir / CONFIG_FILE).exists():
+    if (output_dir / files.resumed_from).exists() or not (output_dir / CONFIG_FILE).exists():
         return None
     config = OmegaConf.to_container(OmegaConf.load(output_dir / CONFIG_FILE), resolve=True)
-    source = find_unfinished_run(output_dir, config, progress_file, done_file)  # type: ignore[arg-type]
+    source = find_unfinished_run(output_dir, config, files.resumed_from, files.done)  # type: ignore[arg-type]
     if source is not None:
         log.info("continuing the unfinished run %s (same config) in %s", source, output_dir)
-        adopt_run(source, output_dir, files)
+        adopt_run(source, output_dir, files.progress)
     return source
