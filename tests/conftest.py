@@ -17,6 +17,12 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 # suite's bit-identical and two-rank tests on the GPU, where they cannot hold. The gpu-marked
 # tests ask for device=cuda explicitly.
 os.environ["ASK_DEVICE"] = "cpu"
+# A background job of a script (`bash .ci/run &`, nohup, no job control) starts with SIGINT
+# ignored, and an ignored signal stays ignored across exec: every command the suite starts would
+# then shrug off the Ctrl-C that the interruption tests send (a loaded CI failed that way). A
+# Python handler is reset to the default at exec, so the commands start as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests import prewarmed
-from tests.conftest import BIN
+from tests.conftest import BIN, REPO
 
 COMMANDS = [
     ("ask-report", ["--help"]),
@@ -78,3 +79,14 @@ def test_a_shell_script_reaches_the_zygote_through_its_bin(tmp_path: Path, scrip
     assert done.stdout == "status 2\n"
     assert done.stderr == "ask-attack: error: attack.eps=-1.0 must be >= 0\n"
     assert (tmp_path / "outputs").is_dir()  # Hydra's run directory, relative to the script's folder
+
+
+def test_a_suite_started_with_ctrl_c_ignored_still_starts_commands_that_take_it() -> None:
+    # `bash .ci/run &` in a script leaves SIGINT ignored, and exec keeps it so: ask-attack then ran
+    # through the Ctrl-C that test_eval_resume sends it and exited 0. conftest puts the handler back.
+    probe = ("import subprocess, sys; import tests.conftest; "
+             "child = 'import signal; print(signal.getsignal(signal.SIGINT))'; "
+             "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True).stdout)")
+    done = subprocess.run(["bash", "-c", 'trap "" INT; exec "$0" -c "$1"', sys.executable, probe],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "default_int_handler" in done.stdout, done.stdout + done.stderr
