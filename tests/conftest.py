@@ -9,6 +9,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests import machine_load
+
 # Before anything below imports torch: cuBLAS reads it at the first GEMM, and tests on a GPU may
 # switch deterministic=true on in this process long after that (see ask/cli/__init__.py).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -31,6 +33,10 @@ from hydra.core.global_hydra import GlobalHydra
 from ask.config import RunConfig, config_dir, register_configs, resolve
 from tests import prewarmed
 
+# On a loaded machine, fewer torch threads per process (tests/machine_load.py). None of the imports
+# above loads torch, which reads the setting once (test_machine_load checks that it took).
+SUITE_THREADS, IDLE_CORES_AT_START = machine_load.choose_suite_threads()
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG = REPO.parent / "shared" / "data" / "cifar10-jpeg"
 BIN = Path(sys.executable).parent
@@ -43,6 +49,13 @@ def compose_run(config_name: str, overrides: list[str], cache_dir: Path) -> RunC
     with initialize_config_dir(config_dir(), version_base="1.3"):
         cfg = compose(config_name, overrides=[f"cache_dir={cache_dir}", "progress=false", *overrides])
     return resolve(cfg)
+
+
+def pytest_report_header() -> str | None:
+    if SUITE_THREADS is None:
+        return None
+    return (f"torch threads: {SUITE_THREADS} (other processes left {IDLE_CORES_AT_START:.1f} of "
+            f"{os.cpu_count()} cores idle at the start; OMP_NUM_THREADS overrides)")
 
 
 @pytest.fixture(scope="session", autouse=True)
