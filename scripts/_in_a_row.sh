@@ -17,7 +17,10 @@ streak_resume() {
 # streak_record FILE RUN: RUN passed (0: a run failed, the count starts again).
 streak_record() { printf '%s\n%s\n' "$streak_key" "$2" >"$1"; }
 
-# start_busy N: N CPU-bound processes until this shell exits.
+# start_busy PYTHON N: N CPU-bound processes until this shell exits. They stay in this shell's session,
+# beside the command under test: with autogroup scheduling (Linux's default on desktops, on here)
+# the CPU is shared between sessions first, and busy processes in another session would take far
+# less from the command than their number suggests (docs/RELIABILITY.md, "Under load").
 start_busy() {
   local python="$1" n="$2" i
   busy_pids=()
