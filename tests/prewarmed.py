@@ -33,10 +33,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from tests.machine_load import THREAD_VARIABLES
+
 # The console scripts that the zygote serves; anything else goes through subprocess.
 PROGRAMS = ("ask-attack", "ask-train", "ask-report")
 _ENV = "ASK_TEST_ZYGOTE"  # the zygote's socket path, for the test process that started it
-_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # Variables that act while Python starts or a library loads: a command whose environment sets them
 # otherwise than the zygote's (a PYTHONPATH that hides faiss, say) needs a process of its own.
 # Not KMP_*: scikit-learn sets two of them in every process that imports it, the tests' included.
@@ -143,7 +144,7 @@ def become(request: dict[str, Any], fds: list[int], connection: socket.socket, m
     os.environ.update(request["env"])
     import torch
 
-    threads = next((request["env"][name] for name in _THREAD_VARS if name in request["env"]), None)
+    threads = next((request["env"][name] for name in THREAD_VARIABLES if name in request["env"]), None)
     torch.set_num_threads(int(threads) if threads else request["default_threads"])
     sys.argv = [request["argv0"], *request["args"]]
     os._exit(_run_as_the_interpreter_would(main))
@@ -193,7 +194,7 @@ class Zygote:
     def __init__(self) -> None:
         self._folder = tempfile.mkdtemp(prefix="ask-zygote-")
         self.path = os.path.join(self._folder, "socket")
-        env = {k: v for k, v in _SESSION_ENV.items() if k not in _THREAD_VARS}
+        env = {k: v for k, v in _SESSION_ENV.items() if k not in THREAD_VARIABLES}
         repo = str(Path(__file__).resolve().parents[1])
         self._process = subprocess.Popen([sys.executable, "-m", "tests.prewarmed", self.path], cwd=repo,
                                          env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
