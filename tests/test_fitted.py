@@ -87,6 +87,25 @@ def test_a_cached_head_is_the_fitted_head_and_attacks_alike(digits, count_fits):
     assert torch.equal(first(x, y), second(x, y))
 
 
+def test_a_head_first_needed_inside_bf16_autocast_is_fitted_and_applied_in_fp32(digits):
+    # ask-attack runs each attack under the run's autocast, and the head is fitted lazily at the
+    # first batch; a bf16 fit saturated the head (ask.utils.precision.fp32). The head must not
+    # depend on which arithmetic the run that fitted it used.
+    # Two checkpoint names: two feature caches, so the second head is fitted, not loaded.
+    store, other = store_of(digits, checkpoint="ckpt-fp32"), store_of(digits, checkpoint="ckpt-bf16")
+    plain = advknn(digits, store).heads()[LAYER]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = advknn(digits, other).heads()[LAYER]
+    for name, value in plain.state_dict().items():
+        assert torch.equal(under_autocast.state_dict()[name], value), name
+
+    features = store.features[LAYER][:32]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        log_q = under_autocast(features)
+    assert log_q.dtype == torch.float32
+    assert torch.equal(log_q, plain(features))
+
+
 def test_the_head_key_follows_checkpoint_layer_pool_and_fit_settings(digits, count_fits):
     store = store_of(digits, checkpoint="ckpt-key")
     settings = dict(layer=LAYER, k=5, fit_steps=15)

@@ -21,6 +21,7 @@ from ask.attacks.threat import ThreatModel
 from ask.errors import ConfigError
 from ask.knn.fitted import cached_fit
 from ask.knn.similarity import l2_normalize
+from ask.utils import precision
 
 __all__ = ["KL_DIRECTIONS", "AdvKNNAttack", "VoteHead"]
 
@@ -56,7 +57,10 @@ class VoteHead(nn.Module):
         return (h - self.mean) / self.std
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.log_probs(self.standardise(features))
+        # In fp32 inside an attack's autocast too: a bf16 linear layer rounds the logits it is
+        # fitted on and attacked through (ask.utils.precision.fp32).
+        with precision.fp32():
+            return self.log_probs(self.standardise(features))
 
     def log_probs(self, standardised: Tensor) -> Tensor:
         """The head on already standardised features (the fit's input never changes)."""

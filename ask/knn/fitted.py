@@ -12,6 +12,10 @@ stale and that directory is replaced, the parts fitted on them go with it, and a
 memory (no cache directory) refits every time, as before. Like the feature cache, a file that is
 unreadable, of another format, or fitted for another key is ignored with a warning, refitted and
 replaced; a cache that cannot be written costs a warning, not the run.
+
+A fit runs in fp32 even when it is first needed inside an attack's bf16 autocast
+(:func:`ask.utils.precision.fp32`): the part depends on the pool alone, not on the arithmetic of
+the run that happened to fit it first.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from ask.utils import precision
 from ask.utils.io import LoadError, atomic_save, safe_load
 
 log = logging.getLogger(__name__)
@@ -33,7 +38,8 @@ log = logging.getLogger(__name__)
 __all__ = ["FITTED_FORMAT", "cached_fit", "content_digest", "fitted_path"]
 
 #: Bump when what a cached part holds, or how it is fitted, changes.
-FITTED_FORMAT = 1
+#: 2: fits run with autocast off (format 1 could hold a head fitted in bf16).
+FITTED_FORMAT = 2
 
 Part = TypeVar("Part")
 
@@ -81,8 +87,13 @@ def cached_fit(store: Any, name: str, key: Mapping[str, Any], fit: Callable[[], 
     raises KeyError, TypeError, ValueError or RuntimeError for a malformed one.
     """
     path = fitted_path(store, name, key)
+
+    def fit_in_fp32() -> Any:
+        with precision.fp32():
+            return fit()
+
     if path is None:
-        return build(fit())
+        return build(fit_in_fp32())
     full_key = _full_key(store, name, key)
     if path.exists():
         problem = None
@@ -102,7 +113,7 @@ def cached_fit(store: Any, name: str, key: Mapping[str, Any], fit: Callable[[], 
                     log.info("loaded the %s fitted earlier from %s", name, path)
                     return part
         log.warning("ignoring the cached %s %s: %s; fitting it again", name, path, problem)
-    value = fit()
+    value = fit_in_fp32()
     part = build(value)
     try:
         atomic_save({"key": full_key, "value": value}, path)

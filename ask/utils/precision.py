@@ -12,8 +12,9 @@
 - ``off`` (also ``false``): fp32 throughout.
 
 Autocast covers the network's forward and backward passes only. The ASK margin switches it off
-and runs in fp32 (:func:`ask.attacks.ask_loss.ask_margin`), reference stores hold fp32 features,
-and victims judge in fp32, so a run's reported numbers never come from a bf16 kNN.
+and runs in fp32 (:func:`ask.attacks.ask_loss.ask_margin`), so do Adv-kNN's head and every part
+fitted on the pool (:func:`fp32`, :func:`ask.knn.fitted.cached_fit`), reference stores hold fp32
+features, and victims judge in fp32, so a run's reported numbers never come from a bf16 kNN.
 """
 
 from __future__ import annotations
@@ -83,3 +84,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
 
+
+
+def fp32() -> contextlib.AbstractContextManager[None]:
+    """Autocast switched off on every device type, whatever the caller's context.
+
+    For arithmetic that must not round to bf16 although it runs inside an attack's autocast: an
+    Adv-kNN head fitted with its linear layer in bf16 came out with logit gaps near 1,400, a
+    softmax that saturated and an input gradient of exactly zero for 90 % of the digits points,
+    where the same fit in fp32 matched the kNN's vote (KL 0.01 against 12).
+    """
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
