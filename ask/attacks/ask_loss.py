@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ask.constants import ASK_KINDS
 from ask.knn.similarity import l2_normalize, pairwise_similarity, rowwise_similarity, safe_norm
+from ask.utils import precision
 
 __all__ = [
     "KINDS",
@@ -162,7 +163,7 @@ def ask_margin(
     # metric=l2 on 2,048-d features that rounding exceeds the spread of the similarities, so the
     # margin is computed with autocast off, on at-least-fp32 copies (the gradient flows back through
     # the casts in the features' own dtype).
-    with torch.autocast(device_type=feats.device.type, enabled=False):
+    with precision.fp32():
         if kind == "class" and metric == "cosine":
             sums = references if summed else sum_unit_references(references, normalized=references_normalized)
             return _class_cosine_margin(_full(feats), ClassSums(_full(sums.sums), sums.count), labels,

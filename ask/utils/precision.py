@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -85,8 +86,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype)
 
 
-
-def fp32() -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def fp32() -> Iterator[None]:
     """Autocast switched off on every device type, whatever the caller's context.
 
     For arithmetic that must not round to bf16 although it runs inside an attack's autocast: an
@@ -94,8 +95,8 @@ def fp32() -> contextlib.AbstractContextManager[None]:
     softmax that saturated and an input gradient of exactly zero for 90 % of the digits points,
     where the same fit in fp32 matched the kNN's vote (KL 0.01 against 12).
     """
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast("cpu", enabled=False))
-    if torch.cuda.is_available():
-        stack.enter_context(torch.autocast("cuda", enabled=False))
-    return stack
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
