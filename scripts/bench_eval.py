@@ -23,6 +23,11 @@ Relative paths among those values are made absolute first, since each run starts
    order reverses on odd repeats.
 4. Every new run's ``metrics.json`` is compared with the old run's: clean and robust accuracy,
    ASR, perturbation norms, zero-gradient counts and the worst-case breakdown must be equal.
+5. Precision: a tree that has ``eval.amp`` runs it ``off`` (fp32) in those variants, so that the
+   comparison measures the code, not the arithmetic, on a CPU whose bf16 units ``auto`` would
+   use. Where ``auto`` does pick bf16 here, one more variant, ``new-auto``, runs the new tree as a
+   user gets it (fitted parts cached, ``eval.amp=auto``) beside the others; its results are listed
+   against the old run's but, differing by the rounding only, do not fail the comparison.
 
 The table gives the median wall time per side and its ratio to the old one (target <= 1/3 for
 ``new``), the same for the runs' CPU time (user + system of the ``ask-attack`` process: with
@@ -59,6 +64,7 @@ log = logging.getLogger("bench_eval")
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1 / 3  # new / old full-evaluation wall time (issue 16)
 VARIANTS = ("old", "new-cold", "new")
+AUTO_VARIANT = "new-auto"  # the new tree in its default precision, where that is bf16 (point 5)
 # What must be equal between the old and new runs' result rows (timings are not).
 COMPARED = ("clean_acc", "robust_acc", "asr", "n_points", "mean_linf", "max_linf", "mean_l2", "max_l2",
             "zero_grad_points", "mean_credibility_clean", "mean_credibility_adv", "broken_by", "only_by")
@@ -145,6 +151,25 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return found
 
 
+def knows_eval_amp(tree: Path) -> bool:
+    """Whether ``tree``'s config has the ``eval.amp`` setting (older commits ran every attack in fp32)."""
+    from omegaconf import OmegaConf
+
+    # The eval section lived in train.yaml before 33e20f8 and in run.yaml since.
+    files = [tree / "conf" / name for name in ("run.yaml", "train.yaml")]
+    return any(f.is_file() and "amp" in (OmegaConf.load(f).get("eval") or {}) for f in files)
+
+
+def auto_picks_bf16(overrides: list[str]) -> bool:
+    """Whether this tree's ``eval.amp=auto`` runs bf16 on the device those overrides select."""
+    from ask.utils.precision import resolve_amp
+    from ask.utils.runtime import select_device
+
+    spec = next((o.partition("=")[2] for o in reversed(overrides) if o.startswith("device=")), None)
+    device = select_device(spec or os.environ.get("ASK_DEVICE", "auto"))
+    return resolve_amp("auto", device) is not None
+
+
 def clear_fitted(cache: Path) -> None:
     """Empty the fitted-part caches (Adv-kNN heads, DkNN eta) that live beside each feature cache."""
     for fitted in (cache / "features").glob("*/fitted"):
@@ -183,7 +208,8 @@ def format_table(summary: dict[str, Any]) -> str:
         ratio = entry.get("over_old")
         verdict = "" if ratio is None else ("pass" if ratio <= TARGET else "MISS") if variant == "new" else ""
         ratio_text = "" if ratio is None else f"{ratio:.3f}{' ' + verdict if verdict else ''}"
-        same = "" if "differences" not in entry else ("equal" if not entry["differences"] else "DIFFER")
+        same = "" if "differences" not in entry else (
+            "equal" if not entry["differences"] else "bf16" if variant == AUTO_VARIANT else "DIFFER")
         cpu_ratio = entry.get("cpu_over_old")
         cells = [variant, str(entry["runs"]), f"{entry['wall_s']:.0f}", ratio_text, f"{entry['cpu_s']:.0f}",
                  "" if cpu_ratio is None else f"{cpu_ratio:.3f}",
@@ -201,9 +227,15 @@ def run_eval_benchmark(against: str, overrides: list[str], *, out: Path, repeats
         old_tree, sha = export_tree(against, cache)
     else:
         old_tree, sha = old_tree.resolve(), _git("rev-parse", "--verify", f"{against}^{{commit}}")
-    trees = {"old": old_tree, "new-cold": REPO, "new": REPO}
+    trees = {"old": old_tree, "new-cold": REPO, "new": REPO, AUTO_VARIANT: REPO}
     overrides = absolute_paths(overrides, Path.cwd())
     log.info("old tree %s (%s), new tree %s, cache %s", old_tree, sha[:10], REPO, cache)
+    # Point 5 of the module docstring: fp32 wherever a tree can be told so, unless the caller chose.
+    user_amp = any(o.startswith("eval.amp=") for o in overrides)
+    pinned = {variant: [] if user_amp or not knows_eval_amp(tree) else ["eval.amp=off"]
+              for variant, tree in trees.items()}
+    pinned[AUTO_VARIANT] = []
+    variants = VARIANTS + ((AUTO_VARIANT,) if not user_amp and auto_picks_bf16(overrides) else ())
 
     # Warm the shared caches (dataset, model, pool features) with a cheap run of each tree: PGD
     # only, 8 points; the store holds the same layers, since the attacks tap knn.layers.
@@ -211,15 +243,15 @@ def run_eval_benchmark(against: str, overrides: list[str], *, out: Path, repeats
     warm = [o for o in overrides if not o.startswith(replaced)] + ["attack=[pgd]", "eval.n_points=8"]
     for side in ("old", "new"):
         log.info("warming the caches with the %s tree", side)
-        run_attack(trees[side], warm, out / "runs" / f"warm-{side}", cache, threads)
+        run_attack(trees[side], warm + pinned[side], out / "runs" / f"warm-{side}", cache, threads)
 
     runs = []
     for repeat in range(repeats):
-        for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:
+        for variant in variants if repeat % 2 == 0 else variants[::-1]:
             if variant == "new-cold":
                 clear_fitted(cache)
             log.info("repeat %d: %s", repeat + 1, variant)
-            result = run_attack(trees[variant], overrides, out / "runs" / f"{variant}-{repeat}", cache, threads)
+            result = run_attack(trees[variant], overrides + pinned[variant], out / "runs" / f"{variant}-{repeat}", cache, threads)
             log.info("%s took %.0f s", variant, result["wall_s"])
             runs.append({"variant": variant, "repeat": repeat, **result})
 
@@ -230,7 +262,8 @@ def run_eval_benchmark(against: str, overrides: list[str], *, out: Path, repeats
                         "cpu_count": os.cpu_count(), "threads": threads,
                         "new_commit": _git("rev-parse", "HEAD"), "new_tree_dirty": bool(_git("status", "--porcelain"))},
         "against": {"ref": against, "sha": sha, "tree": str(old_tree)},
-        "overrides": overrides, "repeats": repeats, "target_new_over_old": TARGET, "cache": str(cache),
+        "overrides": overrides, "variant_overrides": {v: pinned[v] for v in variants},
+        "repeats": repeats, "target_new_over_old": TARGET, "cache": str(cache),
         "summary": summary,
         "runs": [{k: v for k, v in r.items() if k != "metrics"} for r in runs],
     }
@@ -241,10 +274,15 @@ def run_eval_benchmark(against: str, overrides: list[str], *, out: Path, repeats
                      f"{threads or 'default'}, load average {min(loads, default=0):.1f}-{max(loads, default=0):.1f}\n")
     sys.stdout.write(format_table(summary) + "\n")
     for variant, entry in summary.items():
-        for line in entry.get("differences", [])[:20]:
+        found = entry.get("differences", [])
+        if variant == AUTO_VARIANT and found:
+            sys.stdout.write(f"{variant} (bf16) differs from old in {len(found)} numbers, e.g. {found[0]}\n")
+            continue
+        for line in found[:20]:
             sys.stdout.write(f"{variant} differs from old: {line}\n")
     sys.stdout.write(f"bench_eval.json in {out.resolve()}\n")
-    return 1 if any(entry.get("differences") for entry in summary.values()) else 0
+    # new-auto differs from fp32 by rounding; only the fp32 variants must give the old numbers.
+    return 1 if any(entry.get("differences") for v, entry in summary.items() if v != AUTO_VARIANT) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ask.utils import precision
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -121,7 +123,12 @@ def test_eval_against_times_both_trees_and_compares_their_results(eval_report: t
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert report["against"]["sha"] == head
     assert (Path(report["against"]["tree"]) / "ask" / "attacks" / "advknn.py").is_file()
-    assert [r["variant"] for r in report["runs"]] == ["old", "new-cold", "new"]
+    # Where eval.amp=auto means bf16 (a CPU with bf16 units), the default precision runs as well.
+    bf16_here = bench_eval.auto_picks_bf16(report["overrides"])
+    assert [r["variant"] for r in report["runs"]] == ["old", "new-cold", "new"] + ["new-auto"] * bf16_here
+    # Both trees know eval.amp, so the compared runs are pinned to fp32 and new-auto is the default.
+    assert report["variant_overrides"]["old"] == report["variant_overrides"]["new"] == ["eval.amp=off"]
+    assert report["variant_overrides"].get("new-auto", []) == []
     summary = report["summary"]
     for variant in ("new-cold", "new"):
         assert summary[variant]["differences"] == []  # the same code gives the same numbers
@@ -133,6 +140,19 @@ def test_eval_against_times_both_trees_and_compares_their_results(eval_report: t
     assert entry["other_s"] == pytest.approx(entry["wall_s"] - sum(entry["attack_seconds"].values()))
     # The new tree fitted Adv-kNN's head and cached it beside the pool's features.
     assert list((out / "cache" / "features").glob("*/fitted/advknn-head-*.pt"))
+
+
+def test_eval_benchmark_pins_fp32_only_in_trees_that_know_eval_amp(tmp_path: Path) -> None:
+    assert bench_eval.knows_eval_amp(REPO)
+    before, after = tmp_path / "before", tmp_path / "after"
+    for tree, name, text in ((before, "train.yaml", "eval:\n  n_points: null\n"),
+                             (after, "run.yaml", "eval:\n  n_points: null\n  amp: auto\n")):
+        (tree / "conf").mkdir(parents=True)
+        (tree / "conf" / name).write_text(text)
+    assert not bench_eval.knows_eval_amp(before)  # 8c01cd1's layout: every attack ran in fp32
+    assert bench_eval.knows_eval_amp(after)
+    # The extra new-auto variant runs exactly where the CPU's bf16 units would be used.
+    assert bench_eval.auto_picks_bf16(["device=cpu", "eval.n_points=8"]) == precision.cpu_has_native_bf16()
 
 
 def test_eval_differences_name_each_changed_number(tmp_path: Path) -> None:
