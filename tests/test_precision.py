@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,31 @@ def test_attacks_under_bf16_are_recorded_and_keep_the_success_rates(tmp_path: Pa
         # Victims judge in fp32 either way: the clean accuracies are the same numbers.
         assert results["bf16"][key]["clean_acc"] == row["clean_acc"], key
         assert results["bf16"][key]["asr"] == pytest.approx(row["asr"], abs=0.05), key
+    # scripts/precision_check.py's flip counts explain the difference point by point.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import precision_check
+
+    for attack, victim in (("ask", "knn"), ("pgd", "knn"), ("pgd", "dnn")):
+        flips = precision_check._flips(tmp_path / "off", tmp_path / "bf16", attack, victim)
+        row, row_bf16 = results["off"][(attack, victim)], results["bf16"][(attack, victim)]
+        right = round(row["clean_acc"] * row["n_points"])
+        net = flips["robust_fp32_only"] - flips["robust_bf16_only"]
+        assert net == round((row_bf16["asr"] - row["asr"]) * right), (attack, victim, flips)
+
+
+def test_precision_check_counts_flips_among_points_both_runs_got_right(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import precision_check
+
+    # point: (clean, ask) in fp32, then in bf16; 1 = right
+    fates = {"0": ("1", "1", "1", "0"), "1": ("1", "0", "1", "1"), "2": ("1", "1", "1", "0"),
+             "3": ("0", "0", "0", "0"), "4": ("1", "1", "1", "1"), "5": ("1", "0", "1", "0")}
+    for amp, columns in (("off", slice(0, 2)), ("bf16", slice(2, 4))):
+        (tmp_path / amp).mkdir()
+        rows = ["point,label,victim,clean,ask"] + [f"{p},0,knn,{','.join(f[columns])}" for p, f in fates.items()]
+        rows += [f"{p},0,dnn,1,1" for p in fates]  # another victim's rows are not counted
+        (tmp_path / amp / "per_point.csv").write_text("\n".join(rows) + "\n")
+    flips = precision_check._flips(tmp_path / "off", tmp_path / "bf16", "ask", "knn")
+    assert flips == {"robust_fp32_only": 2, "robust_bf16_only": 1}
+    assert precision_check._flips(tmp_path / "off", tmp_path / "bf16", "ask", "dnn") == {
+        "robust_fp32_only": 0, "robust_bf16_only": 0}
