@@ -17,6 +17,9 @@ from ask.training.trainer import train
 from ask.utils import precision
 from tests.conftest import compose_run
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import precision_check  # noqa: E402  (scripts/ is not a package)
+
 TINY = ["dataset.train_per_class=20", "dataset.test_per_class=5", "train.batch_size=32",
         "train.schedule=constant", "model.width=8", "train.epochs=1"]
 CPU = torch.device("cpu")
@@ -98,9 +101,6 @@ def test_attacks_under_bf16_are_recorded_and_keep_the_success_rates(tmp_path: Pa
         assert results["bf16"][key]["clean_acc"] == row["clean_acc"], key
         assert results["bf16"][key]["asr"] == pytest.approx(row["asr"], abs=0.05), key
     # scripts/precision_check.py's flip counts explain the difference point by point.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import precision_check
-
     for attack, victim in (("ask", "knn"), ("pgd", "knn"), ("pgd", "dnn")):
         flips = precision_check._flips(tmp_path / "off", tmp_path / "bf16", attack, victim)
         row, row_bf16 = results["off"][(attack, victim)], results["bf16"][(attack, victim)]
@@ -110,9 +110,6 @@ def test_attacks_under_bf16_are_recorded_and_keep_the_success_rates(tmp_path: Pa
 
 
 def test_precision_check_counts_flips_among_points_both_runs_got_right(tmp_path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import precision_check
-
     # point: (clean, ask) in fp32, then in bf16; 1 = right
     fates = {"0": ("1", "1", "1", "0"), "1": ("1", "0", "1", "1"), "2": ("1", "1", "1", "0"),
              "3": ("0", "0", "0", "0"), "4": ("1", "1", "1", "1"), "5": ("1", "0", "1", "0")}
