@@ -614,6 +614,33 @@ def test_ask_margin_is_fp32_under_autocast(metric: str, kind: str, shared: bool)
     torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("loop", ["pgd_maximise", "adam_minimise"])
+def test_steps_under_autocast_follow_the_fp32_gradient_of_an_fp32_objective(loop: str) -> None:
+    """ask-attack runs every attack under the run's autocast; an objective computed in fp32 inside it
+    (the ASK margin) must be differentiated in fp32 too. Differentiated under autocast, its products
+    ran as bf16 matmuls: the direction moved by ~0.5 % and some sign steps flipped."""
+    from ask.attacks.ascent import pgd_maximise
+    from ask.attacks.ask_loss import multi_layer_ask_objective, sum_unit_references
+    from ask.attacks.support import adam_minimise
+
+    gen = torch.Generator().manual_seed(2)
+    images = torch.rand(32, 3, 16, 16, generator=gen)
+    labels = torch.randint(0, 10, (32,), generator=gen)
+    sums = {"features": sum_unit_references(torch.rand(32, 10, 5, 768, generator=gen))}
+    threat = ThreatModel(eps=8 / 255, norm="linf", steps=2, step_size=2 / 255, random_start=False)
+
+    def objective(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return multi_layer_ask_objective({"features": x}, sums, y, metric="cosine", temperature=0.01, kind="class")
+
+    def run(autocast: bool) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if loop == "pgd_maximise":
+                return pgd_maximise(objective, images, labels, threat).adversarial
+            return adam_minimise(lambda x, y: -objective(x, y)[0], images, labels, threat, lr=0.1).adversarial
+
+    assert torch.equal(run(autocast=True), run(autocast=False))
+
+
 # ------------------------------------------------- class-wise cosine: summed unit references
 
 

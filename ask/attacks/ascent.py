@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ask.attacks.threat import ThreatModel, ascent_step, project, start_point
+from ask.utils import precision
 
 __all__ = ["AscentResult", "LossFn", "pgd_maximise"]
 
@@ -106,7 +107,12 @@ def pgd_maximise(
         x_adv.requires_grad_(True)
         with torch.enable_grad():
             obj, direction = _split_objective(loss_fn(x_adv, labels), batch)
-            (grad,) = torch.autograd.grad(direction.sum(), x_adv)
+            # Backward outside the caller's autocast (PyTorch's advice): each gradient then runs in
+            # its forward op's dtype. Under it, the ASK margin's fp32 products were differentiated
+            # as bf16 matmuls (a step direction off by ~0.5 % relative) that also re-cast the
+            # [B, C, D] references at every step.
+            with precision.fp32():
+                (grad,) = torch.autograd.grad(direction.sum(), x_adv)
         x_adv = x_adv.detach()
         record(x_adv, obj)
         zero_grad.logical_and_(grad.flatten(1).abs().amax(dim=1) == 0)
