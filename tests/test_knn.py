@@ -13,10 +13,13 @@ from ask.errors import ConfigError, ModelError
 from ask.knn import (
     KNNClassifier,
     ReferenceStore,
+    flatten_features,
     pairwise_similarity,
     rowwise_similarity,
+    safe_norm,
     store_cache_key,
     tensor_digest,
+    unit_dots,
     vote,
 )
 
@@ -120,6 +123,59 @@ def test_zero_vectors_give_finite_values_and_gradients(metric: str) -> None:
     x = torch.randn(2, 8, requires_grad=True)
     rowwise_similarity(x, x.detach().unsqueeze(1), metric).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-example", "shared"])
+def test_unit_dots_equals_autograd_through_safe_norm(shared: bool) -> None:
+    """The hand-written backward against autograd's, in float64, with a zero row and one under the guard."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    a[1] = 0.0
+    a[2] = 1e-10  # |a| below the guard: the norm is the constant guard, as in safe_norm
+    b = torch.randn(*(() if shared else (5,)), 4, 7, generator=gen, dtype=torch.float64)
+    weights = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+
+    def value_and_grads(fn):
+        a_, b_ = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        out = fn(a_, b_)
+        return (out, *torch.autograd.grad((out * weights).sum(), (a_, b_)))
+
+    def direct(a_, b_):
+        dots = a_ @ b_.T if shared else torch.einsum("bd,bcd->bc", a_, b_)
+        return dots / safe_norm(a_, dim=1, keepdim=True)
+
+    for got, want in zip(value_and_grads(unit_dots), value_and_grads(direct), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(unit_dots, (a[[0, 3, 4]].clone().requires_grad_(True),
+                                                (b if shared else b[[0, 3, 4]]).clone().requires_grad_(True)))
+
+
+def test_unit_dots_refuses_a_second_derivative_and_bad_shapes() -> None:
+    a = torch.randn(3, 4, requires_grad=True)
+    (grad,) = torch.autograd.grad(unit_dots(a, torch.randn(2, 4)).square().sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        grad.sum().backward()
+    with pytest.raises(ValueError, match="unit_dots needs"):
+        unit_dots(a, torch.randn(2, 3, 4))  # per-example rows for 2 examples, not 3
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_flatten_features_keeps_the_values_and_the_gradient_layout(channels_last: bool) -> None:
+    gen = torch.Generator().manual_seed(5)
+    features = torch.randn(3, 4, 5, 6, generator=gen)
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    weights = torch.randn(3, 120, generator=gen)
+    got_in, plain_in = features.clone().requires_grad_(True), features.clone().requires_grad_(True)
+    got, plain = flatten_features(got_in), plain_in.flatten(1)
+    assert torch.equal(got, plain)  # C, H, W order whatever the layout
+    (grad,) = torch.autograd.grad((got * weights).sum(), got_in)
+    (want,) = torch.autograd.grad((plain * weights).sum(), plain_in)
+    assert torch.equal(grad, want)
+    # the gradient comes back in the layout of the features it flows into
+    assert grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if channels_last:  # where plain flatten does not
+        assert not want.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_unknown_metric_is_a_config_error() -> None:

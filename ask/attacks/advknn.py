@@ -20,7 +20,7 @@ from ask.attacks.support import POOL_SEED, check_int, check_knn_layers, check_po
 from ask.attacks.threat import ThreatModel
 from ask.errors import ConfigError
 from ask.knn.fitted import cached_fit
-from ask.knn.similarity import l2_normalize
+from ask.knn.similarity import flatten_features, l2_normalize
 from ask.utils import precision
 
 __all__ = ["KL_DIRECTIONS", "AdvKNNAttack", "VoteHead"]
@@ -51,7 +51,7 @@ class VoteHead(nn.Module):
 
     def standardise(self, features: Tensor) -> Tensor:
         """``(n(h) - mu) / sd``: what the linear layer sees."""
-        h = features.flatten(1).float()
+        h = flatten_features(features).float()
         if self.normalise:
             h = l2_normalize(h)
         return (h - self.mean) / self.std

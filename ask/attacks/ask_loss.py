@@ -35,7 +35,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ask.constants import ASK_KINDS
-from ask.knn.similarity import l2_normalize, pairwise_similarity, rowwise_similarity, safe_norm
+from ask.knn.similarity import (
+    flatten_features,
+    l2_normalize,
+    pairwise_similarity,
+    rowwise_similarity,
+    unit_dots,
+)
 from ask.utils import precision
 
 __all__ = [
@@ -138,7 +144,7 @@ def ask_margin(
         raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0")
-    feats = features.flatten(1)
+    feats = flatten_features(features)
     batch, dim = feats.shape
     summed = isinstance(references, ClassSums)
     if summed and (kind, metric) != ("class", "cosine"):
@@ -182,13 +188,7 @@ def _full(tensor: Tensor) -> Tensor:
 def _class_cosine_margin(feats: Tensor, references: ClassSums, labels: Tensor, *, temperature: float,
                          self_features: Tensor | None) -> Tensor:
     """The class-wise cosine margin from summed unit references (full-precision, checked inputs)."""
-    sums = references.sums
-    # <h / |h|, S_c> as <h, S_c> / |h|: the division acts on [B, C], not [B, D], which spares the
-    # step (and its backward pass) several passes over the features. einsum, not
-    # bmm(sums, h[..., None]): torch's CPU batched matrix-vector product took 25 ms here for a
-    # CIFAR-10 batch at 8,192-d, the einsum's layout 1.5 ms.
-    dots = feats @ sums.T if sums.dim() == 2 else torch.einsum("bd,bcd->bc", feats, sums)
-    totals = dots / safe_norm(feats, dim=1, keepdim=True)
+    totals = unit_dots(feats, references.sums)
     self_sim = None
     if self_features is not None:
         self_sim = rowwise_similarity(feats, self_features.flatten(1).unsqueeze(1), "cosine")[:, 0]

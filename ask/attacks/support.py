@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ask.attacks.ascent import AscentResult, LossFn, _check_objective
 from ask.attacks.threat import ThreatModel, project, random_init
 from ask.errors import ConfigError, require_named_layers
+from ask.knn.similarity import flatten_features
 from ask.utils import precision
 
 __all__ = [
@@ -109,7 +110,7 @@ def gather_pool(store: Any, layer: str, rows: Tensor, like: Tensor) -> Tensor:
 def flat_features(model: nn.Module, images: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
     """``model.forward_features`` flattened to [B, D] per layer."""
     feats = model.forward_features(images, list(layers))
-    return {layer: feats[layer].flatten(1) for layer in layers}
+    return {layer: flatten_features(feats[layer]) for layer in layers}
 
 
 # ------------------------------------------------------------------ Adam inside the ball

@@ -59,7 +59,7 @@ from ask.defenses.at import check_number, inner_mode, make_threat, module_mode, 
 from ask.defenses.base import Defense, register_defense
 from ask.defenses.references import ReferenceSampler, check_reference_draw, group_by_class, mix_references
 from ask.errors import ConfigError
-from ask.knn.similarity import METRICS
+from ask.knn.similarity import METRICS, flatten_features
 
 __all__ = [
     "ASKDefense",
@@ -235,7 +235,7 @@ class ASKDefense(Defense):
     # ------------------------------------------------------------------------- pieces
     def features(self, images: Tensor) -> Tensor:
         """Flattened h_l(images) in the model's current mode (differentiable)."""
-        return self.model.forward_features(images, [self.layer])[self.layer].flatten(1)
+        return flatten_features(self.model.forward_features(images, [self.layer])[self.layer])
 
     def margin(self, features: Tensor, labels: Tensor, references: Tensor) -> Tensor:
         """Per-example ASK margin of ``features`` against the shared ``references`` [C, m, D]."""
