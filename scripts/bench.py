@@ -29,6 +29,8 @@ other programs on the machine falls on both sides), warm-up calls first, median 
     model (loaded from the cache the ``store`` measurement wrote). Why a step can cost less than
     PGD-CE's: ASK-Atk's forward pass stops at the tapped layer, and the class-wise loss compares
     with one summed reference per class ([B, C, D]) rather than with all k ([B, C, k, D]).
+    The steps run in fp32 channels-first unless ``--attack-amp`` / ``--attack-channels-last``
+    ask for what ``ask-attack`` does by default (``eval.amp=auto``, ``eval.channels_last=true``).
 ``store``
     ``ReferenceStore.build`` with a cache path: a fresh build (features of the whole pool, then
     the atomic cache write) against a second call that reuses the cache (target <= 0.05). The
@@ -319,8 +321,13 @@ def worker_store(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def worker_attack(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """ASK-Atk and PGD-CE per-step cost (difference of two step counts) and the one-off search."""
     from ask.attacks import ThreatModel, build_attack
+    from ask.utils import precision
 
     model = _make_model(s, device)
+    if s["attack_channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    # As ask-attack runs them: the whole call (its one-off reference search included) under autocast.
+    amp_dtype = precision.resolve_amp(s["attack_amp"], device)
     timer = Timer(device)
     store = timer("store_load", lambda: _build_store(s, model, Path(s["shared_cache"])))
     x, y = _make_batch(s, device)
@@ -335,13 +342,25 @@ def worker_attack(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
     attacks = {(name, steps): make(name, steps) for name in ("pgd", *ASK_ATTACKS) for steps in (s1, s2)}
     ask = attacks[("ask", s1)]
+
+    def call(attack: Any) -> torch.Tensor:
+        with precision.autocast(device, amp_dtype):
+            return attack(x, y)
+
+    def references(attack: Any) -> Any:
+        with precision.autocast(device, amp_dtype):
+            return attack.step_references(x)
+
     with torch.no_grad():
         query = model.forward_features(x, [layer])[layer].flatten(1)
+        with precision.autocast(device, amp_dtype):
+            logits_dtype = str(model(x).dtype).removeprefix("torch.")  # what the timed passes compute in
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     # The first ASK call builds the per-class faiss indexes: a one-off of the store, kept apart.
-    timer("ask_first_call", lambda: ask(x, y))
-    plan: Plan = [(f"{name}_steps{steps}", lambda a=attack: a(x, y)) for (name, steps), attack in attacks.items()]
+    timer("ask_first_call", lambda: call(ask))
+    plan: Plan = [(f"{name}_steps{steps}", lambda a=attack: call(a)) for (name, steps), attack in attacks.items()]
     plan += [
-        *[(f"{name}_references", lambda a=attacks[(name, s1)]: a.step_references(x)) for name in ASK_ATTACKS],
+        *[(f"{name}_references", lambda a=attacks[(name, s1)]: references(a)) for name in ASK_ATTACKS],
         ("search_per_class", lambda: store.search_per_class(layer, query, s["k"])),
     ]
     timer.run(plan, s["repeats"], s["warmup"])
@@ -367,9 +386,13 @@ def worker_attack(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
     ask_steps = ratios["ask_per_step_s"]
     one_off = [t - s1 * step for t, step in zip(timer.wall[f"ask_steps{s1}"], ask_steps, strict=True)]
     if s["profile"]:
-        _profile_attacks(s, {name: attacks[(name, s2)] for name in ("pgd", *ASK_ATTACKS)}, x, y)
+        _profile_attacks(s, {name: attacks[(name, s2)] for name in ("pgd", *ASK_ATTACKS)}, call, x.is_cuda)
     memory = {label: peak_memory(device, fn) for label, fn in plan}
     return {
+        "attack_precision": precision.precision_name(amp_dtype),
+        "attack_channels_last": s["attack_channels_last"],
+        "attack_logits_dtype": logits_dtype,
+        "attack_conv_weights_channels_last": first_conv.weight.is_contiguous(memory_format=torch.channels_last),
         "store_from_cache": store.from_cache,
         "store_load_s": timer.wall["store_load"][0],
         "pgd_step_s": pgd_step,
@@ -383,14 +406,14 @@ def worker_attack(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
-def _profile_attacks(s: dict[str, Any], attacks: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> None:
+def _profile_attacks(s: dict[str, Any], attacks: dict[str, Any], call: Callable[[Any], Any], cuda: bool) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
-    sort = "self_cuda_time_total" if x.is_cuda else "self_cpu_time_total"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     for name, attack in attacks.items():
         with profile(activities=activities) as prof:
-            attack(x, y)
+            call(attack)
         table = prof.key_averages().table(sort_by=sort, row_limit=30)
         Path(s["out"], f"profile_{name}.txt").write_text(table)
 
@@ -704,6 +727,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--step-size", type=float, default=2 / 255)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch (and faiss) threads in the workers (0: torch's default, one per core)")
+    parser.add_argument("--attack-amp", default="off", choices=["off", "auto", "bf16"],
+                        help="autocast of the attack measurement, as eval.amp (default off: fp32 steps; "
+                             "ask-attack's own default is auto)")
+    parser.add_argument("--attack-channels-last", action="store_true",
+                        help="the attack measurement's model in channels-last memory, as eval.channels_last "
+                             "(ask-attack's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (seconds)")
@@ -735,6 +764,7 @@ def resolve_settings(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         layer=args.layer or DEFAULT_LAYER[args.model], k=args.k, metric=args.metric,
         num_classes=args.num_classes, image_size=args.image_size, eps=args.eps, step_size=args.step_size,
         threads=args.threads, seed=args.seed, quick=args.quick, profile=args.profile,
+        attack_amp=args.attack_amp, attack_channels_last=args.attack_channels_last,
         out=str(Path(args.out).resolve()), scratch=str(scratch), shared_cache=str(scratch / "pool-cache"),
     )
     if s["steps"][1] <= s["steps"][0] or s["steps"][0] < 1:
@@ -821,7 +851,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{env['device']} ({env['device_name']}), torch {env['torch']}, faiss {env['faiss']}, "
         f"{env['cpu_count']} CPUs, torch threads {threads}, load average {load:.1f}; "
         f"{s['model']} width {s['width']}, layer {s['layer']}, batch {s['batch']}, pool {s['pool']}, "
-        f"search pool {s['search_pool']}, steps {s['steps'][0]}->{s['steps'][1]}, {s['repeats']} repeats\n"
+        f"search pool {s['search_pool']}, steps {s['steps'][0]}->{s['steps'][1]}, {s['repeats']} repeats"
+        + (f"; attacks in {results['attack']['attack_precision']}"
+           + (", channels-last" if s["attack_channels_last"] else "") if "attack" in results else "") + "\n"
     )
     sys.stdout.write(format_table(rows) + "\n")
     sys.stdout.write(f"total {report['total_wall_s']:.0f} s; bench.json in {out.resolve()}\n")

@@ -21,7 +21,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench")
     # One thread: the test must not depend on how busy the machine's other cores are.
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--threads", "1", "--out", str(out)],
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--threads", "1", "--out", str(out),
+         "--attack-amp", "bf16", "--attack-channels-last"],  # as ask-attack runs on a bf16 CPU
         cwd=REPO, capture_output=True, text=True, timeout=600,  # minutes only on a starved machine
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -63,6 +64,9 @@ def test_attack_ratio_comes_from_the_raw_timings(report: dict) -> None:
         assert a[f"{name}_references_s"] > 0
     assert a["search_per_class_s"] > 0
     assert a["torch_threads"] == 1
+    # --attack-amp bf16 --attack-channels-last reached the timed passes
+    assert (a["attack_precision"], a["attack_logits_dtype"]) == ("bf16", "bfloat16")
+    assert a["attack_channels_last"] and a["attack_conv_weights_channels_last"]
     for label in ("ask_steps2", "ask_instance_steps2", "pgd_steps2", "ask_references", "ask_instance_references"):
         assert a["peak_memory"][label]["host_delta_mb"] >= 0
 
