@@ -208,6 +208,7 @@ def test_worst_case_rows_follow_the_saved_per_point_results_and_survive_a_resume
     metrics = run(tmp_path / "whole")
     rows = {(r["attack"], r["victim"]): r for r in metrics["results"]}
     assert list(rows) == [(a, v) for a in ("ask", "pgd", "any") for v in ("dnn", "knn")]
+    assert metrics["torch_threads"] == torch.get_num_threads()
     written = json.loads((tmp_path / "whole" / "metrics.json").read_text())["results"]
     assert [r["attack"] for r in written][-2:] == ["any", "any"]
 

@@ -43,6 +43,22 @@ def test_resume_continues_from_the_saved_epoch(tmp_path: Path, cache_dir: Path) 
     assert a["metrics"]["train_loss"] == b["metrics"]["train_loss"]
 
 
+def test_thread_counts_are_recorded_per_epoch_and_in_the_summary(tmp_path: Path, cache_dir: Path) -> None:
+    """Summation order follows torch's thread count, so a run records it, per epoch (a resume may change it)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train(compose_run("train", [*TINY, "train.epochs=1"], cache_dir), tmp_path)
+        torch.set_num_threads(2)
+        summary = train(compose_run("train", [*TINY, "train.epochs=2"], cache_dir), tmp_path)
+    finally:
+        torch.set_num_threads(before)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["torch_threads"]) for r in records] == [(1, 1), (2, 2)]
+    assert summary["torch_threads"] == [1, 2]
+    assert json.loads((tmp_path / "train_summary.json").read_text())["torch_threads"] == [1, 2]
+
+
 def test_checkpoint_holds_plain_data(tmp_path: Path, cache_dir: Path) -> None:
     summary = train(compose_run("train", [*TINY, "train.epochs=1"], cache_dir), tmp_path)
     state = load_checkpoint(tmp_path / "best.pt")  # weights_only=True inside

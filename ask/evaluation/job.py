@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ask.config.schema import RunConfig
 from ask.data import DataBundle, load_dataset, point_indices, select_points
 from ask.errors import ConfigError
@@ -108,6 +110,7 @@ def run_attack_job(run: RunConfig, output_dir: str | Path, data: DataBundle | No
         "device": str(device),
         "precision": precision.precision_name(precision.resolve_amp(run.eval.amp, device)),  # the attacks'
         "float32_precision": fp32_mode,  # ieee, or tf32 on a GPU with tf32=true
+        "torch_threads": torch.get_num_threads(),  # of the process that finished the evaluation
         "dknn_layers": dknn_layers,
         # How exact the neighbour search was: flat is exact; ivf carries its measured recall@k.
         "knn_index": (store.index_report(k=run.knn.k, layers=list(run.knn.layers)) if run.knn.index != "flat"

@@ -33,6 +33,7 @@ from ask.errors import ConfigError
 from ask.models import FeatureModel
 from ask.models.checkpoint import load_checkpoint, model_spec
 from ask.training import distributed
+from ask.training.checkpoints import read_metrics
 from ask.training.loop import check_ranks_agree, run_epochs
 from ask.training.resume import resume
 from ask.training.state import TrainingPaths, TrainingState, plain_config
@@ -125,6 +126,8 @@ def summarise(state: TrainingState) -> dict[str, Any]:
         "n_test": len(data.test),
         "world_size": state.group.world_size,
         "precision": precision.precision_name(state.amp_dtype),
+        # Every thread count an epoch ran with (a resumed run may have changed it).
+        "torch_threads": sorted({r["torch_threads"] for r in read_metrics(files.metrics) if "torch_threads" in r}),
         # Reported, never used for selection: the test split only measures the kept checkpoint.
         "test_acc": accuracy(state.model, data.test, state.device, run.train.eval_batch_size),
         "checkpoint": str(files.best),
