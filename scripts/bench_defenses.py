@@ -4,11 +4,14 @@ Usage::
 
     python scripts/bench_defenses.py                       # smallcnn width 32, CIFAR-shaped batch of 128, CPU
     python scripts/bench_defenses.py --device cuda --model vgg16 --width 64 --out results/
+    python scripts/bench_defenses.py --amp auto --channels-last   # as ask-train runs the steps
 
 One process, one random CIFAR-shaped batch (uint8 pixels scaled to [0, 1], 10 classes), one
 initial model copied for every defence; each defence gets the same number of inner steps
 (``--steps``, 10 by default, as in conf/defense/*.yaml). A step is what the trainer does:
-``defense.loss``, ``backward``, ``optimizer.step``. After one warm-up step each, the defences are
+``defense.loss`` (under ``--amp``'s autocast, on a ``--channels-last`` model and batch if asked: the
+trainer's defaults are ``train.amp=auto`` and ``train.channels_last=true``, while this bench's are
+fp32 and channels-first), ``backward``, ``optimizer.step``. After one warm-up step each, the defences are
 timed in turn, ``--repeats`` rounds with the order reversed every other round (so a slow spell
 caused by other programs falls on all of them), and the median per defence is reported (the
 ASK-Def / AT ratio also as the median of per-round ratios, whose two steps ran back to back), with
@@ -39,6 +42,7 @@ import torch
 from ask.data import ImageSplit
 from ask.defenses import build_defense
 from ask.models import build_model
+from ask.utils import precision
 
 DEFENSES = ("none", "at", "ask_def", "trades")
 TARGET = 2.5
@@ -68,6 +72,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads on a CPU (1: CPU time equals the step's work)")
+    parser.add_argument("--amp", default="off", choices=["off", "auto", "bf16"],
+                        help="autocast of the steps, as train.amp (default off: fp32; ask-train's default is auto)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="models and batch in channels-last memory, as train.channels_last (ask-train's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="directory for bench_defenses.json")
     args = parser.parse_args()
@@ -80,6 +88,10 @@ def main() -> None:
     base = build_model(args.model, num_classes=classes, in_channels=3, image_size=size,
                        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), width=args.width).to(device)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8).float().div(255).to(device)
+    amp_dtype = precision.resolve_amp(args.amp, device)
+    if args.channels_last:  # as the trainer does: the models once, every batch on its way in
+        base = base.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.arange(batch, device=device) % classes
     # ASK-Def's reference source: a random "training split" with 50 images per class.
     pool_labels = torch.arange(50 * classes) % classes
@@ -100,11 +112,15 @@ def main() -> None:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         runners[name] = (defense, optimizer)
 
+    logits_dtype: dict[str, str] = {}
+
     def step(name: str) -> float:
         defense, optimizer = runners[name]
         _sync(device)
         started = _clock(device)
-        loss, _ = defense.loss(images, labels)
+        with precision.autocast(device, amp_dtype):
+            loss, logits = defense.loss(images, labels)
+        logits_dtype[name] = str(logits.dtype).removeprefix("torch.")  # what the timed step computed in
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -115,7 +131,8 @@ def main() -> None:
         defense = runners["ask_def"][0]
         _sync(device)
         started = _clock(device)
-        defense.inner(images, labels)
+        with precision.autocast(device, amp_dtype):
+            defense.inner(images, labels)
         _sync(device)
         return _clock(device) - started
 
@@ -136,6 +153,7 @@ def main() -> None:
     clock = "wall" if device.type == "cuda" else "CPU"
     print(f"{args.model} width {args.width}, batch {batch} x 3x{size}x{size}, {classes} classes, "
           f"{args.steps} inner steps, device {device}, {torch.get_num_threads()} threads, "
+          f"{precision.precision_name(amp_dtype)}{', channels-last' if args.channels_last else ''}, "
           f"median of {args.repeats}, {clock} seconds")
     print(f"{'defence':<10}{'s/step':>10}{'x none':>10}{'images/s':>12}")
     for name in DEFENSES:
@@ -159,6 +177,9 @@ def main() -> None:
                 "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             },
             "clock": clock,
+            "precision": precision.precision_name(amp_dtype),
+            "channels_last": args.channels_last,
+            "logits_dtype": logits_dtype,
             "seconds": times,
             "ask_def_inner_seconds": inner_times,
             "median_seconds": median,

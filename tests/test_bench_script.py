@@ -168,3 +168,20 @@ def test_eval_differences_name_each_changed_number(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     assert bench_eval.absolute_paths(["dataset.root=data", "eval.n_points=8", "x=/abs"], tmp_path) == [
         f"dataset.root={tmp_path / 'data'}", "eval.n_points=8", "x=/abs"]
+
+
+def test_defence_bench_times_the_steps_as_the_trainer_runs_them(tmp_path: Path) -> None:
+    """scripts/bench_defenses.py with --amp bf16 --channels-last: every defence's step ran in bf16."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_defenses.py"), "--width", "8", "--batch-size", "16",
+         "--image-size", "16", "--steps", "1", "--repeats", "1", "--amp", "bf16", "--channels-last",
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "bench_defenses.json").read_text())
+    assert (record["precision"], record["channels_last"]) == ("bf16", True)
+    assert record["logits_dtype"] == {name: "bfloat16" for name in ("none", "at", "ask_def", "trades")}
+    median = record["median_seconds"]
+    assert all(value > 0 for value in median.values())
+    assert record["ask_def_over_at"] == pytest.approx(median["ask_def"] / median["at"])
