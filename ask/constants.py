@@ -9,6 +9,7 @@ VICTIMS = ("dnn", "knn", "dknn", "dknn_vote")
 ASK_KINDS = ("instance", "class")  # the ASK loss: per reference, or per class (the authors')
 INDEX_KINDS = ("flat", "ivf")  # faiss index: exact, or inverted file (approximate)
 FEATURE_DTYPES = ("float32", "float16")  # how reference features are stored
+AMP_SETTINGS = ("auto", "bf16", "off")  # train.amp / eval.amp; what each means: ask.utils.precision
 
 #: The ``attack`` of the per-victim worst-case rows that evaluation writes and reports read
 #: (no registered attack has this name).

@@ -98,8 +98,10 @@ from typing import Any
 
 import torch
 
-# The package is imported in the workers only: the driver never needs it and starts faster.
+# The package is imported in the workers only (the driver starts faster), but for the torch-free
+# constants its options share with the config schema.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ask.constants import AMP_SETTINGS  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -727,7 +729,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--step-size", type=float, default=2 / 255)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch (and faiss) threads in the workers (0: torch's default, one per core)")
-    parser.add_argument("--attack-amp", default="off", choices=["off", "auto", "bf16"],
+    parser.add_argument("--attack-amp", default="off", choices=AMP_SETTINGS,
                         help="autocast of the attack measurement, as eval.amp (default off: fp32 steps; "
                              "ask-attack's own default is auto)")
     parser.add_argument("--attack-channels-last", action="store_true",

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from ask.constants import AMP_SETTINGS
 from ask.data import ImageSplit
 from ask.defenses import build_defense
 from ask.models import build_model
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads on a CPU (1: CPU time equals the step's work)")
-    parser.add_argument("--amp", default="off", choices=["off", "auto", "bf16"],
+    parser.add_argument("--amp", default="off", choices=AMP_SETTINGS,
                         help="autocast of the steps, as train.amp (default off: fp32; ask-train's default is auto)")
     parser.add_argument("--channels-last", action="store_true",
                         help="models and batch in channels-last memory, as train.channels_last (ask-train's default)")

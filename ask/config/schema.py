@@ -19,10 +19,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from ask.config.settings import SettingsSection, parse_size
-from ask.constants import FEATURE_DTYPES, INDEX_KINDS, METRICS, NORMS, VICTIMS
+from ask.constants import AMP_SETTINGS, FEATURE_DTYPES, INDEX_KINDS, METRICS, NORMS, VICTIMS
 from ask.errors import ConfigError
 
-AMP_SETTINGS = ("auto", "bf16", "off")  # what each means: ask.utils.precision
 # How a folder's images reach dataset.image_size: the shorter side resized to image_size, or to
 # image_size x 256/224 (the usual ImageNet evaluation: 256, then the centre 224), then centre-cropped.
 RESIZE_RECIPES = {"short_side_crop": 1.0, "resize256_crop224": 256 / 224}

@@ -1,6 +1,6 @@
 """Which arithmetic a run uses: bf16 autocast where the hardware has bf16 units, fp32 elsewhere.
 
-``train.amp`` and ``eval.amp`` take one of :data:`ask.config.schema.AMP_SETTINGS`:
+``train.amp`` and ``eval.amp`` take one of :data:`ask.constants.AMP_SETTINGS`:
 
 - ``auto`` (the default, also ``true``): bf16 autocast on a CUDA GPU with bf16 support and on a
   CPU with native bf16 instructions (AVX512-BF16 or AMX on x86, the BF16 extension on Arm), fp32
