@@ -16,7 +16,7 @@ from torch import Tensor
 from ask.attacks.threat import ThreatModel, ascent_step, project, start_point
 from ask.utils import precision
 
-__all__ = ["AscentResult", "LossFn", "pgd_maximise"]
+__all__ = ["AscentResult", "LossFn", "input_gradient", "pgd_maximise"]
 
 #: A per-example objective: ``loss_fn(x_adv, labels) -> Tensor[B]``; the loop ascends it. It may
 #: also return ``(objective, direction)``: the loop then records ``objective`` and steps along the
@@ -58,8 +58,8 @@ def pgd_maximise(
     """Projected gradient ascent of a per-example objective inside the threat ball.
 
     Random start (if ``threat.random_start``), then ``threat.steps`` times
-    ``x <- Proj(x + step(grad))``. Gradients are taken with :func:`torch.autograd.grad` with
-    respect to the input only, under ``torch.enable_grad()`` so the loop also works when the
+    ``x <- Proj(x + step(grad))``. Gradients are taken with :func:`input_gradient` (outside any
+    autocast) with respect to the input only, under ``torch.enable_grad()`` so the loop also works when the
     caller runs under ``no_grad``. The model's train/eval mode is the caller's business (an
     :class:`Attack` sets eval mode around it).
 
@@ -107,12 +107,7 @@ def pgd_maximise(
         x_adv.requires_grad_(True)
         with torch.enable_grad():
             obj, direction = _split_objective(loss_fn(x_adv, labels), batch)
-            # Backward outside the caller's autocast (PyTorch's advice): each gradient then runs in
-            # its forward op's dtype. Under it, the ASK margin's fp32 products were differentiated
-            # as bf16 matmuls (a step direction off by ~0.5 % relative) that also re-cast the
-            # [B, C, D] references at every step.
-            with precision.fp32():
-                (grad,) = torch.autograd.grad(direction.sum(), x_adv)
+            grad = input_gradient(direction, x_adv)
         x_adv = x_adv.detach()
         record(x_adv, obj)
         zero_grad.logical_and_(grad.flatten(1).abs().amax(dim=1) == 0)
@@ -125,6 +120,20 @@ def pgd_maximise(
 
     objective = torch.stack(trace) if trace else torch.empty(0, batch, device=device)
     return AscentResult(x_adv.detach(), objective, zero_grad, nonfinite)
+
+
+def input_gradient(objective: Tensor, inputs: Tensor) -> Tensor:
+    """The gradient of ``objective.sum()`` with respect to ``inputs``, taken outside any autocast.
+
+    PyTorch's advice: the backward pass then runs each op in its forward's dtype, so the backbone's
+    stays bf16 and an objective computed in fp32 inside the caller's autocast (the ASK margin)
+    keeps an fp32 gradient. Taken under autocast, the margin's products were differentiated as
+    bf16 matmuls (a step direction off by ~0.5 % relative) that also re-cast the fixed
+    references at every step. Every attack and inner-maximisation loop takes its gradient here.
+    """
+    with precision.fp32():
+        (grad,) = torch.autograd.grad(objective.sum(), inputs)
+    return grad
 
 
 def _split_objective(returned: Tensor | tuple[Tensor, Tensor], batch: int) -> tuple[Tensor, Tensor]:

@@ -15,11 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ask.attacks.ascent import AscentResult, LossFn, _check_objective
+from ask.attacks.ascent import AscentResult, LossFn, _check_objective, input_gradient
 from ask.attacks.threat import ThreatModel, project, random_init
 from ask.errors import ConfigError, require_named_layers
 from ask.knn.similarity import flatten_features
-from ask.utils import precision
 
 __all__ = [
     "POOL_SEED",
@@ -215,8 +214,7 @@ def adam_minimise(
         with torch.enable_grad():
             x_adv = to_image(w)
             loss = _check_objective(loss_fn(x_adv, labels), batch)
-            with precision.fp32():  # backward in each forward op's dtype, as in pgd_maximise
-                (grad,) = torch.autograd.grad(loss.sum(), w)
+            grad = input_gradient(loss, w)
         record(x_adv.detach().clamp(0.0, 1.0), loss)
         grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
         zero_grad.logical_and_(grad.flatten(1).abs().amax(dim=1) == 0)

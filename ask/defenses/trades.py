@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ask.attacks.ascent import input_gradient
 from ask.attacks.threat import ascent_step, project
 from ask.defenses.at import check_number, inner_mode, make_threat
 from ask.defenses.base import Defense, register_defense
-from ask.utils import precision
 
 __all__ = ["TRADES", "kl_divergence"]
 
@@ -96,8 +96,7 @@ class TRADES(Defense):
                 x_adv.requires_grad_(True)
                 with torch.enable_grad():
                     kl = kl_divergence(target, self.model(x_adv)).sum()
-                    with precision.fp32():  # backward in each forward op's dtype, as in pgd_maximise
-                        (grad,) = torch.autograd.grad(kl, x_adv)
+                    grad = input_gradient(kl, x_adv)
                 x_adv = project(ascent_step(x_adv.detach(), grad, threat.step_size, threat.norm),
                                 x_clean, threat.eps, threat.norm)
         return x_adv.detach()
