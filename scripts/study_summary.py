@@ -1,11 +1,14 @@
 """Summarise scripts/study_defenses.sh: one row per run, and each ASK-Def variant against AT, paired by seed.
 
     python scripts/study_summary.py outputs/study/defenses-digits
+    python scripts/study_summary.py outputs/study/run-askdef outputs/study/run-at   # one study in two OUTs
 
 A seed fixes the data subsets and the test points for every defence, so the difference of robust
 kNN accuracy between a defence and AT on the same seed is a paired measurement; its mean gets a
 Student t 95 % interval over the seeds (ask-report's intervals are per defence, unpaired).
-Prints Markdown tables; runs that have not finished are listed as pending.
+Prints Markdown tables; runs that have not finished are listed as pending. A study run as several
+``OUT`` directories (defences side by side, one process each) is summarised by naming them all: each
+run is read from the one directory that holds it, and a run found in two is an error.
 """
 
 from __future__ import annotations
@@ -22,18 +25,24 @@ DEFENSES = ("at", "ask_def_authors", "ask_def")
 MEASURES = (("ask", "ASK-Atk"), ("any", "worst case over all attacks"))
 
 
-def robust_knn(study: Path, defense: str, seed: int) -> dict[str, float] | None:
+def robust_knn(studies: list[Path], defense: str, seed: int) -> dict[str, float] | None:
     """Robust kNN accuracy per attack (and the clean one) of one finished run, else None."""
-    path = study / "attack" / f"{defense}-seed{seed}" / METRICS_FILE
-    if not path.exists():
+    name = f"{defense}-seed{seed}"
+    found = [path for path in (study / "attack" / name / METRICS_FILE for study in studies) if path.exists()]
+    if len(found) > 1:
+        raise SystemExit(f"study_summary: run {name} is finished in {len(found)} of the directories given "
+                         f"({', '.join(str(p.parents[2]) for p in found)}); name each study directory once, "
+                         "so that every run is read from one place")
+    if not found:
         return None
+    path = found[0]
     rows = [r for r in json.loads(path.read_text())["results"] if r["victim"] == "knn"]
     return {"clean": rows[0]["clean_acc"], **{r["attack"]: r["robust_acc"] for r in rows}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", type=Path, help="the study's OUT directory")
+    parser.add_argument("study", type=Path, nargs="+", help="the study's OUT directory (or directories)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     results = {(d, s): robust_knn(args.study, d, s) for d in DEFENSES for s in args.seeds}

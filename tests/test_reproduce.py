@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -86,6 +87,25 @@ def test_study_script_records_finished_runs_and_skips_them_when_rerun(tmp_path: 
     diffs = [100 * (robust("ask_def_authors", s, "any") - robust("at", s, "any")) for s in (0, 1)]
     row = next(line for line in summary.stdout.splitlines() if line.startswith("| ask_def_authors | worst case"))
     assert f"| 2 | {sum(diffs) / 2:+.1f} |" in row and row.endswith(f"| {diffs[0]:+.1f}, {diffs[1]:+.1f} |")
+
+    # The same study split over two OUT directories (defences run side by side) summarises the same;
+    # a run present in both is refused with one line.
+    split = tmp_path / "study-at"
+    (split / "attack").mkdir(parents=True)
+    for seed in (0, 1):
+        shutil.copytree(out / "attack" / f"at-seed{seed}", split / "attack" / f"at-seed{seed}")
+    askdef_only = tmp_path / "study-askdef"
+    shutil.copytree(out / "attack", askdef_only / "attack", ignore=shutil.ignore_patterns("at-seed*"))
+
+    def summarise(*studies: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "python"), str(STUDY.parent / "study_summary.py"), *map(str, studies),
+                               "--seeds", "0", "1"], env=env, capture_output=True, text=True, timeout=120)
+
+    assert summarise(askdef_only, split).stdout == summary.stdout
+    assert "at-seed0 | pending" in summarise(askdef_only).stdout
+    twice = summarise(out, split)
+    assert twice.returncode != 0 and len(twice.stderr.strip().splitlines()) == 1
+    assert "at-seed0 is finished in 2 of the directories" in twice.stderr
 
     # The same command again finds everything finished and only rewrites the report.
     again = subprocess.run(["bash", str(STUDY), "digits", *tiny], env=env, capture_output=True, text=True,
