@@ -13,6 +13,15 @@
 # $OUT/status.txt records which runs are finished. SEEDS and DEFENSES (space-separated) narrow the
 # study; extra arguments go to both ask-train and ask-attack (e.g. defense.params.reference_grad=false
 # with OUT set elsewhere, to isolate a switch).
+#
+# CHECKPOINT=last attacks each run's last epoch (last.pt) instead of the one model selection kept
+# (best.pt), into $OUT/attack-last (report in $OUT/report-last, runs in $OUT/status-last.txt): how
+# much the verdict owes to the selection (`scripts/study_summary.py --attacks attack-last`).
+#
+# The body sits in one { ... } block, read whole before it runs: bash reads a script as it goes, so
+# editing this file during a study of several hours would otherwise change what the running study
+# does next.
+{
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_reproduce_common.sh
@@ -24,6 +33,11 @@ case "$scale" in
 esac
 common+=(progress=false)
 out="${OUT:-outputs/study/defenses-$scale}"
+case "${CHECKPOINT:-best}" in
+  best) checkpoint=best.pt; attacks=attack; report="$out"; status_file="$out/status.txt" ;;
+  last) checkpoint=last.pt; attacks=attack-last; report="$out/report-last"; status_file="$out/status-last.txt" ;;
+  *) echo "$0: CHECKPOINT='$CHECKPOINT' is not best or last (the epoch model selection kept, or the final one)" >&2; exit 2 ;;
+esac
 bin="${ASK_BIN:-.venv/bin}"
 read -r -a seeds <<< "${SEEDS:-0 1 2}"
 read -r -a defenses <<< "${DEFENSES:-at ask_def_authors ask_def}"
@@ -31,17 +45,17 @@ mkdir -p "$out"
 
 status() {  # one line per run: finished or not
   local defense seed name train_state attack_state  # the loops below must not move the caller's
-  : > "$out/status.txt.tmp"
+  : > "$status_file.tmp"
   for defense in "${defenses[@]}"; do
     for seed in "${seeds[@]}"; do
       name="$defense-seed$seed"
       train_state=pending; attack_state=pending
       [ -f "$out/train/$name/train_summary.json" ] && train_state=finished
-      [ -f "$out/attack/$name/metrics.json" ] && attack_state=finished
-      echo "$name train=$train_state attack=$attack_state" >> "$out/status.txt.tmp"
+      [ -f "$out/$attacks/$name/metrics.json" ] && attack_state=finished
+      echo "$name train=$train_state $attacks=$attack_state" >> "$status_file.tmp"
     done
   done
-  mv "$out/status.txt.tmp" "$out/status.txt"
+  mv "$status_file.tmp" "$status_file"
 }
 
 for seed in "${seeds[@]}"; do
@@ -51,14 +65,16 @@ for seed in "${seeds[@]}"; do
       echo "== train $name"
       "$bin/ask-train" "${common[@]}" defense="$defense" seed="$seed" hydra.run.dir="$out/train/$name" "$@"
     fi
-    if [ ! -f "$out/attack/$name/metrics.json" ]; then
-      echo "== attack $name"
+    if [ ! -f "$out/$attacks/$name/metrics.json" ]; then
+      echo "== attack $name ($checkpoint)"
       "$bin/ask-attack" "${common[@]}" defense="$defense" seed="$seed" 'eval.victims=[dnn,knn]' \
-        model.checkpoint="$out/train/$name/best.pt" eval.n_points="$points" hydra.run.dir="$out/attack/$name" "$@"
+        model.checkpoint="$out/train/$name/$checkpoint" eval.n_points="$points" hydra.run.dir="$out/$attacks/$name" "$@"
     fi
     status
   done
 done
 status
-"$bin/ask-report" "$out/attack" --out "$out"
-echo "report: $out/report.md; runs: $out/status.txt"
+"$bin/ask-report" "$out/$attacks" --out "$report"
+echo "report: $report/report.md; runs: $status_file"
+exit
+}

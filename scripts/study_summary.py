@@ -25,10 +25,10 @@ DEFENSES = ("at", "ask_def_authors", "ask_def")
 MEASURES = (("ask", "ASK-Atk"), ("any", "worst case over all attacks"))
 
 
-def robust_knn(studies: list[Path], defense: str, seed: int) -> dict[str, float] | None:
+def robust_knn(studies: list[Path], defense: str, seed: int, attacks: str = "attack") -> dict[str, float] | None:
     """Robust kNN accuracy per attack (and the clean one) of one finished run, else None."""
     name = f"{defense}-seed{seed}"
-    found = [path for path in (study / "attack" / name / METRICS_FILE for study in studies) if path.exists()]
+    found = [path for path in (study / attacks / name / METRICS_FILE for study in studies) if path.exists()]
     if len(found) > 1:
         raise SystemExit(f"study_summary: run {name} is finished in {len(found)} of the directories given "
                          f"({', '.join(str(p.parents[2]) for p in found)}); name each study directory once, "
@@ -44,8 +44,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", type=Path, nargs="+", help="the study's OUT directory (or directories)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--attacks", default="attack",
+                        help="the evaluations' folder in each study: attack (best.pt, the default) or "
+                             "attack-last (last.pt, from CHECKPOINT=last scripts/study_defenses.sh)")
     args = parser.parse_args()
-    results = {(d, s): robust_knn(args.study, d, s) for d in DEFENSES for s in args.seeds}
+    results = {(d, s): robust_knn(args.study, d, s, args.attacks) for d in DEFENSES for s in args.seeds}
 
     print("| run | clean kNN % | robust kNN % under ASK-Atk | worst case % |")
     print("|---|---|---|---|")

@@ -112,3 +112,29 @@ def test_study_script_records_finished_runs_and_skips_them_when_rerun(tmp_path: 
                            timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "== train" not in again.stdout and "== attack" not in again.stdout
+
+    # CHECKPOINT=last attacks the final epoch into attack-last, beside the kept ones. With one epoch
+    # last.pt is best.pt, so the numbers must match the first evaluation's exactly.
+    last_env = {**env, "SEEDS": "0", "CHECKPOINT": "last"}
+    last = subprocess.run(["bash", str(STUDY), "digits", *tiny], env=last_env, capture_output=True, text=True,
+                          timeout=300)
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert "== train" not in last.stdout
+    assert (out / "status-last.txt").read_text().splitlines() == [
+        f"{d}-seed0 train=finished attack-last=finished" for d in ("at", "ask_def_authors")]
+    assert (out / "status.txt").read_text().splitlines() == status  # the kept epochs' record is untouched
+    assert (out / "report-last" / "report.md").is_file()
+    for defense in ("at", "ask_def_authors"):
+        run = out / "attack-last" / f"{defense}-seed0"
+        assert f"{defense}-seed0/last.pt" in (run / "config.yaml").read_text()
+        got = json.loads((run / "metrics.json").read_text())["results"]
+        kept = json.loads((out / "attack" / f"{defense}-seed0" / "metrics.json").read_text())["results"]
+        assert [(r["attack"], r["victim"], r["robust_acc"]) for r in got] == \
+            [(r["attack"], r["victim"], r["robust_acc"]) for r in kept]
+    last_summary = subprocess.run([str(BIN / "python"), str(STUDY.parent / "study_summary.py"), str(out),
+                                   "--seeds", "0", "--attacks", "attack-last"],
+                                  env=env, capture_output=True, text=True, timeout=120)
+    assert f"| ask_def_authors | worst case over all attacks | 1 | {diffs[0]:+.1f} |" in last_summary.stdout
+    wrong = subprocess.run(["bash", str(STUDY), "digits"], env={**last_env, "CHECKPOINT": "final"},
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "CHECKPOINT='final' is not best or last" in wrong.stderr
