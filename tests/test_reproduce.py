@@ -76,8 +76,11 @@ def test_study_script_records_finished_runs_and_skips_them_when_rerun(tmp_path: 
         assert worst <= min(float(knn[defense, a]["robust_acc_mean"]) for a in ("ask", "pgd")) + 1e-9
 
     # The paired summary: ask_def_authors minus AT on each seed, from the runs' own metrics.
-    summary = subprocess.run([str(BIN / "python"), str(STUDY.parent / "study_summary.py"), str(out), "--seeds", "0", "1"],
-                             env=env, capture_output=True, text=True, timeout=120)
+    def summarise(*args: str | Path) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "python"), str(STUDY.parent / "study_summary.py"), *map(str, args)],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    summary = summarise(out, "--seeds", "0", "1")
     assert summary.returncode == 0, summary.stderr[-3000:]
 
     def robust(defense: str, seed: int, attack: str) -> float:
@@ -97,13 +100,9 @@ def test_study_script_records_finished_runs_and_skips_them_when_rerun(tmp_path: 
     askdef_only = tmp_path / "study-askdef"
     shutil.copytree(out / "attack", askdef_only / "attack", ignore=shutil.ignore_patterns("at-seed*"))
 
-    def summarise(*studies: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "python"), str(STUDY.parent / "study_summary.py"), *map(str, studies),
-                               "--seeds", "0", "1"], env=env, capture_output=True, text=True, timeout=120)
-
-    assert summarise(askdef_only, split).stdout == summary.stdout
-    assert "at-seed0 | pending" in summarise(askdef_only).stdout
-    twice = summarise(out, split)
+    assert summarise(askdef_only, split, "--seeds", "0", "1").stdout == summary.stdout
+    assert "at-seed0 | pending" in summarise(askdef_only, "--seeds", "0", "1").stdout
+    twice = summarise(out, split, "--seeds", "0", "1")
     assert twice.returncode != 0 and len(twice.stderr.strip().splitlines()) == 1
     assert "at-seed0 is finished in 2 of the directories" in twice.stderr
 
@@ -131,9 +130,7 @@ def test_study_script_records_finished_runs_and_skips_them_when_rerun(tmp_path: 
         kept = json.loads((out / "attack" / f"{defense}-seed0" / "metrics.json").read_text())["results"]
         assert [(r["attack"], r["victim"], r["robust_acc"]) for r in got] == \
             [(r["attack"], r["victim"], r["robust_acc"]) for r in kept]
-    last_summary = subprocess.run([str(BIN / "python"), str(STUDY.parent / "study_summary.py"), str(out),
-                                   "--seeds", "0", "--attacks", "attack-last"],
-                                  env=env, capture_output=True, text=True, timeout=120)
+    last_summary = summarise(out, "--seeds", "0", "--attacks", "attack-last")
     assert f"| ask_def_authors | worst case over all attacks | 1 | {diffs[0]:+.1f} |" in last_summary.stdout
     wrong = subprocess.run(["bash", str(STUDY), "digits"], env={**last_env, "CHECKPOINT": "final"},
                            capture_output=True, text=True, timeout=60)
