@@ -370,9 +370,9 @@ def worker_attack(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
         # what a step adds to the network work PGD-CE also does.
         feats = tapped.detach().requires_grad_()
         with precision.autocast(device, amp_dtype):
-            loss, direction = multi_layer_ask_objective({layer: feats}, sums, y, metric="cosine",
-                                                        temperature=ask.temperature, kind=ask.kind,
-                                                        references_normalized=True)
+            _, direction = multi_layer_ask_objective({layer: feats}, sums, y, metric=ask.metric,
+                                                     temperature=ask.temperature, kind=ask.kind,
+                                                     references_normalized=ask.metric == "cosine")
         return ascent.input_gradient(direction, feats)
     first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     # The first ASK call builds the per-class faiss indexes: a one-off of the store, kept apart.
