@@ -526,6 +526,27 @@ def test_global_average_pool_is_adaptive_average_pooling_bit_for_bit() -> None:
         assert torch.equal(pooled, expected) and torch.equal(grad, expected_grad)
 
 
+def test_global_average_pool_hands_the_gradient_back_in_the_input_layout() -> None:
+    # Autograd's mean returns its gradient in the default layout whatever the input's; the pool
+    # must return the same values laid out as its input, so the backward pass stays channels-last.
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 5, 5)
+    weights = torch.randn(4, 16)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        leaf = x.contiguous(memory_format=layout).requires_grad_(True)
+        (grad,) = torch.autograd.grad((GlobalAvgPool()(leaf) * weights).sum(), leaf)
+        (plain,) = torch.autograd.grad((leaf.mean(dim=(2, 3)) * weights).sum(), leaf)
+        assert plain.is_contiguous()  # what the pool replaces, channels-last input or not
+        assert grad.is_contiguous(memory_format=layout) and torch.equal(grad, plain)
+
+
+def test_global_average_pool_is_twice_differentiable() -> None:
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: GlobalAvgPool()(t).square(), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: GlobalAvgPool()(t).square(), (x,))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["smallcnn", "vgg16", "vgg16_authors", "resnet18"])
