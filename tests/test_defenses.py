@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ask.attacks.ask_loss import ask_margin
-from ask.config.schema import parse_size
+from ask.config.schema import TrainConfig, parse_size
 from ask.data import ImageSplit, load_dataset, to_float
 from ask.defenses import DEFENSES, build_defense
 from ask.defenses.references import ReferenceSampler, group_by_class, mix_references
@@ -20,6 +21,7 @@ from ask.errors import ConfigError, DataError
 from ask.models import build_model
 from ask.models.checkpoint import load_checkpoint
 from ask.training.trainer import defense_context, train
+from ask.training.validation import selection_score
 from tests.conftest import compose_run
 
 TINY = ["dataset.train_per_class=20", "dataset.test_per_class=5", "train.batch_size=32",
@@ -269,6 +271,51 @@ def test_training_selects_by_robust_knn_accuracy(tmp_path: Path, cache_dir: Path
     assert best["epoch"] == 1 + scores.index(max(scores))
     assert summary["select_metric"] == "val_robust_knn"
     assert summary["best_val_robust_knn"] == max(scores)
+
+
+def _kept(records: list[dict], floor: float) -> list[int]:
+    """The epochs that became best.pt in turn under ``validate``'s rule, with a clean floor."""
+    train_config = TrainConfig(select_metric="val_robust_knn", select_min_val_acc=floor)
+    best, history = -math.inf, []
+    for epoch, record in enumerate(records, 1):
+        score = selection_score(record, train_config)
+        if score > best:
+            best, history = score, [*history, epoch]
+    return history
+
+
+def test_selection_score_keeps_epochs_under_the_clean_floor_only_until_one_reaches_it() -> None:
+    records = [{"val_acc": 0.40, "val_robust_knn": 0.30},   # the most robust, far under the floor
+               {"val_acc": 0.60, "val_robust_knn": 0.10},   # the first to reach it: replaces epoch 1
+               {"val_acc": 0.55, "val_robust_knn": 0.20},   # more robust but under it again
+               {"val_acc": 0.70, "val_robust_knn": 0.15}]   # above it and more robust than epoch 2
+    assert _kept(records, 0.0) == [1]
+    assert _kept(records, 0.6) == [1, 2, 4]
+    assert _kept(records, 0.9) == [1]  # nothing reaches it: the metric alone decides
+
+
+def test_clean_floor_changes_the_kept_epoch_and_is_reported(tmp_path: Path, cache_dir: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    extra = [*TINY, "defense=at", "dataset.val_per_class=5", "train.select_metric=val_robust_knn", "attack.steps=2"]
+    unreachable = train(compose_run("train", [*extra, "train.epochs=3", "train.select_min_val_acc=1.0"], cache_dir),
+                        tmp_path / "a")
+    records = _records(tmp_path / "a")
+    robust = [r["val_robust_knn"] for r in records]
+    assert unreachable["select_floor_met"] is False and "no epoch reached train.select_min_val_acc=1.0" in caplog.text
+    assert load_checkpoint(tmp_path / "a" / "best.pt")["epoch"] == 1 + robust.index(max(robust))
+
+    # A floor (one of the epochs' clean accuracies) and a run length (the constant schedule makes a
+    # shorter run the first epochs of the longer one) under which the floor keeps another epoch.
+    choices = [(epochs, r["val_acc"]) for epochs in (1, 2, 3) for r in records[:epochs]
+               if _kept(records[:epochs], r["val_acc"])[-1] != _kept(records[:epochs], 0.0)[-1]]
+    assert choices, f"no floor changes the kept epoch of these records, so the test cannot tell: {records}"
+    epochs, floor = choices[0]
+    summary = train(compose_run("train", [*extra, f"train.epochs={epochs}", f"train.select_min_val_acc={floor}"],
+                                cache_dir), tmp_path / "b")
+    assert [r["val_robust_knn"] for r in _records(tmp_path / "b")] == robust[:epochs]
+    best = load_checkpoint(tmp_path / "b" / "best.pt")
+    assert best["epoch"] == _kept(records[:epochs], floor)[-1] != _kept(records[:epochs], 0.0)[-1]
+    assert summary["select_floor_met"] is True and best["metrics"]["val_acc"] >= floor
 
 
 def test_resume_reproduces_adversarial_training(tmp_path: Path, cache_dir: Path) -> None:

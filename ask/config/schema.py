@@ -272,6 +272,9 @@ class TrainConfig:
     # best.pt follows this metric on the val split: clean accuracy, or robust accuracy of the DNN
     # under PGD-CE / of the kNN victim under ASK-Atk (the run's attack settings).
     select_metric: str = "val_acc"  # val_acc | val_robust_dnn | val_robust_knn
+    # A clean-accuracy floor for best.pt, as the authors' selection has (83 %): only epochs whose
+    # val_acc is at least this compete; until one reaches it, every epoch does. 0 = no floor.
+    select_min_val_acc: float = 0.0
     val_points: int | None = 500  # robust val metrics on at most this many points; null = all, 0 = none
 
     def __post_init__(self) -> None:
@@ -290,6 +293,8 @@ class TrainConfig:
         self.amp = _amp_setting(self.amp, "train.amp")
         _check_choice(self.select_metric, ("val_acc", "val_robust_dnn", "val_robust_knn"),
                       "train.select_metric")
+        _require(0 <= self.select_min_val_acc <= 1,
+                 f"train.select_min_val_acc={self.select_min_val_acc} must be a fraction in [0, 1], e.g. 0.83")
         _require(self.val_points is None or self.val_points >= 0,
                  f"train.val_points={self.val_points} must be >= 0 or null")
         _require(self.val_points != 0 or self.select_metric == "val_acc",

@@ -136,9 +136,18 @@ def summarise(state: TrainingState) -> dict[str, Any]:
     if has_val(data):
         select_metric = run.train.select_metric
         summary["select_metric"] = select_metric
-        summary[f"best_{select_metric}"] = state.progress.best_metric
+        summary[f"best_{select_metric}"] = best["metrics"][select_metric]
         summary["best_val_metrics"] = {key: value for key, value in best["metrics"].items()
                                        if key.startswith("val_")}
+        floor = run.train.select_min_val_acc
+        if floor > 0:
+            summary["select_min_val_acc"] = floor
+            summary["select_floor_met"] = best["metrics"]["val_acc"] >= floor
+            if not summary["select_floor_met"]:
+                log.warning("no epoch reached train.select_min_val_acc=%s (the best val_acc was %.4f): best.pt is "
+                            "epoch %d, the best by %s alone; lower the floor or train longer", floor,
+                            max(r["val_acc"] for r in read_metrics(files.metrics) if "val_acc" in r),
+                            best["epoch"], select_metric)
     atomic_write_text(files.summary, json.dumps(summary, indent=2) + "\n")
     log.info("test accuracy of %s: %.4f", files.best, summary["test_acc"])
     return summary

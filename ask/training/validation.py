@@ -3,8 +3,9 @@
 ``train.select_metric`` picks ``best.pt`` by the clean accuracy on the val split (``val_acc``), or
 by the robust accuracy under the run's attack settings of the network against PGD-CE
 (``val_robust_dnn``) or of the kNN victim against ASK-Atk (``val_robust_knn``, SPEC's model
-selection). The attacks and victims come from the composition root (:mod:`ask.wiring`), as the
-evaluation's do.
+selection). ``train.select_min_val_acc`` restricts the choice to epochs whose clean accuracy
+reaches a floor, as the authors' selection does (:func:`selection_score`). The attacks and victims
+come from the composition root (:mod:`ask.wiring`), as the evaluation's do.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ask.config.schema import RunConfig
+from ask.config.schema import RunConfig, TrainConfig
 from ask.data import DataBundle, ImageSplit, select_points, to_float
 from ask.errors import ConfigError
 from ask.models import FeatureModel
@@ -87,8 +88,27 @@ def robust_validation(run: RunConfig, model: FeatureModel, data: DataBundle, dev
     }
 
 
+def selection_score(record: dict[str, Any], train: TrainConfig) -> float:
+    """What ``best.pt`` maximises over the validated epochs: ``record[train.select_metric]``, moved
+    below every eligible epoch's score when ``record["val_acc"]`` misses ``train.select_min_val_acc``.
+
+    So an epoch under the clean-accuracy floor is kept only while no epoch has reached the floor
+    (a run that never does still has a ``best.pt``, the best by the metric alone), and the first one
+    to reach it replaces it whatever its metric. The metrics are fractions in [0, 1], so lowering
+    by 2 orders every epoch under the floor below every epoch above it.
+    """
+    score = float(record[train.select_metric])
+    if record["val_acc"] < train.select_min_val_acc:
+        score -= 2.0
+    return score
+
+
 def check_selection(run: RunConfig, data: DataBundle) -> None:
-    """Refuse a robust ``train.select_metric`` without attack settings; warn when there is no val split."""
+    """Refuse a robust ``train.select_metric`` without attack settings, and a clean-accuracy floor
+    without a val split; warn when a robust metric has no val split."""
+    if run.train.select_min_val_acc > 0 and not has_val(data):
+        raise ConfigError(f"train.select_min_val_acc={run.train.select_min_val_acc} needs a val split to "
+                          "measure clean accuracy on; set dataset.val_per_class or drop the floor")
     select_metric = run.train.select_metric
     if select_metric == "val_acc":
         return
@@ -119,7 +139,8 @@ def validate(state: TrainingState, record: dict[str, Any]) -> bool:
     record["val_acc"] = accuracy(state.model, data.val, state.device, run.train.eval_batch_size)
     if run.train.val_points != 0 and run.attack is not None:
         record.update(robust_validation(run, state.model, data, state.device, state.amp_dtype))
-    select_metric = run.train.select_metric
-    is_best = record[select_metric] > progress.best_metric
-    progress.best_metric = max(progress.best_metric, record[select_metric])
+    # best_metric holds the best selection score (the metric itself when there is no floor).
+    score = selection_score(record, run.train)
+    is_best = score > progress.best_metric
+    progress.best_metric = max(progress.best_metric, score)
     return is_best
