@@ -9,6 +9,10 @@ Student t 95 % interval over the seeds (ask-report's intervals are per defence, 
 Prints Markdown tables; runs that have not finished are listed as pending. A study run as several
 ``OUT`` directories (defences side by side, one process each) is summarised by naming them all: each
 run is read from the one directory that holds it, and a run found in two is an error.
+
+``--selection`` adds, from each training's ``metrics.jsonl``, the epoch model selection kept and
+the last one with their validation accuracies, and with ``--floor F`` the epoch a clean-accuracy
+floor (``train.select_min_val_acc=F``, the same rule) would have kept instead.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import json
 import statistics
 from pathlib import Path
 
+from ask.config.schema import TrainConfig
 from ask.reporting.intervals import t_interval
+from ask.training.validation import selection_score
 from ask.utils.runfiles import METRICS_FILE
 
 DEFENSES = ("at", "ask_def_authors", "ask_def")
@@ -40,6 +46,26 @@ def robust_knn(studies: list[Path], defense: str, seed: int, attacks: str = "att
     return {"clean": rows[0]["clean_acc"], **{r["attack"]: r["robust_acc"] for r in rows}}
 
 
+def selection(studies: list[Path], defense: str, seed: int, floor: float) -> str:
+    """One row of the selection table: the kept epoch, the last, and the one ``floor`` would keep."""
+    name = f"{defense}-seed{seed}"
+    found = [study / "train" / name for study in studies if (study / "train" / name / "train_summary.json").exists()]
+    if not found:
+        return f"| {name} | pending | | |"
+    summary = json.loads((found[0] / "train_summary.json").read_text())
+    metric = summary["select_metric"]
+    records = [json.loads(line) for line in (found[0] / "metrics.jsonl").read_text().splitlines()]
+    validated = {r["epoch"]: r for r in records if metric in r}
+    rule = TrainConfig(select_metric=metric, select_min_val_acc=floor)
+    floored = max(validated, key=lambda epoch: (selection_score(validated[epoch], rule), -epoch))
+
+    def cell(epoch: int) -> str:
+        r = validated[epoch]
+        return f"{epoch}: {100 * r['val_acc']:.1f} / {100 * r['val_knn_acc']:.1f} / {100 * r[metric]:.1f}"
+
+    return (f"| {name} | {cell(summary['best_epoch'])} | {cell(max(validated))} | {cell(floored)} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", type=Path, nargs="+", help="the study's OUT directory (or directories)")
@@ -47,6 +73,10 @@ def main() -> None:
     parser.add_argument("--attacks", default="attack",
                         help="the evaluations' folder in each study: attack (best.pt, the default) or "
                              "attack-last (last.pt, from CHECKPOINT=last scripts/study_defenses.sh)")
+    parser.add_argument("--selection", action="store_true",
+                        help="also the epochs model selection kept, the last ones, and what --floor would keep")
+    parser.add_argument("--floor", type=float, default=0.0,
+                        help="clean-accuracy floor for --selection's last column (train.select_min_val_acc)")
     args = parser.parse_args()
     results = {(d, s): robust_knn(args.study, d, s, args.attacks) for d in DEFENSES for s in args.seeds}
 
@@ -57,6 +87,14 @@ def main() -> None:
             print(f"| {defense}-seed{seed} | pending | | |")
         else:
             print(f"| {defense}-seed{seed} | {100 * got['clean']:.1f} | {100 * got['ask']:.1f} | {100 * got['any']:.1f} |")
+
+    if args.selection:
+        print(f"\n| run (epoch: val clean / val kNN clean / selection metric, %) | kept by selection | "
+              f"last epoch | kept with a clean floor of {100 * args.floor:g} % |")
+        print("|---|---|---|---|")
+        for defense in DEFENSES:
+            for seed in args.seeds:
+                print(selection(args.study, defense, seed, args.floor))
 
     print("\n| defence − AT, paired by seed | measure | seeds | mean difference, points | 95 % interval | per seed |")
     print("|---|---|---|---|---|---|")

@@ -51,6 +51,24 @@ def test_reproduce_defenses_reports_every_defence(tmp_path: Path, shared_cache: 
 STUDY = Path(__file__).resolve().parents[1] / "scripts" / "study_defenses.sh"
 
 
+def test_study_summary_selection_table_replays_the_clean_floor(tmp_path: Path) -> None:
+    run = tmp_path / "study" / "train" / "ask_def_authors-seed0"
+    run.mkdir(parents=True)
+    records = [{"epoch": 1, "val_acc": 0.40, "val_knn_acc": 0.45, "val_robust_knn": 0.30},
+               {"epoch": 2, "val_acc": 0.60, "val_knn_acc": 0.62, "val_robust_knn": 0.10},
+               {"epoch": 3, "train_loss": 1.0},  # not validated (train.eval_every=2)
+               {"epoch": 4, "val_acc": 0.70, "val_knn_acc": 0.71, "val_robust_knn": 0.15},
+               {"epoch": 5, "val_acc": 0.55, "val_knn_acc": 0.50, "val_robust_knn": 0.20}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "train_summary.json").write_text(json.dumps({"select_metric": "val_robust_knn", "best_epoch": 1}))
+    done = subprocess.run([str(BIN / "python"), str(STUDY.parent / "study_summary.py"), str(tmp_path / "study"),
+                           "--seeds", "0", "--selection", "--floor", "0.6"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("| ask_def_authors-seed0 | 1: 40.0 / 45.0 / 30.0 | 5: 55.0 / 50.0 / 20.0 | 4: 70.0 / 71.0 / 15.0 |"
+            in done.stdout.splitlines())
+    assert "| at-seed0 | pending | | |" in done.stdout.splitlines()
+
+
 def test_study_script_records_finished_runs_and_skips_them_when_rerun(tmp_path: Path, shared_cache: Path,
                                                                       script_env: dict[str, str]) -> None:
     out = tmp_path / "study"
@@ -90,6 +108,13 @@ def test_study_script_records_finished_runs_and_skips_them_when_rerun(tmp_path: 
     diffs = [100 * (robust("ask_def_authors", s, "any") - robust("at", s, "any")) for s in (0, 1)]
     row = next(line for line in summary.stdout.splitlines() if line.startswith("| ask_def_authors | worst case"))
     assert f"| 2 | {sum(diffs) / 2:+.1f} |" in row and row.endswith(f"| {diffs[0]:+.1f}, {diffs[1]:+.1f} |")
+
+    # The selection table reads the trainings' own records: one epoch here, kept, last and floored alike.
+    record = json.loads((out / "train" / "at-seed0" / "metrics.jsonl").read_text().splitlines()[-1])
+    cell = (f"1: {100 * record['val_acc']:.1f} / {100 * record['val_knn_acc']:.1f} / "
+            f"{100 * record['val_robust_knn']:.1f}")
+    chosen = summarise(out, "--seeds", "0", "1", "--selection", "--floor", "1.0")
+    assert f"| at-seed0 | {cell} | {cell} | {cell} |" in chosen.stdout.splitlines()
 
     # The same study split over two OUT directories (defences run side by side) summarises the same;
     # a run present in both is refused with one line.
