@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--floor", type=float, default=0.0,
                         help="clean-accuracy floor for --selection's last column (train.select_min_val_acc)")
     args = parser.parse_args()
+    if not 0 <= args.floor <= 1:
+        parser.error(f"--floor {args.floor} must be a fraction in [0, 1], as train.select_min_val_acc, e.g. 0.5")
     results = {(d, s): robust_knn(args.study, d, s, args.attacks) for d in DEFENSES for s in args.seeds}
 
     print("| run | clean kNN % | robust kNN % under ASK-Atk | worst case % |")
