@@ -25,7 +25,7 @@ from pathlib import Path
 from ask.config.schema import TrainConfig
 from ask.reporting.intervals import t_interval
 from ask.training.validation import selection_score
-from ask.utils.runfiles import METRICS_FILE
+from ask.utils.runfiles import EPOCH_METRICS_FILE, METRICS_FILE, TRAIN_SUMMARY_FILE
 
 DEFENSES = ("at", "ask_def_authors", "ask_def")
 MEASURES = (("ask", "ASK-Atk"), ("any", "worst case over all attacks"))
@@ -49,12 +49,12 @@ def robust_knn(studies: list[Path], defense: str, seed: int, attacks: str = "att
 def selection(studies: list[Path], defense: str, seed: int, floor: float) -> str:
     """One row of the selection table: the kept epoch, the last, and the one ``floor`` would keep."""
     name = f"{defense}-seed{seed}"
-    found = [study / "train" / name for study in studies if (study / "train" / name / "train_summary.json").exists()]
+    found = [study / "train" / name for study in studies if (study / "train" / name / TRAIN_SUMMARY_FILE).exists()]
     if not found:
         return f"| {name} | pending | | |"
-    summary = json.loads((found[0] / "train_summary.json").read_text())
+    summary = json.loads((found[0] / TRAIN_SUMMARY_FILE).read_text())
     metric = summary["select_metric"]
-    records = [json.loads(line) for line in (found[0] / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (found[0] / EPOCH_METRICS_FILE).read_text().splitlines()]
     validated = {r["epoch"]: r for r in records if metric in r}
     rule = TrainConfig(select_metric=metric, select_min_val_acc=floor)
     floored = max(validated, key=lambda epoch: (selection_score(validated[epoch], rule), -epoch))
