@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ask.constants import METRICS
 from ask.errors import ConfigError
+from ask.utils.layout import is_channels_last
 
 # Guard on vector norms and distances. The guard acts on the *squared* quantity (clamped at
 # _EPS**2 before the square root), so the derivative of the clamp is exactly zero below the guard
@@ -59,8 +60,7 @@ def flatten_features(features: Tensor) -> Tensor:
     mixed layouts. Handing the gradient back channels-last instead made an ASK-Atk step on a
     channels-last smallcnn (CIFAR-10 batch, block3, CPU, one thread) about 2 % cheaper.
     """
-    if features.dim() == 4 and not features.is_contiguous() and features.is_contiguous(
-            memory_format=torch.channels_last):
+    if is_channels_last(features):
         return _FlattenChannelsLast.apply(features)
     return features.flatten(1)
 

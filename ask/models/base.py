@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ask.errors import ConfigError, ModelError
+from ask.utils.layout import is_channels_last
 
 __all__ = ["FeatureModel", "LOGITS", "init_weights"]
 
@@ -224,7 +225,7 @@ class _SpatialMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         ctx.shape = x.shape
-        ctx.layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        ctx.layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         return x.mean(dim=(2, 3))
 
     @staticmethod
@@ -232,11 +233,6 @@ class _SpatialMean(torch.autograd.Function):
         # Written with differentiable ops, so a second backward (create_graph) still works.
         positions = ctx.shape[2] * ctx.shape[3]
         return (grad / positions)[:, :, None, None].expand(ctx.shape).contiguous(memory_format=ctx.layout)
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    """Strictly channels-last (a tensor with 1x1 positions is both layouts and counts as contiguous)."""
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def init_weights(module: nn.Module) -> None:
