@@ -116,6 +116,7 @@ def summarise(state: TrainingState) -> dict[str, Any]:
         shutil.copyfile(files.last, files.best)
     best = load_checkpoint(files.best)
     state.model.load_state_dict(best["state_dict"])
+    records = read_metrics(files.metrics)
     summary = {
         "dataset": run.dataset.name,
         "model": run.model.name,
@@ -127,7 +128,7 @@ def summarise(state: TrainingState) -> dict[str, Any]:
         "world_size": state.group.world_size,
         "precision": precision.precision_name(state.amp_dtype),
         # Every thread count an epoch ran with (a resumed run may have changed it).
-        "torch_threads": sorted({r["torch_threads"] for r in read_metrics(files.metrics) if "torch_threads" in r}),
+        "torch_threads": sorted({r["torch_threads"] for r in records if "torch_threads" in r}),
         # Reported, never used for selection: the test split only measures the kept checkpoint.
         "test_acc": accuracy(state.model, data.test, state.device, run.train.eval_batch_size),
         "checkpoint": str(files.best),
@@ -146,7 +147,7 @@ def summarise(state: TrainingState) -> dict[str, Any]:
             if not summary["select_floor_met"]:
                 log.warning("no epoch reached train.select_min_val_acc=%s (the best val_acc was %.4f): best.pt is "
                             "epoch %d, the best by %s alone; lower the floor or train longer", floor,
-                            max(r["val_acc"] for r in read_metrics(files.metrics) if "val_acc" in r),
+                            max(r["val_acc"] for r in records if "val_acc" in r),
                             best["epoch"], select_metric)
     atomic_write_text(files.summary, json.dumps(summary, indent=2) + "\n")
     log.info("test accuracy of %s: %.4f", files.best, summary["test_acc"])
