@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ask.config.schema import TrainConfig
 from ask.reporting.intervals import t_interval
+from ask.training.checkpoints import read_metrics
 from ask.training.validation import selection_score
 from ask.utils.runfiles import EPOCH_METRICS_FILE, METRICS_FILE, TRAIN_SUMMARY_FILE
 
@@ -31,31 +32,35 @@ DEFENSES = ("at", "ask_def_authors", "ask_def")
 MEASURES = (("ask", "ASK-Atk"), ("any", "worst case over all attacks"))
 
 
-def robust_knn(studies: list[Path], defense: str, seed: int, attacks: str = "attack") -> dict[str, float] | None:
-    """Robust kNN accuracy per attack (and the clean one) of one finished run, else None."""
-    name = f"{defense}-seed{seed}"
-    found = [path for path in (study / attacks / name / METRICS_FILE for study in studies) if path.exists()]
+def finished_run(studies: list[Path], folder: str, name: str, marker: str) -> Path | None:
+    """``study/folder/name`` of the one study where that run wrote ``marker``, else None; a run
+    finished in two of the directories is an error (its numbers would depend on the order given)."""
+    found = [study / folder / name for study in studies if (study / folder / name / marker).exists()]
     if len(found) > 1:
         raise SystemExit(f"study_summary: run {name} is finished in {len(found)} of the directories given "
-                         f"({', '.join(str(p.parents[2]) for p in found)}); name each study directory once, "
+                         f"({', '.join(str(p.parents[1]) for p in found)}); name each study directory once, "
                          "so that every run is read from one place")
-    if not found:
+    return found[0] if found else None
+
+
+def robust_knn(studies: list[Path], defense: str, seed: int, attacks: str = "attack") -> dict[str, float] | None:
+    """Robust kNN accuracy per attack (and the clean one) of one finished run, else None."""
+    run = finished_run(studies, attacks, f"{defense}-seed{seed}", METRICS_FILE)
+    if run is None:
         return None
-    path = found[0]
-    rows = [r for r in json.loads(path.read_text())["results"] if r["victim"] == "knn"]
+    rows = [r for r in json.loads((run / METRICS_FILE).read_text())["results"] if r["victim"] == "knn"]
     return {"clean": rows[0]["clean_acc"], **{r["attack"]: r["robust_acc"] for r in rows}}
 
 
 def selection(studies: list[Path], defense: str, seed: int, floor: float) -> str:
     """One row of the selection table: the kept epoch, the last, and the one ``floor`` would keep."""
     name = f"{defense}-seed{seed}"
-    found = [study / "train" / name for study in studies if (study / "train" / name / TRAIN_SUMMARY_FILE).exists()]
-    if not found:
+    run = finished_run(studies, "train", name, TRAIN_SUMMARY_FILE)
+    if run is None:
         return f"| {name} | pending | | |"
-    summary = json.loads((found[0] / TRAIN_SUMMARY_FILE).read_text())
+    summary = json.loads((run / TRAIN_SUMMARY_FILE).read_text())
     metric = summary["select_metric"]
-    records = [json.loads(line) for line in (found[0] / EPOCH_METRICS_FILE).read_text().splitlines()]
-    validated = {r["epoch"]: r for r in records if metric in r}
+    validated = {r["epoch"]: r for r in read_metrics(run / EPOCH_METRICS_FILE) if metric in r}
     rule = TrainConfig(select_metric=metric, select_min_val_acc=floor)
     floored = max(validated, key=lambda epoch: (selection_score(validated[epoch], rule), -epoch))
 
