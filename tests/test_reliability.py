@@ -153,6 +153,12 @@ class Setup:
         _ok(_cli(["ask-train", *TINY_TRAIN, "progress=false", f"hydra.run.dir={work}"], self.root, self.cache))
         return work / "best.pt"
 
+    def make_ckpt_val(self) -> Path:  # its epoch was scored on a val split, so its best.pt has a rule
+        work = self.root / "trained_val"
+        _ok(_cli(["ask-train", *TINY_TRAIN, "dataset.val_per_class=5", "progress=false", f"hydra.run.dir={work}"],
+                 self.root, self.cache))
+        return work / "last.pt"
+
     def make_ckpt_b(self) -> Path:
         import torch
 

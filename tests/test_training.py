@@ -129,6 +129,26 @@ def test_step_schedule_resumes_only_with_its_milestones(tmp_path: Path, cache_di
     assert lrs == pytest.approx([0.1, 0.01, 0.01])
 
 
+def test_resume_keeps_the_rule_that_picked_best_pt(tmp_path: Path, cache_dir: Path) -> None:
+    with_val = [*TINY, "dataset.val_per_class=5"]
+    train(compose_run("train", [*with_val, "train.epochs=1"], cache_dir), tmp_path)
+    with pytest.raises(ConfigError) as error:
+        train(compose_run("train", [*with_val, "train.epochs=2", "train.select_min_val_acc=0.5"], cache_dir), tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path / 'last.pt'} kept best.pt by val_acc with no clean floor, not by val_acc with a clean floor "
+        "of 0.5; set train.select_metric=val_acc train.select_min_val_acc=0.0 to resume it, or choose a new "
+        "hydra.run.dir to start afresh"
+    )
+    assert _epochs(tmp_path) == [1]  # refused before anything was written
+    # The same rule resumes; with no val split nothing was scored, so any rule may take over.
+    train(compose_run("train", [*with_val, "train.epochs=2"], cache_dir), tmp_path)
+    assert _epochs(tmp_path) == [1, 2]
+    no_val = tmp_path / "no-val"
+    train(compose_run("train", [*TINY, "train.epochs=1"], cache_dir), no_val)
+    train(compose_run("train", [*TINY, "train.epochs=2", "train.select_metric=val_robust_knn"], cache_dir), no_val)
+    assert _epochs(no_val) == [1, 2]
+
+
 def _fake_cuda_states(n: int) -> list[torch.Tensor]:
     """What ``torch.cuda.get_rng_state_all`` gives on ``n`` GPUs: one 16-byte Philox state (seed, offset) each."""
     return [torch.full((16,), index, dtype=torch.uint8) for index in range(n)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ def resume(state: TrainingState) -> None:
     checkpoint to continue, if there is one: ``train.resume``, else ``last.pt`` of the run directory.
 
     Refused with a :class:`ConfigError`: another network or dataset shape, another schedule shape,
-    and a mid-epoch checkpoint of another number of processes.
+    another rule for ``best.pt`` once an epoch has been scored, and a mid-epoch checkpoint of another
+    number of processes.
     """
     run = state.run
     resume_from = Path(run.train.resume).expanduser() if run.train.resume else state.files.last
@@ -31,6 +33,8 @@ def resume(state: TrainingState) -> None:
     check_compatible(saved["model"], resume_from, model_name=run.model.name, num_classes=state.data.num_classes,
                      in_channels=state.data.in_channels, image_size=state.data.image_size)
     _check_schedule(saved["config"]["train"], plain_config(run)["train"], bool(run.train.resume), resume_from)
+    if math.isfinite(saved["best_metric"]):
+        _check_selection(saved["config"]["train"], plain_config(run)["train"], bool(run.train.resume), resume_from)
     load_weights(state.model, saved["state_dict"], resume_from, "train.resume")
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
@@ -67,6 +71,30 @@ def _check_schedule(saved: dict[str, Any], current: dict[str, Any], given: bool,
         f"{path} follows a {saved['schedule']} schedule{saved_details}, not {current['schedule']}{current_details}; "
         f"set {settings} to resume it, or {fresh} to start afresh"
     )
+
+
+def _check_selection(saved: dict[str, Any], current: dict[str, Any], given: bool, path: Path) -> None:
+    """``best.pt`` is the best epoch so far under the saved selection rule, and its score is carried
+    on: resuming under another rule would compare the new epochs with a score of the old one, and
+    keep a ``best.pt`` that neither rule picked. Arguments as :func:`_check_schedule`'s."""
+    if _selection_key(saved) == _selection_key(current):
+        return
+    metric, floor = _selection_key(saved)
+    fresh = "drop train.resume" if given else "choose a new hydra.run.dir"
+    raise ConfigError(
+        f"{path} kept best.pt by {_describe_selection(saved)}, not by {_describe_selection(current)}; "
+        f"set train.select_metric={metric} train.select_min_val_acc={floor} to resume it, or {fresh} to start afresh"
+    )
+
+
+def _selection_key(train: dict[str, Any]) -> tuple[str, float]:
+    """The rule that picks ``best.pt``; checkpoints from before the floor existed had none."""
+    return train["select_metric"], float(train.get("select_min_val_acc", 0.0))
+
+
+def _describe_selection(train: dict[str, Any]) -> str:
+    metric, floor = _selection_key(train)
+    return f"{metric} with a clean floor of {floor}" if floor > 0 else f"{metric} with no clean floor"
 
 
 def _schedule_key(train: dict[str, Any]) -> tuple[Any, ...]:
