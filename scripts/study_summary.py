@@ -29,7 +29,7 @@ from ask.training.validation import selection_score
 from ask.utils.runfiles import EPOCH_METRICS_FILE, METRICS_FILE, TRAIN_SUMMARY_FILE
 
 DEFENSES = ("at", "ask_def_authors", "ask_def")
-MEASURES = (("ask", "ASK-Atk"), ("any", "worst case over all attacks"))
+MEASURES = (("ask", "ASK-Atk"), ("any", "worst case over all attacks"), ("pgd", "PGD-CE"))
 
 
 def finished_run(studies: list[Path], folder: str, name: str, marker: str) -> Path | None:
@@ -87,13 +87,14 @@ def main() -> None:
         parser.error(f"--floor {args.floor} must be a fraction in [0, 1], as train.select_min_val_acc, e.g. 0.5")
     results = {(d, s): robust_knn(args.study, d, s, args.attacks) for d in DEFENSES for s in args.seeds}
 
-    print("| run | clean kNN % | robust kNN % under ASK-Atk | worst case % |")
-    print("|---|---|---|---|")
+    print("| run | clean kNN % | robust kNN % under ASK-Atk | worst case % | under PGD-CE % |")
+    print("|---|---|---|---|---|")
     for (defense, seed), got in results.items():
         if got is None:
-            print(f"| {defense}-seed{seed} | pending | | |")
+            print(f"| {defense}-seed{seed} | pending | | | |")
         else:
-            print(f"| {defense}-seed{seed} | {100 * got['clean']:.1f} | {100 * got['ask']:.1f} | {100 * got['any']:.1f} |")
+            cells = " | ".join("not run" if attack not in got else f"{100 * got[attack]:.1f}" for attack, _ in MEASURES)
+            print(f"| {defense}-seed{seed} | {100 * got['clean']:.1f} | {cells} |")
 
     if args.selection:
         print(f"\n| run (epoch: val clean / val kNN clean / selection metric, %) | kept by selection | "
@@ -107,8 +108,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for defense in DEFENSES[1:]:
         for attack, label in MEASURES:
-            diffs = [100 * (results[defense, s][attack] - results["at", s][attack]) for s in args.seeds
-                     if results[defense, s] is not None and results["at", s] is not None]
+            pairs = [(results[defense, s], results["at", s]) for s in args.seeds]
+            diffs = [100 * (mine[attack] - at[attack]) for mine, at in pairs
+                     if mine is not None and at is not None and attack in mine and attack in at]
             if not diffs:
                 continue
             mean = statistics.fmean(diffs)

@@ -108,6 +108,11 @@ def test_study_script_records_finished_runs_and_skips_them_when_rerun(tmp_path: 
     diffs = [100 * (robust("ask_def_authors", s, "any") - robust("at", s, "any")) for s in (0, 1)]
     row = next(line for line in summary.stdout.splitlines() if line.startswith("| ask_def_authors | worst case"))
     assert f"| 2 | {sum(diffs) / 2:+.1f} |" in row and row.endswith(f"| {diffs[0]:+.1f}, {diffs[1]:+.1f} |")
+    transfer = [100 * (robust("ask_def_authors", s, "pgd") - robust("at", s, "pgd")) for s in (0, 1)]
+    row = next(line for line in summary.stdout.splitlines() if line.startswith("| ask_def_authors | PGD-CE"))
+    assert row.endswith(f"| {transfer[0]:+.1f}, {transfer[1]:+.1f} |")
+    at_seed0 = next(line for line in summary.stdout.splitlines() if line.startswith("| at-seed0 |"))
+    assert at_seed0.endswith(f"| {100 * robust('at', 0, 'pgd'):.1f} |")
 
     # The selection table reads the trainings' own records: one epoch here, kept, last and floored alike.
     record = json.loads((out / "train" / "at-seed0" / "metrics.jsonl").read_text().splitlines()[-1])
