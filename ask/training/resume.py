@@ -66,10 +66,9 @@ def _check_schedule(saved: dict[str, Any], current: dict[str, Any], given: bool,
         return
     saved_details, settings = _describe_schedule(saved)
     current_details, _ = _describe_schedule(current)
-    fresh = "drop train.resume" if given else "choose a new hydra.run.dir"
     raise ConfigError(
         f"{path} follows a {saved['schedule']} schedule{saved_details}, not {current['schedule']}{current_details}; "
-        f"set {settings} to resume it, or {fresh} to start afresh"
+        f"set {settings} to resume it, or {_afresh(given)} to start afresh"
     )
 
 
@@ -80,10 +79,9 @@ def _check_selection(saved: dict[str, Any], current: dict[str, Any], given: bool
     if _selection_key(saved) == _selection_key(current):
         return
     metric, floor = _selection_key(saved)
-    fresh = "drop train.resume" if given else "choose a new hydra.run.dir"
     raise ConfigError(
         f"{path} kept best.pt by {_describe_selection(saved)}, not by {_describe_selection(current)}; "
-        f"set train.select_metric={metric} train.select_min_val_acc={floor} to resume it, or {fresh} to start afresh"
+        f"set train.select_metric={metric} train.select_min_val_acc={floor} to resume it, or {_afresh(given)} to start afresh"
     )
 
 
@@ -95,6 +93,11 @@ def _selection_key(train: dict[str, Any]) -> tuple[str, float]:
 def _describe_selection(train: dict[str, Any]) -> str:
     metric, floor = _selection_key(train)
     return f"{metric} with a clean floor of {floor}" if floor > 0 else f"{metric} with no clean floor"
+
+
+def _afresh(given: bool) -> str:
+    """How to start afresh instead of resuming: ``given``, the checkpoint is ``train.resume``'s."""
+    return "drop train.resume" if given else "choose a new hydra.run.dir"
 
 
 def _schedule_key(train: dict[str, Any]) -> tuple[Any, ...]:
