@@ -12,7 +12,8 @@ run is read from the one directory that holds it, and a run found in two is an e
 
 ``--selection`` adds, from each training's ``metrics.jsonl``, the epoch model selection kept and
 the last one with their validation accuracies, and with ``--floor F`` the epoch a clean-accuracy
-floor (``train.select_min_val_acc=F``, the same rule) would have kept instead.
+floor (``train.select_min_val_acc=F``, the same rule) would have kept instead. ``--plot PNG`` draws
+the paired differences: every seed, and the mean with its interval against zero.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from pathlib import Path
 
 from ask.config.schema import TrainConfig
 from ask.reporting.intervals import t_interval
+from ask.reporting.plots import plot_paired_differences
 from ask.training.checkpoints import read_metrics
 from ask.training.validation import selection_score
+from ask.utils.io import atomic_write_bytes
 from ask.utils.runfiles import EPOCH_METRICS_FILE, METRICS_FILE, TRAIN_SUMMARY_FILE
 
 DEFENSES = ("at", "ask_def_authors", "ask_def")
@@ -80,6 +83,9 @@ def main() -> None:
                              "attack-last (last.pt, from CHECKPOINT=last scripts/study_defenses.sh)")
     parser.add_argument("--selection", action="store_true",
                         help="also the epochs model selection kept, the last ones, and what --floor would keep")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="also draw the paired differences, every seed and the mean with its interval, "
+                             "into this PNG")
     parser.add_argument("--floor", type=float, default=0.0,
                         help="clean-accuracy floor for --selection's last column (train.select_min_val_acc)")
     args = parser.parse_args()
@@ -106,6 +112,7 @@ def main() -> None:
 
     print("\n| defence − AT, paired by seed | measure | seeds | mean difference, points | 95 % interval | per seed |")
     print("|---|---|---|---|---|---|")
+    paired: dict[str, dict[str, list[float]]] = {label: {} for _, label in MEASURES}
     for defense in DEFENSES[1:]:
         for attack, label in MEASURES:
             pairs = [(results[defense, s], results["at", s]) for s in args.seeds]
@@ -113,6 +120,7 @@ def main() -> None:
                      if mine is not None and at is not None and attack in mine and attack in at]
             if not diffs:
                 continue
+            paired[label][defense] = diffs
             mean = statistics.fmean(diffs)
             interval = "n/a (one seed)"
             if len(diffs) > 1:
@@ -120,6 +128,14 @@ def main() -> None:
                 interval = f"[{low:+.1f}, {high:+.1f}]"
             per_seed = ", ".join(f"{d:+.1f}" for d in diffs)
             print(f"| {defense} | {label} | {len(diffs)} | {mean:+.1f} | {interval} | {per_seed} |")
+
+    if args.plot is not None:
+        checkpoint = {"attack": "kept epoch", "attack-last": "last epoch"}.get(args.attacks, args.attacks)
+        png = plot_paired_differences(paired, title=f"ASK-Def − AT, robust kNN accuracy, paired by seed ({checkpoint})")
+        if png is None:
+            raise SystemExit("study_summary: no seed has both defences finished, so there is nothing to plot")
+        atomic_write_bytes(args.plot, png)
+        print(f"\nplot: {args.plot}")
 
 
 if __name__ == "__main__":

@@ -131,6 +131,12 @@ def test_study_script_records_finished_runs_and_skips_them_when_rerun(tmp_path: 
     shutil.copytree(out / "attack", askdef_only / "attack", ignore=shutil.ignore_patterns("at-seed*"))
 
     assert summarise(askdef_only, split, "--seeds", "0", "1").stdout == summary.stdout
+    plotted = summarise(askdef_only, split, "--seeds", "0", "1", "--plot", tmp_path / "paired.png")
+    assert plotted.returncode == 0, plotted.stderr[-3000:]
+    assert (tmp_path / "paired.png").read_bytes().startswith(b"\x89PNG")
+    unpaired = summarise(askdef_only, "--seeds", "0", "1", "--plot", tmp_path / "none.png")
+    assert unpaired.returncode != 0 and "nothing to plot" in unpaired.stderr
+    assert not (tmp_path / "none.png").exists()
     assert "at-seed0 | pending" in summarise(askdef_only, "--seeds", "0", "1").stdout
     twice = summarise(out, split, "--seeds", "0", "1")
     assert twice.returncode != 0 and len(twice.stderr.strip().splitlines()) == 1

@@ -1,4 +1,5 @@
-"""PNG plots of the aggregated report rows (see :func:`ask.reporting.aggregate.aggregate`).
+"""PNG plots of the aggregated report rows (see :func:`ask.reporting.aggregate.aggregate`), and of
+a seeded study's paired differences (:func:`plot_paired_differences`).
 
 Figures are drawn on matplotlib's ``Figure`` directly, never through ``pyplot``, so no display and
 no global backend are involved (a report written from a Hydra callback on a headless node works),
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from matplotlib import rcParams
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ask.reporting.intervals import t_interval
 from ask.reporting.labels import ANY_ATTACK, format_eps
 
 _FAMILY_FIELDS = ("defense", "dataset", "model", "norm", "settings")
@@ -222,4 +224,43 @@ def plot_asr_bars(rows: Sequence[dict[str, Any]]) -> bytes | None:
         ax.grid(axis="y", alpha=0.3)
     _legend(figure, figure.axes)
     figure.suptitle(f"ASR by victim — {_common_title(families)}", x=0.02, ha="left")
+    return _png(figure)
+
+
+def plot_paired_differences(differences: Mapping[str, Mapping[str, Sequence[float]]], *, title: str) -> bytes | None:
+    """A seeded study's paired differences: ``differences[measure][defence]`` holds one value per
+    seed (points of robust accuracy, defence minus the baseline).
+
+    One group per measure, one column per defence: every seed as a dot, the mean with its Student
+    t 95 % interval beside them, and a line at zero, which is what a reader checks the interval
+    against. Returns None when there is nothing to draw.
+    """
+    measures = [m for m, by_defence in differences.items() if any(by_defence.values())]
+    if not measures:
+        return None
+    defences = _unique(d for m in measures for d, values in differences[m].items() if values)
+    colors = _colors()
+    width = 0.8 / len(defences)
+    figure = Figure(figsize=(1.2 + 1.6 * len(measures) * max(1, len(defences) / 2) + 0.6, 4.2), layout="constrained")
+    ax = figure.subplots()
+    for d_index, defence in enumerate(defences):
+        for m_index, measure in enumerate(measures):
+            values = list(differences[measure].get(defence) or [])
+            if not values:
+                continue
+            x = m_index - 0.4 + width * (d_index + 0.5)
+            color = colors[d_index % len(colors)]
+            ax.scatter([x - width * 0.15] * len(values), values, s=14, facecolors="none", edgecolors=color,
+                       label=defence if m_index == 0 else None)
+            mean = sum(values) / len(values)
+            low, high = t_interval(values) if len(values) > 1 else (mean, mean)
+            ax.errorbar([x + width * 0.15], [mean], yerr=[[mean - low], [high - mean]], color=color, marker="D",
+                        markersize=5, capsize=4, linestyle="none")
+    ax.axhline(0.0, color="grey", linewidth=1)
+    ax.set_xticks(range(len(measures)), measures)
+    ax.set_xlim(-0.6, len(measures) - 0.4)
+    ax.set_ylabel("difference, points of robust accuracy")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(title, fontsize="medium", loc="left")
     return _png(figure)
