@@ -32,9 +32,10 @@ def resume(state: TrainingState) -> None:
     saved = load_checkpoint(resume_from, setting="train.resume")
     check_compatible(saved["model"], resume_from, model_name=run.model.name, num_classes=state.data.num_classes,
                      in_channels=state.data.in_channels, image_size=state.data.image_size)
-    _check_schedule(saved["config"]["train"], plain_config(run)["train"], bool(run.train.resume), resume_from)
+    saved_train, current_train, given = saved["config"]["train"], plain_config(run)["train"], bool(run.train.resume)
+    _check_schedule(saved_train, current_train, given, resume_from)
     if math.isfinite(saved["best_metric"]):
-        _check_selection(saved["config"]["train"], plain_config(run)["train"], bool(run.train.resume), resume_from)
+        _check_selection(saved_train, current_train, given, resume_from)
     load_weights(state.model, saved["state_dict"], resume_from, "train.resume")
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
