@@ -32,7 +32,9 @@ other programs on the machine falls on both sides), warm-up calls first, median 
     Why it may not: where the tapped layer is the network's last block (smallcnn's block3) the
     network work is PGD-CE's, and the fp32 margin comes on top. The margin alone (forward and
     backward on the tapped layer's features, no network around it) is timed too; the ASK step
-    less the margin over PGD-CE's step shows what is left once the loss is taken out.
+    less the margin over PGD-CE's step shows what is left once the loss is taken out. Every exact
+    margin reads each of the per-class sums once a step, so one plain read of them, added to that
+    remainder, is the floor a margin fused into a single pass could reach.
     The steps run in fp32 channels-first unless ``--attack-amp`` / ``--attack-channels-last``
     ask for what ``ask-attack`` does by default (``eval.amp=auto``, ``eval.channels_last=true``).
 ``store``
@@ -382,6 +384,9 @@ def worker_attack(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
         *[(f"{name}_references", lambda a=attacks[(name, s1)]: references(a)) for name in ASK_ATTACKS],
         ("search_per_class", lambda: store.search_per_class(layer, query, s["k"])),
         ("ask_margin", margin),
+        # Any exact margin reads every element of the sums once a step; a one-pass (fused) margin
+        # could cost no less than this read, timed like the margin (cold, between other calls).
+        ("ask_sums_read", lambda: sums[layer].sums.sum()),
     ]
     timer.run(plan, s["repeats"], s["warmup"])
 
@@ -407,6 +412,8 @@ def worker_attack(s: dict[str, Any], device: torch.device) -> dict[str, Any]:
     margin_s = timer.median("ask_margin")
     ratios["ask_margin_s"] = margin_s
     ratios["ask_less_margin_over_pgd_step"] = (ratios["ask_step_s"] - margin_s) / pgd_step
+    ratios["ask_sums_read_s"] = timer.median("ask_sums_read")
+    ratios["ask_one_pass_floor_over_pgd_step"] = ratios["ask_less_margin_over_pgd_step"] + ratios["ask_sums_read_s"] / pgd_step
     one_off = [t - s1 * step for t, step in zip(timer.wall[f"ask_steps{s1}"], ask_steps, strict=True)]
     if s["profile"]:
         _profile_attacks(s, {name: attacks[(name, s2)] for name in ("pgd", *ASK_ATTACKS)}, call, x.is_cuda)
@@ -660,6 +667,9 @@ def summarise(results: dict[str, Any], s2: int) -> list[dict[str, Any]]:
             _row("  same, from process CPU time", a["ask_over_pgd_step_cpu_time"], "x"),
             _row("ASK-Atk margin alone, forward + backward", a["ask_margin_s"], "s"),
             _row("ASK-Atk step less its margin / PGD-CE step", a["ask_less_margin_over_pgd_step"], "x"),
+            _row("  one read of the per-class sums", a["ask_sums_read_s"], "s"),
+            _row("  floor with a one-pass margin (step less margin, plus that read) / PGD-CE step",
+                 a["ask_one_pass_floor_over_pgd_step"], "x"),
             _row("ASK-Atk instance-wise time per step", a["ask_instance_step_s"], "s"),
             _row("ASK-Atk instance-wise / PGD-CE per step", a["ask_instance_over_pgd_step"], "x",
                  TARGETS["ask_instance_over_pgd_step"]),

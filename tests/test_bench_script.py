@@ -65,6 +65,9 @@ def test_attack_ratio_comes_from_the_raw_timings(report: dict) -> None:
     assert a["search_per_class_s"] > 0
     assert a["ask_margin_s"] == pytest.approx(statistics.median(wall["ask_margin"]))
     assert a["ask_less_margin_over_pgd_step"] == pytest.approx((a["ask_step_s"] - a["ask_margin_s"]) / a["pgd_step_s"])
+    assert a["ask_sums_read_s"] == pytest.approx(statistics.median(wall["ask_sums_read"]))
+    assert a["ask_one_pass_floor_over_pgd_step"] == pytest.approx(
+        a["ask_less_margin_over_pgd_step"] + a["ask_sums_read_s"] / a["pgd_step_s"])
     assert a["torch_threads"] == 1
     # --attack-amp bf16 --attack-channels-last reached the timed passes
     assert (a["attack_precision"], a["attack_logits_dtype"]) == ("bf16", "bfloat16")
