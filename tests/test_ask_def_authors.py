@@ -22,6 +22,7 @@ from ask.defenses import build_defense
 from ask.defenses.ask_def import ASKDefense, AuthorsASKDefense
 from ask.defenses.references import ReferenceSampler
 from ask.errors import ConfigError
+from ask.models import build_model
 from tests.test_attacks import TinyNet
 
 NUM_CLASSES = 3
@@ -72,7 +73,8 @@ def authors_ask_def_step(model, split_images, split_labels, x, y, *, num_classes
     """
 
     def features(images):
-        return model.forward_features(images, [layer])[layer].flatten(1)
+        # The authors' forward runs the whole network whatever layer it returns.
+        return model.forward_features(images, [layer], with_logits=True)[layer].flatten(1)
 
     def pgd_ce_eval(images, labels, eps):
         model.eval()
@@ -89,7 +91,7 @@ def authors_ask_def_step(model, split_images, split_labels, x, y, *, num_classes
         sims = F.cosine_similarity(feats[:, None, :], ref_feats[None, :, :], dim=-1)  # [B, R]
         probs = torch.softmax(sims / temperature, dim=1)
         p_y = (probs * (ref_labels[None, :] == labels[:, None])).sum(dim=1)
-        return -torch.log(p_y + 1e-12).mean()
+        return -torch.log(p_y + 1e-6).mean()  # their ASKLoss adds 1e-6 before the log
 
     # 1. References: every class's loader shuffled (one random key per image, padding last), the
     #    first n_ref of each, class after class; the training augmentation on them.
@@ -133,12 +135,24 @@ def authors_ask_def_step(model, split_images, split_labels, x, y, *, num_classes
     return F.cross_entropy(logits, y) + beta * ask_instance(feats_ask, y, ref_feats, ref_y)
 
 
-def test_authors_preset_is_the_authors_step() -> None:
+def small_cnn() -> nn.Module:
+    """smallcnn, whose feature passes stop at the layer asked for, with batch norm in block3 after LAYER."""
+    torch.manual_seed(0)
+    return build_model("smallcnn", NUM_CLASSES, 3, 8, (0.5,) * 3, (0.25,) * 3, width=4)
+
+
+@pytest.mark.parametrize(("make_model", "temperature"), [
+    (lambda: TinyNet(NUM_CLASSES, seed=0), 0.1),
+    # Batch norm after the layer (the authors' forward runs on to the logits, so it sees every
+    # train-mode pass), and a temperature at which the 1e-6 in their log decides the loss.
+    (small_cnn, 0.005),
+], ids=["tinynet", "smallcnn-past-the-layer"])
+def test_authors_preset_is_the_authors_step(make_model, temperature) -> None:
     split = make_split()
     x, y = make_batch()
-    base = TinyNet(NUM_CLASSES, seed=0).train()
+    base = make_model().train()
     ours_model, theirs_model = copy.deepcopy(base), copy.deepcopy(base)
-    defense = make_defense(ours_model, split)
+    defense = make_defense(ours_model, split, temperature=temperature)
     assert isinstance(defense, AuthorsASKDefense)
 
     torch.manual_seed(5)
@@ -149,19 +163,31 @@ def test_authors_preset_is_the_authors_step() -> None:
     torch.manual_seed(5)
     theirs = authors_ask_def_step(theirs_model, split.images, split.labels, x, y, num_classes=NUM_CLASSES,
                                   n_ref=N_REF, layer=LAYER, eps_pgd=4 / 255, eps_ask=8 / 255,
-                                  step_size=3 / 255, steps=3)
+                                  step_size=3 / 255, steps=3, temperature=temperature)
     theirs.backward()
     assert torch.equal(after_ours, torch.rand(3))
 
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(ours_model.named_parameters(), theirs_model.parameters(), strict=True):
         assert p.grad is not None and float(p.grad.abs().max()) > 0, name
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
-    # Reference pass + 3 ASK steps + x_PGD, clean, x_ASK: 7 train-mode passes in both.
-    assert tracked(ours_model) == tracked(theirs_model) == 7
+        # float32 rounding, scaled by 1 / T: ~2e-6 of the largest entry at T = 0.005
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5 * float(q.grad.abs().max()), msg=name)
+    # Reference pass + 3 ASK steps + x_PGD, clean, x_ASK: 7 train-mode passes in both, in every
+    # batch-norm layer, those after the layer included.
+    assert {int(m.num_batches_tracked) for m in ours_model.modules() if isinstance(m, nn.BatchNorm2d)} == {7}
     for a, b in zip(bn_state(ours_model), bn_state(theirs_model), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert ours_model.training and all(m.training for m in ours_model.modules())
+
+
+def test_our_variant_stops_its_feature_passes_at_the_layer() -> None:
+    """full_forward=false: batch norm after the layer sees only x_PGD and the clean batch."""
+    model = small_cnn().train()
+    defense = make_defense(model, make_split(), full_forward=False)
+    torch.manual_seed(5)
+    defense.loss(*make_batch())[0].backward()
+    counts = [int(m.num_batches_tracked) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert counts == [7, 7, 7, 2, 2]  # block1, block2 (x2) up to the layer; block3 (x2) after it
 
 
 # ----------------------------------------------------------------------------- each switch

@@ -191,6 +191,8 @@ class ASKDefSettings:
     pgd_mode: str
     ask_start_clip: bool
     clean_pass: bool
+    full_forward: bool
+    log_eps: float
 
 
 #: Defence option name (``conf/defense/<name>.yaml``, the registry name) -> the settings of its ``params``.

@@ -30,12 +30,24 @@ switch                 ours (ask_def)   authors'    what it decides
                                                     [0, 1] before the first step
 ``clean_pass``         false            true        an extra train-mode forward of the clean batch before the
                                                     x_ASK pass (its output unused; it updates batch norm)
+``full_forward``       false            true        train-mode feature passes run the network to its end, as
+                                                    the authors' forward does: the layers after l (their batch
+                                                    norm, their dropout's random numbers) see the reference
+                                                    batch, every train-mode ASK iterate and x_ASK
+``log_eps``            ``1e-12``        ``1e-6``    the constant in the instance-wise -log(p_y + eps)
 =====================  ===============  ==========  ==================================================
 
 Why ours differs: R plays the part of the kNN pool, which is fixed when the kNN votes, so by
 default the regulariser moves h_l(x_ASK) towards its class's references, not the references
 towards it (no gradient), and batch-norm statistics are never taken from adversarial points or
-the small reference batch (eval mode). The references are drawn from the training split the
+the small reference batch (eval mode); a feature pass stops at l, where its output is used.
+``full_forward`` changes nothing where no layer after l keeps state or draws random numbers
+(smallcnn's block3: a global pool and a linear head); at VGG16's block4 it decides block5's
+batch-norm statistics, which the DNN victim and a DkNN layer past l use. ``log_eps`` bounds the
+two losses apart: with cosine similarities of post-ReLU features (>= 0) at T = 0.1 and 2 * n_ref
+references per class, p_y >= 1 / (1 + (C - 1) e^10) (5e-6 for ten classes), so the two constants
+change the loss by at most log(1 + 1e-6 / p_y) < 0.2 and an example's gradient by a factor
+p_y / (p_y + eps) >= 0.83. The references are drawn from the training split the
 trainer passes in (``train_split``), never from the batch: a batch need not hold ``n_ref``
 images of every class (it cannot with 1000 classes).
 
@@ -109,7 +121,7 @@ class ASKDefense(Defense):
         step_size, steps: budget of both inner maximisations (2/255, 10 steps).
         norm: ``linf`` or ``l2``.
         reference_draw, augment_references, reference_mode, reference_grad, ask_mode, pgd_mode,
-        ask_start_clip, clean_pass: the switches of the module docstring.
+        ask_start_clip, clean_pass, full_forward, log_eps: the switches of the module docstring.
         reference_chunk: reference images per forward/backward pass of their PGD copies and of
             the reference-feature pass (null: the batch's size, which the batch's own PGD shows
             to fit). Only eval-mode passes are split, where examples are independent and the
@@ -125,7 +137,7 @@ class ASKDefense(Defense):
     switches: ClassVar[dict[str, Any]] = {
         "reference_draw": "random", "augment_references": False, "reference_mode": "eval",
         "reference_grad": False, "ask_mode": "eval", "pgd_mode": "eval", "ask_start_clip": True,
-        "clean_pass": False,
+        "clean_pass": False, "full_forward": False, "log_eps": 1e-12,
     }
 
     def __init__(
@@ -155,18 +167,22 @@ class ASKDefense(Defense):
         pgd_mode: str | None = None,
         ask_start_clip: bool | None = None,
         clean_pass: bool | None = None,
+        full_forward: bool | None = None,
+        log_eps: float | None = None,
         reference_chunk: int | None = None,
         **unknown: Any,
     ) -> None:
         super().__init__(model, label_smoothing=label_smoothing, **unknown)
         given = {"reference_draw": reference_draw, "augment_references": augment_references,
                  "reference_mode": reference_mode, "reference_grad": reference_grad, "ask_mode": ask_mode,
-                 "pgd_mode": pgd_mode, "ask_start_clip": ask_start_clip, "clean_pass": clean_pass}
+                 "pgd_mode": pgd_mode, "ask_start_clip": ask_start_clip, "clean_pass": clean_pass,
+                 "full_forward": full_forward, "log_eps": log_eps}
         switches = {key: self.switches[key] if value is None else value for key, value in given.items()}
         reference_draw, augment_references = switches["reference_draw"], switches["augment_references"]
         reference_mode, reference_grad = switches["reference_mode"], switches["reference_grad"]
         ask_mode, pgd_mode = switches["ask_mode"], switches["pgd_mode"]
         ask_start_clip, clean_pass = switches["ask_start_clip"], switches["clean_pass"]
+        full_forward = switches["full_forward"]
         if train_split is None:
             raise ConfigError(f"defense '{self.name}' draws its references from the training split; "
                               "pass train_split=...")
@@ -188,7 +204,7 @@ class ASKDefense(Defense):
         self.metric = metric
         self.kind = kind
         self.temperature, self.beta, n_ref = checked["temperature"], checked["beta"], checked["n_ref"]
-        self.reference_chunk = checked["reference_chunk"]
+        self.reference_chunk, self.log_eps = checked["reference_chunk"], checked["log_eps"]
         self.pgd_threat, self.ask_threat = checked["pgd_threat"], checked["ask_threat"]
         num_classes = getattr(model, "num_classes", None) or int(train_split.labels.max()) + 1
         self.num_classes = int(num_classes)
@@ -200,6 +216,7 @@ class ASKDefense(Defense):
         self.pgd_train = pgd_mode == "train"
         self.ask_start_clip = ask_start_clip
         self.clean_pass = clean_pass
+        self.full_forward = full_forward
 
     @classmethod
     def check_settings(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -210,7 +227,7 @@ class ASKDefense(Defense):
         for name in ("reference_mode", "ask_mode", "pgd_mode"):
             if settings[name] not in MODES:
                 raise ConfigError(f"defense.params.{name}={settings[name]!r} is not one of {', '.join(MODES)}")
-        for name in ("augment_references", "reference_grad", "ask_start_clip", "clean_pass"):
+        for name in ("augment_references", "reference_grad", "ask_start_clip", "clean_pass", "full_forward"):
             if not isinstance(settings[name], bool):
                 raise ConfigError(f"defense.params.{name}={settings[name]!r} must be true or false")
         check_reference_draw(settings["reference_draw"])
@@ -220,6 +237,7 @@ class ASKDefense(Defense):
             "temperature": check_number(cls.name, "temperature", settings["temperature"], strict=True),
             "beta": check_number(cls.name, "beta", settings["beta"]),
             "n_ref": check_number(cls.name, "n_ref", settings["n_ref"], minimum=1, integer=True),
+            "log_eps": check_number(cls.name, "log_eps", settings["log_eps"]),
             "reference_chunk": None if chunk is None else check_number(cls.name, "reference_chunk", chunk, minimum=1,
                                                                        integer=True),
             "pgd_threat": make_threat(cls.name, eps=settings["eps_pgd"], eps_name="eps_pgd", **budget),
@@ -234,8 +252,15 @@ class ASKDefense(Defense):
 
     # ------------------------------------------------------------------------- pieces
     def features(self, images: Tensor) -> Tensor:
-        """Flattened h_l(images) in the model's current mode (differentiable)."""
-        return flatten_features(self.model.forward_features(images, [self.layer])[self.layer])
+        """Flattened h_l(images) in the model's current mode (differentiable).
+
+        With ``full_forward`` a train-mode pass runs on to the logits (and discards them), as the
+        authors' forward always does, so that the layers after l see it. In eval mode those layers
+        change nothing, and the pass stops at l.
+        """
+        to_the_end = self.full_forward and self.model.training
+        outputs = self.model.forward_features(images, [self.layer], with_logits=to_the_end)
+        return flatten_features(outputs[self.layer])
 
     def margin(self, features: Tensor, labels: Tensor, references: Tensor) -> Tensor:
         """Per-example ASK margin of ``features`` against the shared ``references`` [C, m, D]."""
@@ -265,7 +290,7 @@ class ASKDefense(Defense):
 
         def objective(x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             margin = self.margin(self.features(x_adv), y, references)
-            loss = loss_from_margin(margin, self.kind)
+            loss = loss_from_margin(margin, self.kind, self.log_eps)
             # Eval mode: step along the margin (same sign steps, no underflow). Train mode: batch
             # statistics couple the examples, so only the loss's own gradient is exact.
             return loss, loss if self.ask_train else margin
@@ -289,7 +314,8 @@ class ASKDefense(Defense):
             with torch.no_grad():
                 self.model(images)
         ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        ask = loss_from_margin(self.margin(self.features(points.x_ask), labels, points.references), self.kind)
+        ask = loss_from_margin(self.margin(self.features(points.x_ask), labels, points.references), self.kind,
+                               self.log_eps)
         return ce + self.beta * ask.mean(), logits
 
 
@@ -304,5 +330,5 @@ class AuthorsASKDefense(ASKDefense):
     switches: ClassVar[dict[str, Any]] = {
         "reference_draw": "cycle", "augment_references": True, "reference_mode": "train",
         "reference_grad": True, "ask_mode": "train", "pgd_mode": "eval", "ask_start_clip": False,
-        "clean_pass": True,
+        "clean_pass": True, "full_forward": True, "log_eps": 1e-6,
     }
