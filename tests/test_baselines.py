@@ -285,6 +285,43 @@ def test_minnorm_returns_a_small_successful_perturbation():
     assert bool((store.labels[guide_rows[:, :5]] == 0).all() and (store.labels[guide_rows[:, 5:]] == 1).all())
 
 
+class EarlyLiarUnderAutocast(PixelModel):
+    """Under autocast, bf16 features; the first ``lies`` of those passes are shifted across the
+    boundary (a stand-in for bf16 rounding that claims a success the float32 victim denies)."""
+
+    def __init__(self, lies: int) -> None:
+        super().__init__()
+        self.lies = lies
+
+    def forward_features(self, x, layers, with_logits=False):
+        out = super().forward_features(x, layers)
+        if not torch.is_autocast_enabled("cpu"):
+            return out
+        shift = 0.0
+        if self.lies > 0:
+            self.lies -= 1
+            shift = 0.3
+        return {name: (f + shift * torch.tensor([1.0, 0.0]) * (2 if name == "twice" else 1)).to(torch.bfloat16)
+                for name, f in out.items()}
+
+
+def test_minnorm_keeps_only_successes_the_float32_victim_confirms():
+    """Under bf16 autocast a success is confirmed on float32 features before it is kept: the early
+    false claims (tiny perturbations) are dropped, and every returned point fools the victim."""
+    from ask.utils import precision
+
+    store, _, _ = two_clusters()
+    x, y = boundary_points()
+    threat = ThreatModel(eps=0.3, norm="l2", steps=40)
+    model = EarlyLiarUnderAutocast(lies=4)  # the clean pass of setup() and the first three steps
+    attack = make("minnorm", threat, store, model=model, c=1.0)
+    with precision.autocast(torch.device("cpu"), torch.bfloat16):
+        x_adv = attack(x, y)
+    assert model.lies == 0
+    assert bool((knn_labels(store, x_adv) == 1).all())
+    assert float((x_adv - x).flatten(1).norm(dim=1).min()) > 0.05  # not one of the lied-about iterates
+
+
 def test_smallest_success_skips_only_lookups_that_could_not_change_it():
     # Against the plain rule (ask about every point at every iterate): the same iterates kept,
     # with fewer questions. Iterates wander in size; "fooled" is a fixed function of the iterate.

@@ -30,6 +30,7 @@ from ask.attacks.threat import ThreatModel
 from ask.errors import ConfigError
 from ask.knn.similarity import l2_normalize, rowwise_similarity
 from ask.knn.victims import vote
+from ask.utils import precision
 
 __all__ = ["MinNormAttack", "SmallestSuccess"]
 
@@ -201,6 +202,25 @@ class MinNormAttack(Attack):
         pred, _ = vote(self.store.labels[torch.as_tensor(rows).long().cpu()], self.store.num_classes)
         return pred.to(features.device)
 
+    @torch.no_grad()
+    def fools_the_knn(self, x: Tensor, points: Tensor, features: Tensor, labels: Tensor) -> Tensor:
+        """Whether the iterates ``x[points]`` (boolean mask), whose first-layer ``features`` the step
+        computed, fool the kNN; a success found on reduced-precision features (an attack under
+        bf16 autocast) counts only once the same iterate fools it on float32 features.
+
+        The victims score in float32, and the smallest success sits on the kNN's boundary by
+        construction: judged on bf16 features, the iterate kept could be one the victim gets right.
+        Only the claimed successes take the float32 pass, so a step costs one more forward of those.
+        """
+        fooled = self.knn_predict(features) != labels
+        if features.dtype in (torch.float32, torch.float64) or not bool(fooled.any()):
+            return fooled
+        claimed = points.nonzero().flatten()[fooled]
+        with precision.fp32():
+            full = flat_features(self.model, x[claimed], self.layers[:1])[self.layers[0]]
+        fooled[fooled.clone()] = self.knn_predict(full) != labels[fooled]
+        return fooled
+
     def perturb(self, images: Tensor, labels: Tensor) -> Tensor:
         guide_rows, signs, radius2 = self.setup(images, labels)
         guides = {layer: gather_pool(self.store, layer, guide_rows, images) for layer in self.layers}
@@ -227,7 +247,7 @@ class MinNormAttack(Attack):
 
         def observe(x: Tensor, _: Tensor) -> None:
             features = last_first_layer["features"]
-            smallest.update(x, lambda points: self.knn_predict(features[points]) != labels[points])
+            smallest.update(x, lambda points: self.fools_the_knn(x, points, features[points], labels[points]))
 
         result = adam_minimise(
             loss_fn, images, labels, self.threat, lr=self.lr, random_start=False,
