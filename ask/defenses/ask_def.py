@@ -42,8 +42,10 @@ default the regulariser moves h_l(x_ASK) towards its class's references, not the
 towards it (no gradient), and batch-norm statistics are never taken from adversarial points or
 the small reference batch (eval mode); a feature pass stops at l, where its output is used.
 ``full_forward`` changes nothing where no layer after l keeps state or draws random numbers
-(smallcnn's block3: a global pool and a linear head); at VGG16's block4 it decides block5's
-batch-norm statistics, which the DNN victim and a DkNN layer past l use. ``log_eps`` bounds the
+(smallcnn's block3: a global pool and a linear head). Elsewhere (VGG16's block4, smallcnn's
+block2) it decides the running statistics of the later batch-norm layers, and through them every
+eval-mode pass: the PGD-CE that makes x_PGD and the references' copies, model selection, and the
+DNN victim. ``log_eps`` bounds the
 two losses apart: with cosine similarities of post-ReLU features (>= 0) at T = 0.1 and 2 * n_ref
 references per class, p_y >= 1 / (1 + (C - 1) e^10) (5e-6 for ten classes), so the two constants
 change the loss by at most log(1 + 1e-6 / p_y) < 0.2 and an example's gradient by a factor
