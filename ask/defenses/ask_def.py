@@ -41,17 +41,18 @@ Why ours differs: R plays the part of the kNN pool, which is fixed when the kNN 
 default the regulariser moves h_l(x_ASK) towards its class's references, not the references
 towards it (no gradient), and batch-norm statistics are never taken from adversarial points or
 the small reference batch (eval mode); a feature pass stops at l, where its output is used.
+The references are drawn from the training split the trainer passes in (``train_split``), never
+from the batch: a batch need not hold ``n_ref`` images of every class (it cannot with 1000
+classes).
+
 ``full_forward`` changes nothing where no layer after l keeps state or draws random numbers
 (smallcnn's block3: a global pool and a linear head). Elsewhere (VGG16's block4, smallcnn's
 block2) it decides the running statistics of the later batch-norm layers, and through them every
 eval-mode pass: the PGD-CE that makes x_PGD and the references' copies, model selection, and the
-DNN victim. ``log_eps`` bounds the
-two losses apart: with cosine similarities of post-ReLU features (>= 0) at T = 0.1 and 2 * n_ref
-references per class, p_y >= 1 / (1 + (C - 1) e^10) (5e-6 for ten classes), so the two constants
-change the loss by at most log(1 + 1e-6 / p_y) < 0.2 and an example's gradient by a factor
-p_y / (p_y + eps) >= 0.83. The references are drawn from the training split the
-trainer passes in (``train_split``), never from the batch: a batch need not hold ``n_ref``
-images of every class (it cannot with 1000 classes).
+DNN victim. ``log_eps`` keeps the two losses close: with cosine similarities of post-ReLU
+features (>= 0) at T = 0.1 and 2 * n_ref references per class, p_y >= 1 / (1 + (C - 1) e^10)
+(5e-6 for ten classes), so the two constants change the loss by at most log(1 + 1e-6 / p_y) < 0.2
+and an example's gradient by a factor p_y / (p_y + eps) >= 0.83.
 
 Drawing and arranging R (and the authors' labelling bug, fixed in both variants) is
 :mod:`ask.defenses.references`.
