@@ -129,6 +129,28 @@ def test_step_schedule_resumes_only_with_its_milestones(tmp_path: Path, cache_di
     assert lrs == pytest.approx([0.1, 0.01, 0.01])
 
 
+def test_resume_under_other_settings_names_them(tmp_path: Path, cache_dir: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """train.resume may continue a checkpoint under another lr or defence: the log says which settings
+    changed, since the new run's config.yaml describes only the epochs after the checkpoint's."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(compose_run("train", [*TINY, "train.epochs=1"], cache_dir), first)
+    with caplog.at_level(logging.WARNING, logger="ask.training.resume"):
+        train(compose_run("train", [*TINY, "train.epochs=2", "train.lr=0.02", "train.label_smoothing=0.1",
+                                    f"train.resume={first / 'last.pt'}"], cache_dir), second)
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "ask.training.resume"]
+    assert message == (f"{first / 'last.pt'} was trained with other settings; epochs after 1 follow this run's "
+                       "(train.epochs: 1 -> 2, train.label_smoothing: 0.0 -> 0.1, train.lr: 0.05 -> 0.02)")
+    assert _epochs(second) == [2]  # the first epoch's line stays in the first run's metrics.jsonl
+
+    caplog.clear()  # the same settings, one epoch more, in the run's own directory: nothing to say but the length
+    with caplog.at_level(logging.WARNING, logger="ask.training.resume"):
+        train(compose_run("train", [*TINY, "train.epochs=3", "train.lr=0.02", "train.label_smoothing=0.1"],
+                          cache_dir), second)
+    assert [r.getMessage().split("(")[-1] for r in caplog.records if r.name == "ask.training.resume"] == [
+        "train.epochs: 2 -> 3)"]
+
+
 def test_resume_keeps_the_rule_that_picked_best_pt(tmp_path: Path, cache_dir: Path) -> None:
     with_val = [*TINY, "dataset.val_per_class=5"]
     train(compose_run("train", [*with_val, "train.epochs=1"], cache_dir), tmp_path)

@@ -12,9 +12,12 @@ from ask.models.checkpoint import check_compatible, load_checkpoint, load_weight
 from ask.training.checkpoints import truncate_metrics
 from ask.training.distributed import Distributed
 from ask.training.state import Progress, TrainingState, plain_config
+from ask.utils.rundir import config_differences
 from ask.utils.runtime import restore_generator, restore_rng_state
 
 log = logging.getLogger(__name__)
+
+_SHOWN_DIFFERENCES = 8  # a defence switched with its budget can change a handful of settings at once
 
 
 def resume(state: TrainingState) -> None:
@@ -36,6 +39,7 @@ def resume(state: TrainingState) -> None:
     _check_schedule(saved_train, current_train, given, resume_from)
     if math.isfinite(saved["best_metric"]):
         _check_selection(saved_train, current_train, given, resume_from)
+    _warn_of_other_settings(saved["config"], plain_config(run), resume_from, saved["epoch"])
     load_weights(state.model, saved["state_dict"], resume_from, "train.resume")
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
@@ -84,6 +88,18 @@ def _check_selection(saved: dict[str, Any], current: dict[str, Any], given: bool
         f"{path} kept best.pt by {_describe_selection(saved)}, not by {_describe_selection(current)}; "
         f"set train.select_metric={metric} train.select_min_val_acc={floor} to resume it, or {_afresh(given)} to start afresh"
     )
+
+
+def _warn_of_other_settings(saved: dict[str, Any], current: dict[str, Any], path: Path, epoch: int) -> None:
+    """``train.resume`` (or the trainer called in a used directory) may continue a checkpoint under
+    other settings: a longer schedule, another defence or another lr for the next epochs. ask-train
+    refuses a changed config in the run directory itself (:func:`ask.utils.rundir.claim_run_directory`)
+    but not in a checkpoint it is pointed at; say what changes, since this run's ``config.yaml``
+    describes only the epochs after ``epoch``."""
+    differences = config_differences(saved, current, shown=_SHOWN_DIFFERENCES)
+    if differences:
+        log.warning("%s was trained with other settings; epochs after %d follow this run's (%s)",
+                    path, epoch, differences)
 
 
 def _selection_key(train: dict[str, Any]) -> tuple[str, float]:
