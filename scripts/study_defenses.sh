@@ -12,7 +12,8 @@
 # (metrics.json) is skipped, an interrupted one continues from its last epoch or batch.
 # $OUT/status.txt records which runs are finished. SEEDS and DEFENSES (space-separated) narrow the
 # study; extra arguments go to both ask-train and ask-attack (e.g. defense.params.reference_grad=false
-# with OUT set elsewhere, to isolate a switch).
+# with OUT set elsewhere, to isolate a switch; `scripts/study_summary.py OUT --against EARLIER_OUT`
+# then pairs each run with the same defence and seed in the earlier study).
 #
 # CHECKPOINT=last attacks each run's last epoch (last.pt) instead of the one model selection kept
 # (best.pt), into $OUT/attack-last (report in $OUT/report-last, runs in $OUT/status-last.txt): how

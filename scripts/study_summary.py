@@ -2,6 +2,7 @@
 
     python scripts/study_summary.py outputs/study/defenses-digits
     python scripts/study_summary.py outputs/study/run-askdef outputs/study/run-at   # one study in two OUTs
+    python scripts/study_summary.py outputs/study/switched --against outputs/study/run-askdef   # one switch
 
 A seed fixes the data subsets and the test points for every defence, so the difference of robust
 kNN accuracy between a defence and AT on the same seed is a paired measurement; its mean gets a
@@ -13,7 +14,9 @@ run is read from the one directory that holds it, and a run found in two is an e
 ``--selection`` adds, from each training's ``metrics.jsonl``, the epoch model selection kept and
 the last one with their validation accuracies, and with ``--floor F`` the epoch a clean-accuracy
 floor (``train.select_min_val_acc=F``, the same rule) would have kept instead. ``--plot PNG`` draws
-the paired differences: every seed, and the mean with its interval against zero.
+the paired differences: every seed, and the mean with its interval against zero. ``--against
+EARLIER`` compares each defence with its own runs in another study (the same study rerun with one
+switch flipped, ``OUT`` elsewhere), paired by seed.
 """
 
 from __future__ import annotations
@@ -74,6 +77,22 @@ def selection(studies: list[Path], defense: str, seed: int, floor: float) -> str
     return (f"| {name} | {cell(summary['best_epoch'])} | {cell(max(validated))} | {cell(floored)} |")
 
 
+def paired_differences(pairs: list[tuple[dict[str, float] | None, dict[str, float] | None]], attack: str) -> list[float]:
+    """Points of robust kNN accuracy under ``attack``, first minus second, for each pair where both ran it."""
+    return [100 * (mine[attack] - theirs[attack]) for mine, theirs in pairs
+            if mine is not None and theirs is not None and attack in mine and attack in theirs]
+
+
+def difference_row(defense: str, label: str, diffs: list[float]) -> str:
+    """One Markdown row: the mean paired difference, its Student t 95 % interval and every seed's."""
+    interval = "n/a (one seed)"
+    if len(diffs) > 1:
+        low, high = t_interval(diffs)
+        interval = f"[{low:+.1f}, {high:+.1f}]"
+    per_seed = ", ".join(f"{d:+.1f}" for d in diffs)
+    return f"| {defense} | {label} | {len(diffs)} | {statistics.fmean(diffs):+.1f} | {interval} | {per_seed} |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", type=Path, nargs="+", help="the study's OUT directory (or directories)")
@@ -86,6 +105,9 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None,
                         help="also draw the paired differences, every seed and the mean with its interval, "
                              "into this PNG")
+    parser.add_argument("--against", type=Path, nargs="+", default=[],
+                        help="also each defence minus the same defence in these study directories, paired by "
+                             "seed: a switch isolated by rerunning the study with OUT elsewhere")
     parser.add_argument("--floor", type=float, default=0.0,
                         help="clean-accuracy floor for --selection's last column (train.select_min_val_acc)")
     args = parser.parse_args()
@@ -115,19 +137,21 @@ def main() -> None:
     paired: dict[str, dict[str, list[float]]] = {label: {} for _, label in MEASURES}
     for defense in DEFENSES[1:]:
         for attack, label in MEASURES:
-            pairs = [(results[defense, s], results["at", s]) for s in args.seeds]
-            diffs = [100 * (mine[attack] - at[attack]) for mine, at in pairs
-                     if mine is not None and at is not None and attack in mine and attack in at]
-            if not diffs:
-                continue
-            paired[label][defense] = diffs
-            mean = statistics.fmean(diffs)
-            interval = "n/a (one seed)"
-            if len(diffs) > 1:
-                low, high = t_interval(diffs)
-                interval = f"[{low:+.1f}, {high:+.1f}]"
-            per_seed = ", ".join(f"{d:+.1f}" for d in diffs)
-            print(f"| {defense} | {label} | {len(diffs)} | {mean:+.1f} | {interval} | {per_seed} |")
+            diffs = paired_differences([(results[defense, s], results["at", s]) for s in args.seeds], attack)
+            if diffs:
+                paired[label][defense] = diffs
+                print(difference_row(defense, label, diffs))
+
+    if args.against:
+        earlier = {(d, s): robust_knn(args.against, d, s, args.attacks) for d in DEFENSES for s in args.seeds}
+        print(f"\n| defence: these runs − {', '.join(map(str, args.against))}, paired by seed | measure | seeds | "
+              "mean difference, points | 95 % interval | per seed |")
+        print("|---|---|---|---|---|---|")
+        for defense in DEFENSES:
+            for attack, label in MEASURES:
+                diffs = paired_differences([(results[defense, s], earlier[defense, s]) for s in args.seeds], attack)
+                if diffs:
+                    print(difference_row(defense, label, diffs))
 
     if args.plot is not None:
         checkpoint = {"attack": "kept epoch", "attack-last": "last epoch"}.get(args.attacks, args.attacks)

@@ -69,6 +69,33 @@ def test_study_summary_selection_table_replays_the_clean_floor(tmp_path: Path) -
     assert "| at-seed0 | pending | | |" in done.stdout.splitlines()
 
 
+def test_study_summary_compares_a_defence_with_its_runs_in_another_study(tmp_path: Path) -> None:
+    """--against: one switch flipped in a rerun of the study (OUT elsewhere), each defence paired with
+    its own runs of the same seed in the earlier study."""
+    def write(study: str, defense: str, seed: int, ask: float, worst: float) -> None:
+        run = tmp_path / study / "attack-last" / f"{defense}-seed{seed}"
+        run.mkdir(parents=True)
+        rows = [{"attack": attack, "victim": victim, "clean_acc": 0.6, "robust_acc": robust}
+                for attack, robust in (("ask", ask), ("any", worst)) for victim in ("dnn", "knn")]
+        (run / "metrics.json").write_text(json.dumps({"results": rows}))
+
+    for seed, (ask, worst) in enumerate([(0.25, 0.20), (0.23, 0.18)]):
+        write("switched", "ask_def_authors", seed, ask, worst)
+    for seed, (ask, worst) in enumerate([(0.24, 0.21), (0.20, 0.18)]):
+        write("earlier", "ask_def_authors", seed, ask, worst)
+    write("earlier", "at", 0, 0.2, 0.1)
+    done = subprocess.run([str(BIN / "python"), str(STUDY.parent / "study_summary.py"), str(tmp_path / "switched"),
+                           "--seeds", "0", "1", "--attacks", "attack-last", "--against", str(tmp_path / "earlier")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    header = lines.index(f"| defence: these runs − {tmp_path / 'earlier'}, paired by seed | measure | seeds | "
+                         "mean difference, points | 95 % interval | per seed |")
+    # +1 and +3 points under ASK-Atk: mean +2, t interval 2 +- 12.706 * 1 (two seeds, standard error 1).
+    assert lines[header + 2:] == ["| ask_def_authors | ASK-Atk | 2 | +2.0 | [-10.7, +14.7] | +1.0, +3.0 |",
+                                  "| ask_def_authors | worst case over all attacks | 2 | -0.5 | [-6.9, +5.9] | -1.0, +0.0 |"]
+
+
 def test_study_script_records_finished_runs_and_skips_them_when_rerun(tmp_path: Path, shared_cache: Path,
                                                                       script_env: dict[str, str]) -> None:
     out = tmp_path / "study"
