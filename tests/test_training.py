@@ -131,24 +131,45 @@ def test_step_schedule_resumes_only_with_its_milestones(tmp_path: Path, cache_di
 
 def test_resume_under_other_settings_names_them(tmp_path: Path, cache_dir: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    """train.resume may continue a checkpoint under another lr or defence: the log says which settings
+    """train.resume may continue a checkpoint under another defence or loss: the log says which settings
     changed, since the new run's config.yaml describes only the epochs after the checkpoint's."""
     first, second = tmp_path / "first", tmp_path / "second"
     train(compose_run("train", [*TINY, "train.epochs=1"], cache_dir), first)
     with caplog.at_level(logging.WARNING, logger="ask.training.resume"):
-        train(compose_run("train", [*TINY, "train.epochs=2", "train.lr=0.02", "train.label_smoothing=0.1",
-                                    f"train.resume={first / 'last.pt'}"], cache_dir), second)
+        train(compose_run("train", [*TINY, "train.epochs=2", "train.label_smoothing=0.1", "defense=at",
+                                    "defense.steps=1", f"train.resume={first / 'last.pt'}"], cache_dir), second)
     (message,) = [r.getMessage() for r in caplog.records if r.name == "ask.training.resume"]
-    assert message == (f"{first / 'last.pt'} was trained with other settings; epochs after 1 follow this run's "
-                       "(train.epochs: 1 -> 2, train.label_smoothing: 0.0 -> 0.1, train.lr: 0.05 -> 0.02)")
+    assert message.startswith(f"{first / 'last.pt'} was trained with other settings; epochs after 1 follow this "
+                              "run's (defense.name: none -> at, ")
+    assert "defense.steps: 10 -> 1" in message and message.endswith(" and 2 more)")  # at most eight named
     assert _epochs(second) == [2]  # the first epoch's line stays in the first run's metrics.jsonl
 
     caplog.clear()  # the same settings, one epoch more, in the run's own directory: nothing to say but the length
     with caplog.at_level(logging.WARNING, logger="ask.training.resume"):
-        train(compose_run("train", [*TINY, "train.epochs=3", "train.lr=0.02", "train.label_smoothing=0.1"],
-                          cache_dir), second)
+        train(compose_run("train", [*TINY, "train.epochs=3", "train.label_smoothing=0.1", "defense=at",
+                                    "defense.steps=1"], cache_dir), second)
     assert [r.getMessage().split("(")[-1] for r in caplog.records if r.name == "ask.training.resume"] == [
         "train.epochs: 2 -> 3)"]
+
+
+@pytest.mark.parametrize(("override", "saved", "given"), [
+    ("train.lr=0.02", "train.lr=0.05", "train.lr=0.02"),
+    ("train.nesterov=false", "train.nesterov=true", "train.nesterov=false"),
+    ("train.batch_size=16", "train.batch_size=32", "train.batch_size=16"),
+])
+def test_resume_refuses_settings_the_checkpoint_would_override(override: str, saved: str, given: str,
+                                                               tmp_path: Path, cache_dir: Path) -> None:
+    """torch restores the optimiser's lr, momentum, Nesterov flag and weight decay with its state, so a
+    new value would be ignored while config.yaml claimed it (train.lr=500 used to run at the old lr);
+    the batch size sets the steps per epoch that the restored schedule counts in."""
+    train(compose_run("train", [*TINY, "train.epochs=1"], cache_dir), tmp_path / "first")
+    with pytest.raises(ConfigError) as error:
+        train(compose_run("train", [*TINY, "train.epochs=1", override,
+                                    f"train.resume={tmp_path / 'first' / 'last.pt'}"], cache_dir), tmp_path / "second")
+    assert str(error.value) == (f"{tmp_path / 'first' / 'last.pt'} was trained with {saved}, not {given}; a resumed "
+                                "run keeps the checkpoint's optimiser settings and steps per epoch, so set "
+                                f"{saved} to resume it, or drop train.resume to start afresh")
+    assert not (tmp_path / "second" / "last.pt").exists()
 
 
 def test_resume_keeps_the_rule_that_picked_best_pt(tmp_path: Path, cache_dir: Path) -> None:

@@ -17,6 +17,8 @@ from ask.utils.runtime import restore_generator, restore_rng_state
 
 log = logging.getLogger(__name__)
 
+# The optimiser's settings come back with its state; the batch size sets the schedule's steps per epoch.
+RESTORED_TRAIN_SETTINGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "batch_size")
 _SHOWN_DIFFERENCES = 8  # a defence switched with its budget can change a handful of settings at once
 
 
@@ -25,8 +27,8 @@ def resume(state: TrainingState) -> None:
     checkpoint to continue, if there is one: ``train.resume``, else ``last.pt`` of the run directory.
 
     Refused with a :class:`ConfigError`: another network or dataset shape, another schedule shape,
-    another rule for ``best.pt`` once an epoch has been scored, and a mid-epoch checkpoint of another
-    number of processes.
+    other optimiser settings or batch size, another rule for ``best.pt`` once an epoch has been
+    scored, and a mid-epoch checkpoint of another number of processes.
     """
     run = state.run
     resume_from = Path(run.train.resume).expanduser() if run.train.resume else state.files.last
@@ -37,6 +39,7 @@ def resume(state: TrainingState) -> None:
                      in_channels=state.data.in_channels, image_size=state.data.image_size)
     saved_train, current_train, given = saved["config"]["train"], plain_config(run)["train"], bool(run.train.resume)
     _check_schedule(saved_train, current_train, given, resume_from)
+    _check_restored(saved_train, current_train, given, resume_from)
     if math.isfinite(saved["best_metric"]):
         _check_selection(saved_train, current_train, given, resume_from)
     _warn_of_other_settings(saved["config"], plain_config(run), resume_from, saved["epoch"])
@@ -77,6 +80,25 @@ def _check_schedule(saved: dict[str, Any], current: dict[str, Any], given: bool,
     )
 
 
+def _check_restored(saved: dict[str, Any], current: dict[str, Any], given: bool, path: Path) -> None:
+    """torch's ``load_state_dict`` brings the optimiser's lr, momentum, Nesterov flag and weight decay
+    back with its state, so a resumed run would ignore new values while its ``config.yaml`` claimed
+    them; the batch size fixes how many steps an epoch is, which is where the restored schedule
+    stands. Arguments as :func:`_check_schedule`'s."""
+    changed = [key for key in RESTORED_TRAIN_SETTINGS if key in saved and saved[key] != current[key]]
+    if not changed:
+        return
+    was = " ".join(f"train.{key}={_override_value(saved[key])}" for key in changed)
+    wanted = " ".join(f"train.{key}={_override_value(current[key])}" for key in changed)
+    raise ConfigError(f"{path} was trained with {was}, not {wanted}; a resumed run keeps the checkpoint's optimiser "
+                      f"settings and steps per epoch, so set {was} to resume it, or {_afresh(given)} to start afresh")
+
+
+def _override_value(value: Any) -> str:
+    """``value`` as a command-line override spells it."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _check_selection(saved: dict[str, Any], current: dict[str, Any], given: bool, path: Path) -> None:
     """``best.pt`` is the best epoch so far under the saved selection rule, and its score is carried
     on: resuming under another rule would compare the new epochs with a score of the old one, and
@@ -92,7 +114,7 @@ def _check_selection(saved: dict[str, Any], current: dict[str, Any], given: bool
 
 def _warn_of_other_settings(saved: dict[str, Any], current: dict[str, Any], path: Path, epoch: int) -> None:
     """``train.resume`` (or the trainer called in a used directory) may continue a checkpoint under
-    other settings: a longer schedule, another defence or another lr for the next epochs. ask-train
+    other settings: a longer schedule, another defence or label smoothing for the next epochs. ask-train
     refuses a changed config in the run directory itself (:func:`ask.utils.rundir.claim_run_directory`)
     but not in a checkpoint it is pointed at; say what changes, since this run's ``config.yaml``
     describes only the epochs after ``epoch``."""
