@@ -172,6 +172,36 @@ def test_resume_refuses_settings_the_checkpoint_would_override(override: str, sa
     assert not (tmp_path / "second" / "last.pt").exists()
 
 
+def test_resume_elsewhere_carries_best_pt_with_its_score(tmp_path: Path, cache_dir: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """train.resume into a new directory carries the best score on, so the epoch holding it must come
+    too: otherwise no new epoch below that score is kept, and the run ended by calling its last epoch
+    best. Without a matching best.pt beside the checkpoint, selection restarts among the new epochs."""
+    with_val = [*TINY, "dataset.val_per_class=5"]
+    first = tmp_path / "first"
+    train(compose_run("train", [*with_val, "train.epochs=2"], cache_dir), first)
+    # An unbeatable best epoch: epoch 1 at val_acc 1.0, recorded in best.pt and in last.pt's carried score.
+    best, last = load_checkpoint(first / "best.pt"), load_checkpoint(first / "last.pt")
+    best.update(epoch=1, best_metric=1.0, metrics={**best["metrics"], "epoch": 1, "val_acc": 1.0})
+    last["best_metric"] = 1.0
+    save_checkpoint(first / "best.pt", best)
+    save_checkpoint(first / "last.pt", last)
+
+    carried = train(compose_run("train", [*with_val, "train.epochs=3", f"train.resume={first / 'last.pt'}"], cache_dir),
+                    tmp_path / "carried")
+    assert carried["best_epoch"] == 1 and carried["best_val_acc"] == 1.0
+    assert (tmp_path / "carried" / "best.pt").read_bytes() == (first / "best.pt").read_bytes()
+
+    (first / "best.pt").unlink()
+    with caplog.at_level(logging.WARNING, logger="ask.training.resume"):
+        restarted = train(compose_run("train", [*with_val, "train.epochs=3", f"train.resume={first / 'last.pt'}"],
+                                      cache_dir), tmp_path / "restarted")
+    assert [r.getMessage() for r in caplog.records if "best.pt" in r.getMessage()] == [
+        f"{first / 'last.pt'} has no best.pt beside it holding its best epoch so far (score 1.0000), so best.pt will "
+        "be the best of the epochs this run trains"]
+    assert restarted["best_epoch"] == 3 and restarted["best_val_acc"] < 1.0
+
+
 def test_resume_keeps_the_rule_that_picked_best_pt(tmp_path: Path, cache_dir: Path) -> None:
     with_val = [*TINY, "dataset.val_per_class=5"]
     train(compose_run("train", [*with_val, "train.epochs=1"], cache_dir), tmp_path)

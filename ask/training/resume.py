@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
-from ask.errors import ConfigError
+from ask.errors import CheckpointError, ConfigError
 from ask.models.checkpoint import check_compatible, load_checkpoint, load_weights
 from ask.training.checkpoints import truncate_metrics
 from ask.training.distributed import Distributed
@@ -25,6 +26,9 @@ _SHOWN_DIFFERENCES = 8  # a defence switched with its budget can change a handfu
 def resume(state: TrainingState) -> None:
     """Restore weights, optimiser, schedule, every random stream and ``state.progress`` from the
     checkpoint to continue, if there is one: ``train.resume``, else ``last.pt`` of the run directory.
+
+    A checkpoint resumed into a new directory brings its ``best.pt`` along, when one beside it holds
+    the best score carried on.
 
     Refused with a :class:`ConfigError`: another network or dataset shape, another schedule shape,
     other optimiser settings or batch size, another rule for ``best.pt`` once an epoch has been
@@ -58,7 +62,10 @@ def resume(state: TrainingState) -> None:
             f"{resume_from} was saved mid-epoch by {saved_world} process(es); resume it with "
             f"torchrun --nproc_per_node={saved_world} (each process holds part of the epoch)"
         )
-    state.progress = Progress(epoch=saved["epoch"], best_metric=saved["best_metric"], record=saved["metrics"],
+    best_metric = saved["best_metric"]
+    if math.isfinite(best_metric) and not state.files.best.exists():
+        best_metric = _carry_best(resume_from, saved, state)
+    state.progress = Progress(epoch=saved["epoch"], best_metric=best_metric, record=saved["metrics"],
                               partial=partial, partial_sums=rank_state["sums"])
     where = f"epoch {saved['epoch']}" + (f" and step {partial['step']} of epoch {partial['epoch']}" if partial else "")
     log.info("resuming from %s after %s", resume_from, where)
@@ -110,6 +117,28 @@ def _check_selection(saved: dict[str, Any], current: dict[str, Any], given: bool
         f"{path} kept best.pt by {_describe_selection(saved)}, not by {_describe_selection(current)}; "
         f"set train.select_metric={metric} train.select_min_val_acc={floor} to resume it, or {_afresh(given)} to start afresh"
     )
+
+
+def _carry_best(resume_from: Path, saved: dict[str, Any], state: TrainingState) -> float:
+    """The best score carried on from ``train.resume`` needs its epoch's weights in this directory:
+    without them a new epoch that does not beat it is never kept, and the run would end by calling
+    its last epoch best. Copy ``best.pt`` from beside the checkpoint when it holds that score; else
+    restart the selection among this run's epochs (the returned score, -inf) and say so."""
+    source = resume_from.with_name(state.files.best.name)
+    try:
+        best = load_checkpoint(source, setting="train.resume") if source.exists() else None
+    except CheckpointError as error:
+        log.warning("%s", error)
+        best = None
+    if best is not None and best.get("best_metric") == saved["best_metric"] and best["epoch"] <= saved["epoch"]:
+        if state.group.is_main:
+            shutil.copyfile(source, state.files.best.with_suffix(".pt.tmp"))
+            state.files.best.with_suffix(".pt.tmp").replace(state.files.best)
+        log.info("best.pt so far is epoch %d of %s, copied in", best["epoch"], source)
+        return saved["best_metric"]
+    log.warning("%s has no best.pt beside it holding its best epoch so far (score %.4f), so best.pt will be the best "
+                "of the epochs this run trains", resume_from, saved["best_metric"])
+    return -math.inf
 
 
 def _warn_of_other_settings(saved: dict[str, Any], current: dict[str, Any], path: Path, epoch: int) -> None:
