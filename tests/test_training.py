@@ -142,7 +142,7 @@ def test_resume_under_other_settings_names_them(tmp_path: Path, cache_dir: Path,
     assert message.startswith(f"{first / 'last.pt'} was trained with other settings; epochs after 1 follow this "
                               "run's (defense.name: none -> at, ")
     assert "defense.steps: 10 -> 1" in message and message.endswith(" and 2 more)")  # at most eight named
-    assert _epochs(second) == [2]  # the first epoch's line stays in the first run's metrics.jsonl
+    assert _epochs(second) == [1, 2]  # the checkpoint's history comes along
 
     caplog.clear()  # the same settings, one epoch more, in the run's own directory: nothing to say but the length
     with caplog.at_level(logging.WARNING, logger="ask.training.resume"):
@@ -190,6 +190,7 @@ def test_resume_elsewhere_carries_best_pt_with_its_score(tmp_path: Path, cache_d
     carried = train(compose_run("train", [*with_val, "train.epochs=3", f"train.resume={first / 'last.pt'}"], cache_dir),
                     tmp_path / "carried")
     assert carried["best_epoch"] == 1 and carried["best_val_acc"] == 1.0
+    assert _epochs(tmp_path / "carried") == [1, 2, 3]
     assert (tmp_path / "carried" / "best.pt").read_bytes() == (first / "best.pt").read_bytes()
 
     (first / "best.pt").unlink()

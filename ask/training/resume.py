@@ -27,8 +27,8 @@ def resume(state: TrainingState) -> None:
     """Restore weights, optimiser, schedule, every random stream and ``state.progress`` from the
     checkpoint to continue, if there is one: ``train.resume``, else ``last.pt`` of the run directory.
 
-    A checkpoint resumed into a new directory brings its ``best.pt`` along, when one beside it holds
-    the best score carried on.
+    A checkpoint resumed into a new directory brings along the ``metrics.jsonl`` lines of its epochs
+    and its ``best.pt``, when one beside it holds the best score carried on.
 
     Refused with a :class:`ConfigError`: another network or dataset shape, another schedule shape,
     other optimiser settings or batch size, another rule for ``best.pt`` once an epoch has been
@@ -70,6 +70,11 @@ def resume(state: TrainingState) -> None:
     where = f"epoch {saved['epoch']}" + (f" and step {partial['step']} of epoch {partial['epoch']}" if partial else "")
     log.info("resuming from %s after %s", resume_from, where)
     if state.group.is_main:
+        # A new directory starts with the checkpoint's history, so that one metrics.jsonl holds the
+        # whole run (its kept epoch among it), as a continued run's does.
+        history = resume_from.with_name(state.files.metrics.name)
+        if not state.files.metrics.exists() and history.is_file():
+            shutil.copyfile(history, state.files.metrics)
         truncate_metrics(state.files.metrics, saved["epoch"])
 
 
