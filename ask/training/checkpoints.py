@@ -52,11 +52,16 @@ def save_last(state: TrainingState, order_state: torch.Tensor, mid_epoch: dict[s
 
 
 def keep_as_best(state: TrainingState) -> None:
-    """Make ``best.pt`` the epoch ``last.pt`` holds: a copy, not a re-save, so it is that epoch
-    byte for byte; written beside and renamed, so a kill never leaves half a file."""
-    tmp = state.files.best.with_suffix(".pt.tmp")
-    shutil.copyfile(state.files.last, tmp)
-    tmp.replace(state.files.best)
+    """Make ``best.pt`` the epoch ``last.pt`` holds."""
+    copy_checkpoint(state.files.last, state.files.best)
+
+
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """``target`` becomes ``source`` byte for byte (a copy, not a re-save); written beside and
+    renamed, so a kill never leaves half a file."""
+    tmp = target.with_suffix(".pt.tmp")
+    shutil.copyfile(source, tmp)
+    tmp.replace(target)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

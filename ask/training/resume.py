@@ -10,7 +10,7 @@ from typing import Any
 
 from ask.errors import CheckpointError, ConfigError
 from ask.models.checkpoint import check_compatible, load_checkpoint, load_weights
-from ask.training.checkpoints import truncate_metrics
+from ask.training.checkpoints import copy_checkpoint, truncate_metrics
 from ask.training.distributed import Distributed
 from ask.training.state import Progress, TrainingState, plain_config
 from ask.utils.rundir import config_differences
@@ -41,12 +41,13 @@ def resume(state: TrainingState) -> None:
     saved = load_checkpoint(resume_from, setting="train.resume")
     check_compatible(saved["model"], resume_from, model_name=run.model.name, num_classes=state.data.num_classes,
                      in_channels=state.data.in_channels, image_size=state.data.image_size)
-    saved_train, current_train, given = saved["config"]["train"], plain_config(run)["train"], bool(run.train.resume)
+    current = plain_config(run)
+    saved_train, current_train, given = saved["config"]["train"], current["train"], bool(run.train.resume)
     _check_schedule(saved_train, current_train, given, resume_from)
     _check_restored(saved_train, current_train, given, resume_from)
     if math.isfinite(saved["best_metric"]):
         _check_selection(saved_train, current_train, given, resume_from)
-    _warn_of_other_settings(saved["config"], plain_config(run), resume_from, saved["epoch"])
+    _warn_of_other_settings(saved["config"], current, resume_from, saved["epoch"])
     load_weights(state.model, saved["state_dict"], resume_from, "train.resume")
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
@@ -137,8 +138,7 @@ def _carry_best(resume_from: Path, saved: dict[str, Any], state: TrainingState) 
         best = None
     if best is not None and best.get("best_metric") == saved["best_metric"] and best["epoch"] <= saved["epoch"]:
         if state.group.is_main:
-            shutil.copyfile(source, state.files.best.with_suffix(".pt.tmp"))
-            state.files.best.with_suffix(".pt.tmp").replace(state.files.best)
+            copy_checkpoint(source, state.files.best)
         log.info("best.pt so far is epoch %d of %s, copied in", best["epoch"], source)
         return saved["best_metric"]
     log.warning("%s has no best.pt beside it holding its best epoch so far (score %.4f), so best.pt will be the best "
