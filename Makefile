@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,cpu]'
 	touch $@
 
-demo: $(VENV)/.installed  ## train the digits model (once, cached) and attack it: ASK-Atk and PGD on DNN and kNN
+demo: $(VENV)/.installed  ## train the digits model (once, cached) and attack it: all six attacks on the four victims
 	$(BIN)/ask-attack $(ARGS)
 
 test: $(VENV)/.installed  ## the CI test suite (CPU; skips slow and GPU tests)
