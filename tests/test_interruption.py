@@ -3,7 +3,9 @@ uninterrupted run ends: same weights, same metrics (timings aside)."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -158,6 +160,36 @@ def test_a_stop_signal_only_sets_a_flag_then_reaches_the_previous_handler() -> N
             assert seen == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_sigterm_that_lands_in_a_log_call_still_stops_the_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ask-attack's SIGTERM raises from its handler, wherever the process is. Logging catches
+    ``Exception`` in its handlers and, with ``raiseExceptions`` off as the console scripts set it,
+    said nothing: a signal that landed while a batch was logged let the evaluation run to the end
+    (once in a loaded CI run). The stop must reach the caller."""
+    from ask.training.preemption import RunStopped, stop_on_sigterm
+
+    class SignalWhileFormatting(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return super().format(record)
+
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(SignalWhileFormatting())
+    log = logging.getLogger("ask.test_signal_in_logging")
+    log.addHandler(handler)
+    log.propagate = False
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    reached: list[str] = []
+    try:
+        with pytest.raises(RunStopped, match="stopped by SIGTERM"):
+            with stop_on_sigterm(lambda name: f"stopped by {name}"):
+                log.warning("attacked 8/80 points")
+                reached.append("the next batch")
+    finally:
+        log.removeHandler(handler)
+    assert reached == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
 
 
 def test_a_fresh_directory_takes_over_only_an_unfinished_run_of_the_same_config(tmp_path: Path) -> None:

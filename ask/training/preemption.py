@@ -55,8 +55,14 @@ class StopRequest:
         self._previous.clear()
 
 
-class RunStopped(Exception):
-    """A run stopped on a signal with its progress on disk; the message says where and how to resume."""
+class RunStopped(BaseException):
+    """A run stopped on a signal with its progress on disk; the message says where and how to resume.
+
+    A BaseException, as KeyboardInterrupt is: :func:`stop_on_sigterm` raises it from a signal
+    handler, so it can land inside library code that catches ``Exception``. Logging does, and with
+    ``logging.raiseExceptions`` off (the console scripts' setting) it dropped the stop without a
+    word: a SIGTERM that arrived while ``ask-attack`` logged a batch let the evaluation run on.
+    """
 
 
 class TrainingStopped(RunStopped):
