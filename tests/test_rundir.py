@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ask.utils.rundir import run_lock
+from ask.utils.rundir import config_differences, run_lock
 from tests.conftest import run_cli
 
 TRAIN = ["dataset.train_per_class=20", "train.epochs=1", "train.batch_size=32", "model.width=8", "progress=false"]
@@ -104,3 +104,12 @@ def test_refused_and_invalid_commands_leave_the_records_alone(tmp_path: Path, tr
     invalid = run_cli("ask-attack", [*args, "attack.steps=-1"], tmp_path, cache)
     assert invalid.returncode == 2 and invalid.stderr.strip().endswith("attack.steps=-1 must be >= 0")
     assert _digests(run) == first
+
+
+def test_config_differences_names_each_changed_setting_once() -> None:
+    none = {"defense": {"name": "none", "params": {}}, "attack": {"eps": 0.1}}
+    at = {"defense": {"name": "at", "params": {"eps": 0.03, "steps": 7}}, "attack": {"eps": 0.1}}
+    assert config_differences(none, at) == ("defense.name: none -> at, defense.params.eps: (unset) -> 0.03, "
+                                            "defense.params.steps: (unset) -> 7")
+    assert config_differences(at, none, shown=1) == "defense.name: at -> none and 2 more"
+    assert config_differences(none, none) == ""

@@ -141,7 +141,8 @@ def test_resume_under_other_settings_names_them(tmp_path: Path, cache_dir: Path,
     (message,) = [r.getMessage() for r in caplog.records if r.name == "ask.training.resume"]
     assert message.startswith(f"{first / 'last.pt'} was trained with other settings; epochs after 1 follow this "
                               "run's (defense.name: none -> at, ")
-    assert "defense.steps: 10 -> 1" in message and message.endswith(" and 2 more)")  # at most eight named
+    assert "defense.steps: 10 -> 1" in message and message.endswith(" and 1 more)")  # at most eight named
+    assert "defense.params: {}" not in message  # no-defence's empty group is not a setting of its own
     assert _epochs(second) == [1, 2]  # the checkpoint's history comes along
 
     caplog.clear()  # the same settings, one epoch more, in the run's own directory: nothing to say but the length

@@ -117,7 +117,9 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict) and node:
+    # An empty group ({}, e.g. defense.params of defense=none) sets nothing: leaving it out keeps a
+    # change of defence from also listing "defense.params: {} -> (unset)".
+    if isinstance(node, dict):
         flat: dict[str, Any] = {}
         for key, value in node.items():
             flat.update(_flat(value, f"{prefix}{key}."))
