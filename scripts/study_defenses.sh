@@ -10,10 +10,12 @@
 #
 # The same command resumes: a finished training run (train_summary.json) or evaluation
 # (metrics.json) is skipped, an interrupted one continues from its last epoch or batch.
-# $OUT/status.txt records which runs are finished. SEEDS and DEFENSES (space-separated) narrow the
-# study; extra arguments go to both ask-train and ask-attack (e.g. defense.params.reference_grad=false
-# with OUT set elsewhere, to isolate a switch; `scripts/study_summary.py OUT --against EARLIER_OUT`
-# then pairs each run with the same defence and seed in the earlier study).
+# $OUT/status.txt records which runs in $OUT are finished (those of earlier commands with other
+# SEEDS or DEFENSES too). SEEDS and DEFENSES (space-separated) narrow the study; extra arguments
+# go to both ask-train and ask-attack (e.g. defense.params.reference_grad=false with OUT set
+# elsewhere and DEFENSES naming only the defences that have that setting, to isolate a switch;
+# `scripts/study_summary.py OUT --against EARLIER_OUT` then pairs each run with the same defence
+# and seed in the earlier study).
 #
 # CHECKPOINT=last attacks each run's last epoch (last.pt) instead of the one model selection kept
 # (best.pt), into $OUT/attack-last (report in $OUT/report-last, runs in $OUT/status-last.txt): how
@@ -44,17 +46,15 @@ read -r -a seeds <<< "${SEEDS:-0 1 2}"
 read -r -a defenses <<< "${DEFENSES:-at ask_def_authors ask_def}"
 mkdir -p "$out"
 
-status() {  # one line per run: finished or not
+status() {  # one line per run, this command's and any an earlier command left in $out: finished or not
   local defense seed name train_state attack_state  # the loops below must not move the caller's
   : > "$status_file.tmp"
-  for defense in "${defenses[@]}"; do
-    for seed in "${seeds[@]}"; do
-      name="$defense-seed$seed"
-      train_state=pending; attack_state=pending
-      [ -f "$out/train/$name/train_summary.json" ] && train_state=finished
-      [ -f "$out/$attacks/$name/metrics.json" ] && attack_state=finished
-      echo "$name train=$train_state $attacks=$attack_state" >> "$status_file.tmp"
-    done
+  for name in $( { for defense in "${defenses[@]}"; do for seed in "${seeds[@]}"; do echo "$defense-seed$seed"; done; done
+                   ls "$out/train" 2>/dev/null | LC_ALL=C sort || true; } | awk '!seen[$0]++' ); do
+    train_state=pending; attack_state=pending
+    [ -f "$out/train/$name/train_summary.json" ] && train_state=finished
+    [ -f "$out/$attacks/$name/metrics.json" ] && attack_state=finished
+    echo "$name train=$train_state $attacks=$attack_state" >> "$status_file.tmp"
   done
   mv "$status_file.tmp" "$status_file"
 }
