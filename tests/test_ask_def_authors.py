@@ -141,18 +141,20 @@ def small_cnn() -> nn.Module:
     return build_model("smallcnn", NUM_CLASSES, 3, 8, (0.5,) * 3, (0.25,) * 3, width=4)
 
 
-@pytest.mark.parametrize(("make_model", "temperature"), [
-    (lambda: TinyNet(NUM_CLASSES, seed=0), 0.1),
+@pytest.mark.parametrize(("make_model", "temperature", "beta"), [
+    (lambda: TinyNet(NUM_CLASSES, seed=0), 0.1, 1.0),
     # Batch norm after the layer (the authors' forward runs on to the logits, so it sees every
     # train-mode pass), and a temperature at which the 1e-6 in their log decides the loss.
-    (small_cnn, 0.005),
-], ids=["tinynet", "smallcnn-past-the-layer"])
-def test_authors_preset_is_the_authors_step(make_model, temperature) -> None:
+    (small_cnn, 0.005, 1.0),
+    # A weight other than 1: the ASK term is scaled, the CE term is not.
+    (lambda: TinyNet(NUM_CLASSES, seed=0), 0.1, 2.5),
+], ids=["tinynet", "smallcnn-past-the-layer", "tinynet-beta2.5"])
+def test_authors_preset_is_the_authors_step(make_model, temperature, beta) -> None:
     split = make_split()
     x, y = make_batch()
     base = make_model().train()
     ours_model, theirs_model = copy.deepcopy(base), copy.deepcopy(base)
-    defense = make_defense(ours_model, split, temperature=temperature)
+    defense = make_defense(ours_model, split, temperature=temperature, beta=beta)
     assert isinstance(defense, AuthorsASKDefense)
 
     torch.manual_seed(5)
@@ -163,7 +165,7 @@ def test_authors_preset_is_the_authors_step(make_model, temperature) -> None:
     torch.manual_seed(5)
     theirs = authors_ask_def_step(theirs_model, split.images, split.labels, x, y, num_classes=NUM_CLASSES,
                                   n_ref=N_REF, layer=LAYER, eps_pgd=4 / 255, eps_ask=8 / 255,
-                                  step_size=3 / 255, steps=3, temperature=temperature)
+                                  step_size=3 / 255, steps=3, temperature=temperature, beta=beta)
     theirs.backward()
     assert torch.equal(after_ours, torch.rand(3))
 

@@ -239,6 +239,28 @@ def test_trades_kl_is_zero_at_the_clean_point(digits) -> None:
     assert torch.allclose(kl_divergence(a, b), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("beta", [1.0, 6.0])
+def test_trades_loss_is_clean_ce_plus_beta_times_kl_from_clean_to_adversarial(digits, beta: float) -> None:
+    """The outer loss against its formula, term by term, on the x_adv the defence itself draws."""
+    defense, model, images, labels = _setup(digits, "trades", [f"defense.params.beta={beta}"])
+    assert defense.beta == beta
+    with torch.no_grad():
+        model.stages["logits"].weight.mul_(300)  # KL(p || q) and KL(q || p) then differ clearly
+    model.eval()  # running statistics: the same network in every pass below
+    torch.manual_seed(3)
+    x_adv = defense.adversarial(images)
+    torch.manual_seed(3)
+    loss, logits = defense.loss(images, labels)
+    with torch.no_grad():
+        clean, adv = model(images), model(x_adv)
+    p, q = F.softmax(clean, 1), F.softmax(adv, 1)
+    kl = (p * (p.log() - q.log())).sum(1).mean()
+    reverse = (q * (q.log() - p.log())).sum(1).mean()
+    assert float(kl) > 0.01 and abs(float(kl - reverse)) > 0.01 * float(kl)  # the direction is visible
+    torch.testing.assert_close(logits, clean)  # the running accuracy is the clean one
+    torch.testing.assert_close(loss.detach(), F.cross_entropy(clean, labels) + beta * kl, rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_defense_setting_is_a_config_error(digits) -> None:
     run, data = digits
     model = build_model("smallcnn", num_classes=10, in_channels=1, image_size=8, mean=data.mean, std=data.std,
