@@ -232,6 +232,10 @@ def test_ascent_step_guards():
     step2 = ascent_step(x, torch.nan_to_num(grad), 0.1, "l2")
     assert float((step2[0] - x[0]).norm()) == pytest.approx(0.1, rel=1e-5)
     torch.testing.assert_close(step2[1], x[1])
+    # L2: each example moves step_size along its own unit gradient, however large the others are.
+    grads = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 300.0, -400.0], [1e-3, 0.0, 0.0, 0.0]]).view(3, 1, 2, 2)
+    moved = (ascent_step(torch.full((3, 1, 2, 2), 0.5), grads, 0.1, "l2") - 0.5).flatten(1)
+    torch.testing.assert_close(moved, 0.1 * grads.flatten(1) / grads.flatten(1).norm(dim=1, keepdim=True))
 
 
 def test_threat_model_validation():
@@ -438,12 +442,30 @@ def test_ask_attack_targeted_lowers_target_loss_and_multi_layer_runs():
     model, store, x, y = make_setup("cosine")
     target = (y + 1) % store.num_classes
     threat = ThreatModel(eps=16 / 255, steps=8, step_size=2 / 255)
-    attack = ASKAttack(model, threat, store=store, layers=["block1", "block2"], kappa=[0.5, 1.0],
-                       temperature=0.05, k=2, kind="class", include_self=True, targeted=True,
-                       generator=torch.Generator().manual_seed(0))
-    attack(x, target)
+    kappa = {"block1": 0.5, "block2": 1.0}
+
+    def attack_with(targeted: bool) -> ASKAttack:
+        return ASKAttack(model, threat, store=store, layers=list(kappa), kappa=list(kappa.values()),
+                         temperature=0.05, k=2, kind="class", include_self=True, targeted=targeted,
+                         generator=torch.Generator().manual_seed(0))
+
+    attack = attack_with(targeted=True)
+    refs, clean = attack.references(x)
+
+    def target_loss(images: torch.Tensor) -> torch.Tensor:
+        """sum_l kappa_l * ASK loss towards the target, by the loop formula (float64)."""
+        with torch.no_grad():
+            feats = model.forward_features(images, list(kappa))
+        return sum(w * direct_ask_loss(feats[layer].flatten(1).double(), refs[layer].double(), target, "cosine",
+                                       0.05, "class", clean[layer].double()) for layer, w in kappa.items())
+
+    before = target_loss(x)
+    after = target_loss(attack(x, target))
     trace = attack.last_result.objective  # minus the loss
     assert float(trace[-1].mean()) > float(trace[0].mean())
+    assert bool((after < before).all()) and float((before - after).mean()) > 0.1 * float(before.mean())
+    # The same call untargeted pushes the other way: away from the target class.
+    assert bool((target_loss(attack_with(targeted=False)(x, target)) > before).all())
     assert attack.describe()["hyper"]["layers"] == ["block1", "block2"]
 
 
