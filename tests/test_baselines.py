@@ -170,14 +170,23 @@ def test_dknn_guides_pick_the_nearest_other_class_and_its_nearest_points():
 
 
 def test_dknn_loss_decreases_and_keep_best_returns_lowest_loss():
-    store, _, _ = two_clusters()
+    store, pts, _ = two_clusters()
     x, y = boundary_points()
     threat = ThreatModel(eps=0.25, steps=15, random_start=False)
-    attack = make("dknn", threat, store, keep_best=True)
-    attack(x, y)
+    # lr=1: Adam overshoots, so the last iterate is not the lowest-loss one for every point.
+    attack = make("dknn", threat, store, keep_best=True, lr=1.0)
+    x_adv = attack(x, y)
     trace = attack.last_result.objective  # minus the loss
     assert trace.shape == (16, 4)
     assert float(trace[-1].mean()) > float(trace[0].mean())
+    best = trace.max(dim=0)
+    assert bool((best.indices < 15).any())
+    # The returned point's loss, by brute force: the mean sigmoid of its distance to the m guide
+    # points over eta (a = 1), equals the best value of the trace.
+    _, rows = attack.guides(x, y)
+    distance = (pts[rows] - x_adv.flatten(1)[:, None, :]).norm(dim=2)
+    loss = torch.sigmoid(distance / attack.thresholds()[LAYER] - 1.0).mean(dim=1)
+    torch.testing.assert_close(-loss, best.values, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ Adv-kNN
