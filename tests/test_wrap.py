@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -73,8 +74,22 @@ def test_ask_atk_moves_the_wrapped_networks_features_within_the_ball() -> None:
     store = ReferenceStore.build(model, pool_x, pool_y, ["layer2"], "cosine", num_classes=10, progress=False)
     x, y = torch.rand(6, 3, 32, 32), torch.arange(6)
     threat = ThreatModel(eps=4 / 255, steps=5, step_size=1 / 255, random_start=False)
-    x_adv = build_attack("ask", model, threat, store=store, layers=["layer2"])(x, y)
+    attack = build_attack("ask", model, threat, store=store, layers=["layer2"])
+    x_adv = attack(x, y)
     assert (x_adv - x).abs().max() <= 4 / 255 + 1e-6 and (x_adv - x).abs().max() > 3 / 255
+    # The class-wise ASK loss at the network's own layer2, written out: it rose for every point,
+    # far more than under random signs of the same size.
+    refs = attack.references(x)[0]["layer2"]
+
+    def ask_loss(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            feats = model.forward_features(images, ["layer2"])["layer2"].flatten(1)
+        similarity = F.cosine_similarity(feats[:, None, None, :], refs, dim=-1).mean(dim=2)
+        return F.cross_entropy(similarity / attack.temperature, y, reduction="none")
+
+    signs = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    gain, noise_gain = ask_loss(x_adv) - ask_loss(x), ask_loss((x + signs * 4 / 255).clamp(0, 1)) - ask_loss(x)
+    assert bool((gain > 0).all()) and float(gain.mean()) > 5 * float(noise_gain.abs().mean())
     knn = KNNClassifier(model, store, "layer2", k=3)
     assert knn.predict(x_adv).shape == (6,)
 
