@@ -80,3 +80,14 @@ def test_evaluate_gives_the_numbers_of_an_unshared_run(digits, monkeypatch):
     attacks = {row["attack"] for row in rows}
     assert attacks == {"ask", "pgd", "dknn", "advknn", "feature", "minnorm", "any"}
     assert any(row["asr"] and row["asr"] > 0 for row in rows)  # the attacks did something to compare
+
+    # The DkNN rows' credibility columns: on the clean points, the classifier's own mean credibility.
+    dknn = DkNNClassifier(model, store, run.knn.dknn_layers, run.knn.k, data.calib.images, data.calib.labels)
+    with torch.no_grad():
+        clean_credibility = float(dknn.predict_with_confidence(to_float(points.images))[1].mean())
+    dknn_rows = [row for row in rows if row["victim"] == "dknn" and row["attack"] != "any"]
+    assert len(dknn_rows) == 6
+    for row in dknn_rows:
+        assert row["mean_credibility_clean"] == pytest.approx(clean_credibility, rel=1e-6), row["attack"]
+        assert 0.0 <= row["mean_credibility_adv"] <= 1.0
+    assert any(abs(row["mean_credibility_adv"] - clean_credibility) > 1e-3 for row in dknn_rows)
