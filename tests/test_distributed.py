@@ -41,7 +41,7 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_gloo_processes_train_one_run_and_resume_exactly(tmp_path: Path, shared_cache: Path) -> None:
+def test_two_gloo_processes_train_one_run_like_a_single_process(tmp_path: Path, shared_cache: Path) -> None:
     done = _torchrun(tmp_path, shared_cache, [*AT, "train.epochs=2"])
     # Rank 0 chose the clock-named directory and both ranks used it.
     (run_dir,) = [p.parent for p in tmp_path.glob("outputs/train/*/*/last.pt")]
