@@ -13,7 +13,7 @@ from torch import nn
 
 from ask.attacks.ask_loss import ask_margin
 from ask.config.schema import TrainConfig, parse_size
-from ask.data import ImageSplit, load_dataset, to_float
+from ask.data import ImageSplit, load_dataset, select_points, to_float
 from ask.defenses import DEFENSES, build_defense
 from ask.defenses.references import ReferenceSampler, group_by_class, mix_references
 from ask.defenses.trades import kl_divergence
@@ -293,6 +293,45 @@ def test_training_selects_by_robust_knn_accuracy(tmp_path: Path, cache_dir: Path
     assert best["epoch"] == 1 + scores.index(max(scores))
     assert summary["select_metric"] == "val_robust_knn"
     assert summary["best_val_robust_knn"] == max(scores)
+
+
+def test_selection_numbers_are_the_attacks_and_votes_written_out(tmp_path: Path, cache_dir: Path) -> None:
+    """val_robust_dnn against torchattacks' PGD, val_knn_acc against a brute-force vote, on last.pt."""
+    torchattacks = pytest.importorskip("torchattacks", reason="in the dev extra: pip install -e '.[dev]'")
+    run = compose_run("train", [*TINY, "defense=at", "train.epochs=4", "dataset.val_per_class=5", "train.amp=off",
+                                "train.select_metric=val_robust_knn", "attack.steps=3", "attack.random_start=false",
+                                "attack.eps=0.05"],
+                      cache_dir)
+    train(run, tmp_path)
+    record = _records(tmp_path)[-1]  # last.pt's epoch
+    data = load_dataset(run.dataset, run.cache_dir, seed=run.seed, progress=False)
+    model = build_model(run.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
+                        image_size=data.image_size, mean=data.mean, std=data.std, width=run.model.width)
+    model.load_state_dict(load_checkpoint(tmp_path / "last.pt")["state_dict"])
+    model.eval()
+    points = select_points(data.val, run.train.val_points, run.seed)
+    x, y = to_float(points.images), points.labels
+    assert record["val_points"] == len(y) == 50
+
+    attack = torchattacks.PGD(model, eps=run.attack.eps, alpha=run.attack.step_size, steps=3, random_start=False)
+    x_pgd = attack(x, y)
+    with torch.no_grad():
+        robust_dnn = int((model(x_pgd).argmax(1) == y).sum()) / len(y)
+    assert record["val_robust_dnn"] == pytest.approx(robust_dnn, abs=1e-9)
+
+    # Clean kNN: cosine over the whole training pool at knn.layers[0], k votes, ties to the nearest.
+    layer, k = run.knn.layers[0], run.knn.k
+    with torch.no_grad():
+        pool = F.normalize(model.forward_features(to_float(data.train.images), [layer])[layer].flatten(1), dim=1)
+        query = F.normalize(model.forward_features(x, [layer])[layer].flatten(1), dim=1)
+    nearest = data.train.labels[(query @ pool.T).topk(k, dim=1).indices]  # [B, k], most similar first
+    votes = []
+    for row in nearest.tolist():
+        counts = {c: row.count(c) for c in row}
+        votes.append(next(c for c in row if counts[c] == max(counts.values())))
+    clean_knn = int((torch.tensor(votes) == y).sum()) / len(y)
+    assert record["val_knn_acc"] == pytest.approx(clean_knn, abs=1e-9)
+    assert record["val_robust_knn"] < clean_knn  # ASK-Atk broke some of them
 
 
 def _kept(records: list[dict], floor: float) -> list[int]:
