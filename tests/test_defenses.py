@@ -313,7 +313,8 @@ def test_selection_numbers_are_the_attacks_and_votes_written_out(tmp_path: Path,
     x, y = to_float(points.images), points.labels
     assert record["val_points"] == len(y) == 50
 
-    attack = torchattacks.PGD(model, eps=run.attack.eps, alpha=run.attack.step_size, steps=3, random_start=False)
+    attack = torchattacks.PGD(model, eps=run.attack.eps, alpha=run.attack.step_size, steps=run.attack.steps,
+                              random_start=False)
     x_pgd = attack(x, y)
     with torch.no_grad():
         robust_dnn = int((model(x_pgd).argmax(1) == y).sum()) / len(y)

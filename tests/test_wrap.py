@@ -88,7 +88,8 @@ def test_ask_atk_moves_the_wrapped_networks_features_within_the_ball() -> None:
         return F.cross_entropy(similarity / attack.temperature, y, reduction="none")
 
     signs = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    gain, noise_gain = ask_loss(x_adv) - ask_loss(x), ask_loss((x + signs * 4 / 255).clamp(0, 1)) - ask_loss(x)
+    clean = ask_loss(x)
+    gain, noise_gain = ask_loss(x_adv) - clean, ask_loss((x + signs * 4 / 255).clamp(0, 1)) - clean
     assert bool((gain > 0).all()) and float(gain.mean()) > 5 * float(noise_gain.abs().mean())
     knn = KNNClassifier(model, store, "layer2", k=3)
     assert knn.predict(x_adv).shape == (6,)
